@@ -1,0 +1,71 @@
+"""The time-series forecasting flow: load -> split -> scale & window -> train -> backtest ->
+register. Run ``python -m flows.timeseries --help`` for every option."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+from prefect.artifacts import create_markdown_artifact
+
+from flows.cli import as_params, config_flow, parse_config
+from rnn_models.training import NonFiniteLossError
+from tasks.config import ConfigError, TimeSeriesConfig
+from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, generate_series, load_series
+from tasks.evaluation import backtest, plot_backtest
+from tasks.features import scale_and_window, split_series
+from tasks.registry import CHAMPION, register_forecaster, score_champion
+from tasks.training import train_forecaster
+
+DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
+
+
+@config_flow(TimeSeriesConfig, name="timeseries-forecasting", description=DESCRIPTION)
+def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
+    # --- extract
+    if cfg.source == "file":
+        path, sha256 = fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
+        series = load_series(path, sha256, cfg)
+    else:
+        series = generate_series(cfg)
+
+    # --- transform
+    split = split_series(series, cfg)
+    windows = scale_and_window(series, split, cfg)
+    trained = train_forecaster(series, windows, cfg)
+    label = f"rnnflow-{cfg.cell}"
+    bt = backtest(series, split, windows.test_origins, trained.pipeline(), label)
+
+    # --- load
+    champion = score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = plot_backtest(series, bt, trained.fit, label, tmp)
+        reg = register_forecaster(cfg, series, trained.pipeline(), trained.fit, bt, label, champion, plots)
+
+    name = cfg.registered_name
+    report = (f"{bt.markdown(f'{name} v{reg.version}')}\n\n"
+              f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
+              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; MLflow run `{reg.run_id}`.")
+    create_markdown_artifact(report, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
+    return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
+            "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
+            "run_id": reg.run_id, "scores": bt.scores, "label": label, "report": report,
+            "train_seconds": trained.fit.train_seconds, "device": trained.device}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TimeSeriesConfig, argv, "python -m flows.timeseries", DESCRIPTION)
+    try:
+        result = timeseries_flow(**as_params(cfg))
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result["report"])
+    print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
+    print(f"champion: {result['champion_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

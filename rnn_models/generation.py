@@ -1,0 +1,27 @@
+"""Choosing the next token from logits: greedy (temperature 0), temperature and top-k sampling."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index (shape (1,)) drawn from ``logits`` (V,).
+
+    temperature 0 is greedy (argmax); top_k > 0 keeps only the k most likely tokens.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    # sample on the CPU so a seed gives the same text whatever device the model is on
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)

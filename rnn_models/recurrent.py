@@ -1,0 +1,149 @@
+"""One recurrent network whose cell is chosen by name, and the two heads rnnflow puts on it:
+a direct multi-step forecaster and a character language model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from rnn_models.cells import ElmanRNN
+from rnn_models.generation import sample_next
+
+CELLS: dict[str, type[nn.Module]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU, "elman": ElmanRNN}
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # LSTM carries (h, c); the rest carry h
+
+
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph at a batch boundary (truncated BPTT); the one place LSTM's (h, c) differs."""
+    if state is None:
+        return None
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)
+    return state.detach()
+
+
+def last_hidden(state: State) -> torch.Tensor:
+    """The hidden states h_n (layers*dirs, B, H) of any cell's state."""
+    return state[0] if isinstance(state, tuple) else state
+
+
+@dataclass
+class RecurrentConfig:
+    cell: str = "lstm"
+    input_size: int = 1
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    bidirectional: bool = False
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; expected one of {sorted(CELLS)}")
+
+
+class Recurrent(nn.Module):
+    """A stacked recurrent encoder: ``forward(x, state) -> (output, state)``."""
+
+    def __init__(self, cfg: RecurrentConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.directions = 2 if cfg.bidirectional else 1
+        self.rnn = CELLS[cfg.cell](
+            cfg.input_size,
+            cfg.hidden_size,
+            num_layers=cfg.num_layers,
+            # nn.RNN warns when dropout is set on a single layer, where it does nothing
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+            bidirectional=cfg.bidirectional,
+            batch_first=True,
+        )
+
+    @property
+    def output_size(self) -> int:
+        return self.cfg.hidden_size * self.directions
+
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        # x (B, T, I) -> out (B, T, dirs*H), state (layers*dirs, B, H) [x2 for LSTM]
+        return self.rnn(x, state)
+
+
+@dataclass
+class ForecasterConfig(RecurrentConfig):
+    horizon: int = 1
+
+
+class Forecaster(nn.Module):
+    """Reads a window of L steps of F features and outputs the next H target values at once."""
+
+    def __init__(self, cfg: ForecasterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Recurrent(cfg)
+        self.head = nn.Linear(self.encoder.output_size, cfg.horizon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (B, L, F) -> (B, H)
+        _, state = self.encoder(x)
+        h = last_hidden(state)[-self.encoder.directions :]  # last layer, every direction: (dirs, B, Hd)
+        h = h.transpose(0, 1).reshape(x.shape[0], -1)  # (B, dirs*Hd)
+        return self.head(h)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+
+@dataclass
+class CharLMConfig(RecurrentConfig):
+    vocab_size: int = 0
+    input: str = "embedding"  # or "onehot"
+    embedding_dim: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bidirectional:
+            raise ValueError("bidirectional=True would let a language model read the characters it predicts")
+        if self.input not in ("embedding", "onehot"):
+            raise ValueError(f"unknown input {self.input!r}; expected 'embedding' or 'onehot'")
+
+
+class CharLM(nn.Module):
+    """Character language model: ``forward(idx, state) -> (logits, state)``."""
+
+    def __init__(self, cfg: CharLMConfig):
+        super().__init__()
+        width = cfg.embedding_dim if cfg.input == "embedding" else cfg.vocab_size
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, width) if cfg.input == "embedding" else None
+        self.encoder = Recurrent(RecurrentConfig(**{**_recurrent_fields(cfg), "input_size": width}))
+        self.head = nn.Linear(self.encoder.output_size, cfg.vocab_size)
+
+    def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        # idx (B, T) int64 -> logits (B, T, V)
+        if self.embed is not None:
+            x = self.embed(idx)  # (B, T, E)
+        else:
+            x = nn.functional.one_hot(idx, self.cfg.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
+        out, state = self.encoder(x, state)  # (B, T, H)
+        return self.head(out), state
+
+    @torch.no_grad()
+    def generate(self, prefix: torch.Tensor, max_new: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Warm the state on the whole prefix (T,), then sample ``max_new`` indices after it."""
+        logits, state = self(prefix[None])  # (1, T, V)
+        out = []
+        for _ in range(max_new):
+            nxt = sample_next(logits[0, -1], temperature, top_k, generator)  # (1,)
+            out.append(nxt)
+            logits, state = self(nxt[None], state)  # (1, 1, V)
+        return torch.cat(out) if out else prefix.new_empty(0)
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+
+def _recurrent_fields(cfg: RecurrentConfig) -> dict:
+    return {k: getattr(cfg, k) for k in RecurrentConfig.__dataclass_fields__}

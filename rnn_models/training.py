@@ -1,0 +1,167 @@
+"""A lean, model-agnostic training loop.
+
+It knows batches, a loss and an optimizer, nothing of forecasting or text: the caller passes
+``train_batches(generator)`` and ``val_batches()`` (iterables of whatever a batch is) and an
+objective ``loss(model, batch) -> (mean loss, count)``. An objective that carries state across
+batches (truncated BPTT) may define ``reset()``, called before every pass over the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 3e-3
+    weight_decay: float = 0.01  # AdamW's default; decoupled, so it does not fight Adam's scaling
+    clip: float = 1.0  # max gradient norm; recurrent nets on raw series explode without it
+    patience: int = 5  # epochs without a better validation loss before stopping; 0 disables
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+
+
+@dataclass
+class FitResult:
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    train_seconds: float = 0.0
+    samples: int = 0  # training examples (windows, tokens) seen over all epochs
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def stopped_early(self) -> bool:
+        return bool(self.history) and self.history[-1].epoch > self.best_epoch
+
+
+Batch = Any
+Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` picks CUDA when present; asking for CUDA where there is none is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return device
+
+
+def autocast(device: str):
+    """bf16 autocast on CUDA (fast, no loss scaling needed); full precision on CPU."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Callable[[torch.Generator], Iterable[Batch]],
+    val_batches: Callable[[], Iterable[Batch]],
+    objective: Objective,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
+) -> FitResult:
+    """Train with AdamW and gradient clipping; stop early on validation loss and restore the
+    best weights. The model must already be on ``cfg.device``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
+    result, best_state, stale = FitResult(), None, 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=None if cfg.progress else True, leave=False)  # None: only on a terminal
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt)
+        result.samples += n
+        model.eval()
+        with torch.no_grad():
+            val_loss, _ = _run_pass(model, val_batches(), objective, cfg, None)
+        seconds = time.perf_counter() - t0
+        result.train_seconds += seconds
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise NonFiniteLossError(
+                f"epoch {epoch}: loss became {train_loss if not math.isfinite(train_loss) else val_loss}"
+                f" (lr={cfg.lr}, clip={cfg.clip}); try a lower --lr or a smaller --clip"
+            )
+        stats = EpochStats(epoch, train_loss, val_loss, seconds)
+        result.history.append(stats)
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+        if val_loss < result.best_val_loss:
+            result.best_val_loss, result.best_epoch, stale = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(stats, model)
+        if cfg.patience and stale >= cfg.patience:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result
+
+
+def _run_pass(model, batches, objective, cfg: TrainConfig, opt) -> tuple[float, int]:
+    """One pass over ``batches``; trains when an optimizer is given. Returns (mean loss, count)."""
+    reset = getattr(objective, "reset", None)
+    if reset is not None:
+        reset()
+    total = torch.zeros((), device=cfg.device)  # summed on the device: no host sync per step
+    count = 0
+    for batch in batches:
+        with autocast(cfg.device):
+            loss, n = objective(model, batch)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+        total += loss.detach().float() * n
+        count += n
+    return (total.item() / count if count else math.nan), count
+
+
+def tensor_batches(
+    *tensors: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Slices of device-resident tensors, shuffled when a generator is given; no DataLoader."""
+    n = tensors[0].shape[0]
+    if generator is None:
+        for i in range(0, n, batch_size):
+            yield tuple(t[i : i + batch_size] for t in tensors)
+        return
+    order = torch.randperm(n, generator=generator).to(tensors[0].device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        yield tuple(t[idx] for t in tensors)

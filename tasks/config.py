@@ -1,0 +1,117 @@
+"""The time-series flow's configuration: one dataclass that is at once the flow's parameters,
+the command line's options and the MLflow run's params."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rnn_models.recurrent import CELLS
+
+
+class ConfigError(ValueError):
+    """A parameter has an impossible value; raised before any data is read or model trained."""
+
+
+def option(default, help: str, choices: tuple[str, ...] | None = None):
+    """A config field with its command-line help (and allowed values) attached."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+SOURCES = ("sine", "sin-cos", "arithmetic", "file")
+SCALERS = ("standard", "minmax", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TimeSeriesConfig:
+    # --- data
+    source: str = option("sine", "where the series comes from", SOURCES)
+    data: str = option("", "CSV or Parquet file path or http(s) URL (with --source file)")
+    sha256: str = option("", "expected sha256 of the --data file; the run stops if it differs")
+    time_column: str = option("", "time column; default: the first column that parses as dates")
+    value_column: str = option("", "target column; default: the only numeric column left")
+    covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
+    max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
+    length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic)")
+    # --- windows
+    lookback: int = option(24, "input window length L")
+    horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
+    stride: int = option(1, "step between training windows")
+    val_size: float = option(0.1, "fraction of the series (after train) for validation / early stopping")
+    test_size: float = option(0.2, "fraction of the series at the end for the backtest")
+    season_length: int = option(0, "season for MASE and seasonal naive; 0 = from the data (sine period, frequency)")
+    scaler: str = option("standard", "scikit-learn scaler fitted on the training part only", SCALERS)
+    # --- model
+    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    hidden_size: int = option(32, "hidden units per layer (and direction)")
+    num_layers: int = option(1, "stacked recurrent layers")
+    dropout: float = option(0.0, "dropout between stacked layers")
+    bidirectional: bool = option(False, "read the input window both ways")
+    # --- training
+    epochs: int = option(40, "maximum epochs")
+    batch_size: int = option(32, "windows per gradient step")
+    lr: float = option(3e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
+    clip: float = option(1.0, "max gradient norm; recurrent nets on raw series explode without it (0 = off)")
+    patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
+    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
+    seed: int = option(0, "seed for weights, shuffling and generated data: same seed, same result on CPU")
+    # --- registry
+    model_name: str = option("", "registered model name; default: <source or file name>-forecaster")
+    experiment: str = option("timeseries-forecasting", "MLflow experiment")
+
+    def __post_init__(self):
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
+        positive = ("lookback", "horizon", "stride", "epochs", "batch_size", "hidden_size", "num_layers", "length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_gap", "patience", "season_length"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("val_size", "test_size"):
+            if not 0 < getattr(self, name) < 0.5:
+                raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(self, name)}")
+        if self.source == "file" and not self.data:
+            raise ConfigError("--source file needs --data PATH_OR_URL")
+        if self.data and self.source != "file":
+            raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
+        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)):
+            raise ConfigError(f"--sha256 must be 64 hex digits, got {self.sha256!r}")
+
+    @property
+    def covariates(self) -> list[str]:
+        return [c.strip() for c in self.covariate_columns.split(",") if c.strip()]
+
+    @property
+    def registered_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.source != "file":
+            return f"{self.source}-forecaster"
+        stem = Path(urlparse(self.data).path).stem or "series"
+        return f"{stem}-forecaster"
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def defaults(cls) -> dict:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

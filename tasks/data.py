@@ -1,0 +1,294 @@
+"""Loading a series: the synthetic generators, or a CSV/Parquet file from a path or URL,
+validated and made regular (sorted, frequency detected, short gaps interpolated)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.logging import get_run_logger
+
+from rnn_models import synthetic
+from tasks.config import TimeSeriesConfig
+
+
+class DataError(ValueError):
+    """The input data cannot be used; the message names the file, column or row."""
+
+
+@dataclass
+class Series:
+    """A regular series ready for windowing: ``frame`` holds the value column first, then the
+    covariates, one row per time step, no missing values."""
+
+    frame: pd.DataFrame
+    value_column: str
+    covariate_columns: list[str]
+    time_column: str
+    source: str  # path, URL or generator description
+    sha256: str  # of the file's bytes, or of the generated values
+    freq: str | None = None
+    season_length: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.frame[[self.value_column, *self.covariate_columns]].to_numpy(dtype=np.float64)  # (T, F)
+
+
+# ---------------------------------------------------------------- synthetic
+
+
+@task(name="generate-series")
+def generate_series(cfg: TimeSeriesConfig) -> Series:
+    period = 40
+    if cfg.source == "sine":
+        df, value, covs, season = synthetic.sine(cfg.length, period, seed=cfg.seed), "value", [], period
+    elif cfg.source == "sin-cos":
+        df, value, covs, season = synthetic.sin_cos(cfg.length, period, seed=cfg.seed), "cos", ["sin"], period
+    elif cfg.source == "arithmetic":
+        df, value, covs, season = synthetic.arithmetic(cfg.length), "value", [], 1
+    else:
+        raise ValueError(f"generate_series cannot make source {cfg.source!r}")
+    cols = [value, *covs]
+    digest = hashlib.sha256(df[cols].to_numpy().tobytes()).hexdigest()
+    return Series(df[["t", *cols]], value, covs, "t", f"generated:{cfg.source}(length={cfg.length}, seed={cfg.seed})",
+                  digest, None, cfg.season_length or season)
+
+
+# ---------------------------------------------------------------- files and URLs
+
+
+class TransientDataError(DataError):
+    """A download failure worth retrying (network trouble, 5xx, 429)."""
+
+
+def _is_url(s: str) -> bool:
+    return urlparse(s).scheme in ("http", "https")
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: network trouble and server-side errors, not 4xx or a bad checksum."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code == 429
+    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_dir() -> Path:
+    return Path(os.environ.get("RNNFLOW_DOWNLOADS", Path.cwd() / "data" / "downloads"))
+
+
+@task(
+    name="fetch-data",
+    retries=3,
+    retry_delay_seconds=[1, 2, 4],
+    retry_condition_fn=lambda task, run, state: isinstance(state.data, TransientDataError),
+)
+def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Make ``location`` (a path or http(s) URL) a verified local file; returns (path, sha256).
+
+    A download goes to a temporary file and is moved into place only once complete and
+    matching ``sha256``, so nothing half-written is ever read.
+    """
+    if _is_url(location):
+        name = Path(urlparse(location).path).name or "download"
+        dest_dir = download_dir()
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=30) as resp:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+            digest = sha256_file(Path(tmp))
+            _check_sha(location, digest, sha256)
+            path = dest_dir / f"{digest[:12]}-{name}"
+            os.replace(tmp, path)
+        except urllib.error.HTTPError as e:
+            raise _wrap(e, DataError(f"{location}: HTTP {e.code} {e.reason}")) from e
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            raise _wrap(e, DataError(f"{location}: cannot download ({reason})")) from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise DataError(f"{location}: no such file")
+        digest = sha256_file(path)
+        _check_sha(location, digest, sha256)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise DataError(f"{location}: unsupported file type {path.suffix!r}; expected one of {', '.join(suffixes)}")
+    return str(path), digest
+
+
+def _wrap(original: BaseException, err: DataError) -> DataError:
+    return TransientDataError(str(err)) if _transient(original) else err
+
+
+def _check_sha(location: str, actual: str, expected: str) -> None:
+    if expected and actual.lower() != expected.lower():
+        raise DataError(f"{location}: sha256 is {actual}, expected {expected}")
+
+
+SERIES_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@task(name="load-series")
+def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
+    """Read, check and regularise a series file (see module docstring)."""
+    logger = get_run_logger()
+    label = cfg.data or path
+    try:
+        df = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as e:  # pandas raises many types for malformed files
+        raise DataError(f"{label}: cannot be read as a table ({type(e).__name__}: {e})") from e
+    if df.empty:
+        raise DataError(f"{label}: has no rows")
+    columns = [str(c) for c in df.columns]
+    df.columns = columns
+
+    def need(col: str, what: str) -> str:
+        if col not in columns:
+            raise DataError(f"{label}: no {what} column {col!r}; the columns are {columns}")
+        return col
+
+    time_col = need(cfg.time_column, "time") if cfg.time_column else _guess_time_column(df)
+    covs = [need(c, "covariate") for c in cfg.covariates]
+    if cfg.value_column:
+        value_col = need(cfg.value_column, "value")
+    else:
+        candidates = [c for c in columns if c != time_col and c not in covs and _mostly_numeric(df[c])]
+        if len(candidates) != 1:
+            raise DataError(f"{label}: cannot tell which column to forecast among {candidates or columns}; "
+                            "name it with --value-column")
+        value_col = candidates[0]
+    if value_col in covs:
+        raise DataError(f"{label}: column {value_col!r} is both the value and a covariate")
+
+    out = pd.DataFrame({c: _numeric(df[c], c, label) for c in [value_col, *covs]})
+    freq, season = None, 1
+    if time_col:
+        times = _times(df[time_col], time_col, label)
+        out.insert(0, time_col, times)
+        out = out.sort_values(time_col, kind="stable")
+        dup = out[time_col].duplicated()
+        if dup.any():
+            raise DataError(f"{label}: column {time_col!r} repeats the time {out[time_col][dup].iloc[0]}")
+        out, freq = _regularise(out, time_col, label)
+        season = _season_for(freq)
+    else:
+        time_col = "step"
+        out.insert(0, time_col, np.arange(len(out)))
+    out = _fill_gaps(out, [value_col, *covs], time_col, cfg.max_gap, label, logger)
+    return Series(out.reset_index(drop=True), value_col, covs, time_col, label, sha256, freq,
+                  cfg.season_length or season)
+
+
+def _mostly_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s) or pd.to_numeric(s, errors="coerce").notna().mean() > 0.9
+
+
+def _guess_time_column(df: pd.DataFrame) -> str:
+    first = df.columns[0]
+    if pd.api.types.is_numeric_dtype(df[first]):
+        return ""
+    parsed = pd.to_datetime(df[first], errors="coerce", format="mixed")
+    return first if parsed.notna().mean() > 0.9 else ""
+
+
+def _numeric(s: pd.Series, col: str, label: str) -> pd.Series:
+    values = pd.to_numeric(s, errors="coerce")
+    bad = values.isna() & s.notna() & (s.astype(str).str.strip() != "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{label}: column {col!r} has a non-numeric value {s.iloc[row]!r} at row {row + 1}")
+    if np.isinf(values.to_numpy(dtype=float)).any():
+        raise DataError(f"{label}: column {col!r} holds an infinite value")
+    return values.astype(float)
+
+
+def _times(s: pd.Series, col: str, label: str) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(s):
+        return s
+    t = pd.to_datetime(s, errors="coerce", format="mixed")
+    if t.isna().any():
+        row = int(np.flatnonzero(t.isna().to_numpy())[0])
+        raise DataError(f"{label}: column {col!r} has a value that is not a time, {s.iloc[row]!r} at row {row + 1}")
+    return t
+
+
+_CALENDAR_FREQS = ("D", "B", "MS", "ME", "QS", "QE", "YS", "YE")
+
+
+def _regularise(df: pd.DataFrame, time_col: str, label: str) -> tuple[pd.DataFrame, str | None]:
+    """Reindex onto the coarsest regular grid that contains every timestamp; the rows it adds
+    are the gaps. Returns the frame and the frequency."""
+    times = df[time_col]
+    if len(times) < 3:
+        return df, None
+    step = times.diff().dropna().mode().iloc[0]
+    if pd.api.types.is_numeric_dtype(times):
+        grid = np.arange(times.iloc[0], times.iloc[-1] + step / 2, step)
+        freq = str(step)
+    else:
+        freq, grid = None, None
+        inferred = pd.infer_freq(times) if len(times) >= 3 else None
+        candidates = ([inferred] if inferred else []) + [pd.Timedelta(step), *_CALENDAR_FREQS]
+        present = set(times)
+        for cand in candidates:
+            g = pd.date_range(times.iloc[0], times.iloc[-1], freq=cand)
+            if present.issubset(g) and (grid is None or len(g) < len(grid)):
+                grid, freq = g, cand if isinstance(cand, str) else pd.tseries.frequencies.to_offset(cand).freqstr
+        if grid is None:
+            raise DataError(f"{label}: column {time_col!r} is not on a regular time grid (most common step {step})")
+    return df.set_index(time_col).reindex(grid).rename_axis(time_col).reset_index(), freq
+
+
+def _season_for(freq: str | None) -> int:
+    if not freq:
+        return 1
+    base = freq.lstrip("0123456789").split("-")[0]
+    return {"D": 7, "B": 5, "W": 52, "7D": 52, "MS": 12, "ME": 12, "M": 12, "QS": 4, "QE": 4, "h": 24, "H": 24}.get(
+        base if freq[0].isalpha() else freq, 1)
+
+
+def _fill_gaps(df: pd.DataFrame, cols: list[str], time_col: str, max_gap: int, label: str, logger) -> pd.DataFrame:
+    missing = df[cols].isna().any(axis=1).to_numpy()
+    if not missing.any():
+        return df
+    runs, start = [], None  # (start row, length) of each run of missing steps
+    for i, m in enumerate(np.append(missing, False)):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i - start))
+            start = None
+    worst = max(runs, key=lambda r: r[1])
+    if worst[1] > max_gap:
+        raise DataError(f"{label}: {worst[1]} consecutive time steps are missing from {df[time_col].iloc[worst[0]]} "
+                        f"(at most --max-gap {max_gap} are interpolated)")
+    if missing[0] or missing[-1]:
+        edge = df[time_col].iloc[0 if missing[0] else -1]
+        raise DataError(f"{label}: the series starts or ends with a missing value (at {edge}); trim it")
+    df[cols] = df[cols].interpolate(method="linear")
+    logger.warning("%s: interpolated %d missing time steps in %d gaps (longest %d)",
+                   label, int(missing.sum()), len(runs), worst[1])
+    return df

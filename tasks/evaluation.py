@@ -1,0 +1,127 @@
+"""Rolling-origin backtest over the test part, against naive and seasonal-naive forecasts,
+and the plots that go with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from rnn_models import metrics  # noqa: E402
+from rnn_models.forecasting import ForecastPipeline  # noqa: E402
+from rnn_models.training import FitResult  # noqa: E402
+from rnn_models.windows import Split  # noqa: E402
+from tasks.data import Series  # noqa: E402
+
+METRICS = ("mae", "rmse", "smape", "mase")
+
+
+@dataclass
+class Backtest:
+    origins: np.ndarray  # (N,) index of each origin's first forecast step
+    actual: np.ndarray  # (N, H) original units
+    forecasts: dict[str, np.ndarray]  # model name -> (N, H)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    season_length: int = 1
+
+    def markdown(self, title: str = "Backtest") -> str:
+        n, h = self.actual.shape
+        lines = [f"### {title}", "",
+                 f"Rolling origin over the test part: {n} origins x {h} steps; MASE scaled by the in-sample "
+                 f"seasonal-naive error (season {self.season_length}).", "",
+                 "| model | " + " | ".join(m.upper() if m != "smape" else "sMAPE %" for m in METRICS) + " |",
+                 "|---|" + "---:|" * len(METRICS)]
+        for name, s in self.scores.items():
+            lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        return "\n".join(lines)
+
+
+def run_backtest(series: Series, split: Split, origins: np.ndarray, horizon: int,
+                 forecasts: dict[str, np.ndarray]) -> Backtest:
+    """Score ``forecasts`` (name -> (N, H)) and the naive baselines on the same origins."""
+    y = series.features[:, 0]  # target in original units
+    actual = y[origins[:, None] + np.arange(horizon)[None, :]]  # (N, H)
+    m = series.season_length
+    all_f = {**forecasts,
+             "naive": metrics.naive_forecast(y, origins, horizon),
+             "seasonal-naive": metrics.seasonal_naive_forecast(y, origins, horizon, m)}
+    scale = metrics.seasonal_naive_scale(y[: split.train_end], m)
+    scores = {name: metrics.score(actual, f, scale) for name, f in all_f.items()}
+    return Backtest(origins, actual, all_f, scores, m)
+
+
+def history_windows(series: Series, origins: np.ndarray, lookback: int) -> np.ndarray:
+    """Raw input windows (N, L, F) in original units ending just before each origin."""
+    steps = origins[:, None] + np.arange(-lookback, 0)[None, :]
+    return series.features[steps]
+
+
+@task(name="backtest", cache_policy=NO_CACHE)
+def backtest(series: Series, split: Split, origins: np.ndarray, pipeline: ForecastPipeline, label: str) -> Backtest:
+    forecast = pipeline.predict(history_windows(series, origins, pipeline.lookback))
+    return run_backtest(series, split, origins, pipeline.horizon, {label: forecast})
+
+
+def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Series, origins: np.ndarray,
+                  horizon: int) -> np.ndarray:
+    """Forecasts (N, H) from a served-model style ``predict(history frame) -> frame`` (e.g. the
+    champion loaded from the registry), one origin at a time as a user would call it."""
+    cols = [series.value_column, *series.covariate_columns]
+    rows = [predict(series.frame[cols].iloc[:o])["forecast"].to_numpy()[:horizon] for o in origins]
+    return np.stack(rows)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_forecast(series: Series, bt: Backtest, model_label: str, path: Path) -> Path:
+    """Actual test values against each model's one-step-ahead forecasts, plus the last origin's
+    full horizon."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    t = series.frame[series.time_column].to_numpy()
+    y = series.features[:, 0]
+    lo = max(int(bt.origins[0]) - 3 * len(bt.actual[0]) - 20, 0)
+    ax.plot(t[lo:], y[lo:], color="black", lw=1.2, label="actual")
+    for name, style in ((model_label, "-"), ("seasonal-naive", ":")):
+        ax.plot(t[bt.origins], bt.forecasts[name][:, 0], style, lw=1, label=f"{name} (1 step ahead)")
+    last = bt.origins[-1] + np.arange(bt.actual.shape[1])
+    if len(last) > 1:
+        ax.plot(t[last], bt.forecasts[model_label][-1], "o-", ms=3, label=f"{model_label}, last origin")
+    ax.axvline(t[bt.origins[0]], color="grey", ls="--", lw=0.8)
+    ax.set_title(f"{series.value_column}: test-part forecasts (MASE {bt.scores[model_label]['mase']:.3f})")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(fit: FitResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [s.epoch for s in fit.history]
+    ax.plot(epochs, [s.train_loss for s in fit.history], label="train")
+    ax.plot(epochs, [s.val_loss for s in fit.history], label="validation")
+    ax.axvline(fit.best_epoch, color="grey", ls="--", lw=0.8, label=f"best epoch {fit.best_epoch}")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@task(name="plot-backtest", cache_policy=NO_CACHE)
+def plot_backtest(series: Series, bt: Backtest, fit: FitResult, label: str, directory: str) -> list[str]:
+    d = Path(directory)
+    return [str(plot_forecast(series, bt, label, d / "forecast.png")), str(plot_losses(fit, d / "loss.png"))]
