@@ -175,7 +175,9 @@ def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
     if cfg.value_column:
         value_col = need(cfg.value_column, "value")
     else:
-        candidates = [c for c in columns if c != time_col and c not in covs and _mostly_numeric(df[c])]
+        candidates = [c for c in columns if c != time_col and c not in covs]
+        if len(candidates) > 1:
+            candidates = [c for c in candidates if _mostly_numeric(df[c])]
         if len(candidates) != 1:
             raise DataError(f"{label}: cannot tell which column to forecast among {candidates or columns}; "
                             "name it with --value-column")
@@ -206,12 +208,19 @@ def _mostly_numeric(s: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(s) or pd.to_numeric(s, errors="coerce").notna().mean() > 0.9
 
 
+TIME_NAMES = {"t", "time", "date", "datetime", "timestamp", "ds", "step", "period", "day", "month", "year"}
+
+
 def _guess_time_column(df: pd.DataFrame) -> str:
-    first = df.columns[0]
-    if pd.api.types.is_numeric_dtype(df[first]):
-        return ""
-    parsed = pd.to_datetime(df[first], errors="coerce", format="mixed")
-    return first if parsed.notna().mean() > 0.9 else ""
+    """The first column named like a time, or holding text that parses as dates; '' if none."""
+    for col in df.columns:
+        if col.lower() in TIME_NAMES:
+            return col
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            parsed = pd.to_datetime(df[col], errors="coerce", format="mixed")
+            if parsed.notna().mean() > 0.9:
+                return col
+    return ""
 
 
 def _numeric(s: pd.Series, col: str, label: str) -> pd.Series:
@@ -246,12 +255,13 @@ def _regularise(df: pd.DataFrame, time_col: str, label: str) -> tuple[pd.DataFra
         return df, None
     step = times.diff().dropna().mode().iloc[0]
     if pd.api.types.is_numeric_dtype(times):
-        grid = np.arange(times.iloc[0], times.iloc[-1] + step / 2, step)
+        grid = (np.arange(times.iloc[0], times.iloc[-1] + 1, step) if pd.api.types.is_integer_dtype(times)
+                else np.arange(times.iloc[0], times.iloc[-1] + step / 2, step))
         freq = str(step)
     else:
         freq, grid = None, None
         inferred = pd.infer_freq(times) if len(times) >= 3 else None
-        candidates = ([inferred] if inferred else []) + [pd.Timedelta(step), *_CALENDAR_FREQS]
+        candidates = ([inferred] if inferred else []) + [*_CALENDAR_FREQS, pd.Timedelta(step)]  # names first
         present = set(times)
         for cand in candidates:
             g = pd.date_range(times.iloc[0], times.iloc[-1], freq=cand)

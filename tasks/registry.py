@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.models import infer_signature
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import rnn_models
 
@@ -141,9 +142,16 @@ def log_history(history) -> None:
 
 
 def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_example: pd.DataFrame,
-               output_example: pd.DataFrame, params: dict | None = None) -> str:
-    """Log a model from code and register it under ``model_name``; returns the new version."""
+               output_example: pd.DataFrame, params: dict | None = None, lenient_inputs: bool = False) -> str:
+    """Log a model from code and register it under ``model_name``; returns the new version.
+
+    ``lenient_inputs`` declares the input columns by name only (type Any): MLflow's schema
+    check refuses int64 for a double column, but a history of 70, 80, 90 is a fair input; the
+    model itself converts and checks the values.
+    """
     signature = infer_signature(input_example, output_example, params=params)
+    if lenient_inputs:
+        signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns])
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = artifacts_dir_writer(tmp)
         info = mlflow.pyfunc.log_model(
@@ -207,9 +215,9 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
         model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
         forecast = forecast_with(model.predict, series, origins, horizon)
         bt = run_backtest(series, split, origins, horizon, {"champion": forecast})
-        return ChampionScore(current.version, bt.scores["champion"]["mase"])
+        return ChampionScore(str(current.version), bt.scores["champion"]["mase"])
     except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
-        return ChampionScore(current.version, None, f"{type(e).__name__}: {e}".strip()[:300])
+        return ChampionScore(str(current.version), None, f"{type(e).__name__}: {e}".strip()[:300])
 
 
 @task(name="register-forecaster", cache_policy=NO_CACHE)
@@ -240,7 +248,7 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, pipeline: Forecas
         example = series.frame[cols].iloc[: pipeline.lookback].astype("float64").reset_index(drop=True)
         forecast = pipeline.predict(example.to_numpy()[None])[0]
         output = pd.DataFrame({"step": np.arange(1, len(forecast) + 1, dtype=np.int64), "forecast": forecast})
-        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output)
+        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
         return finish_registration(
             name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
             {"test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,

@@ -1,0 +1,118 @@
+"""Task tests for ingestion: files, URLs over real local HTTP, checksums and bad data."""
+
+import functools
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.config import TimeSeriesConfig
+from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, generate_series, load_series
+
+
+def _cfg(path, **kw):
+    return TimeSeriesConfig(source="file", data=str(path), **kw)
+
+
+def _load(path, **kw):
+    p, sha = fetch_data(str(path), kw.pop("sha256", ""), SERIES_SUFFIXES)
+    return load_series(p, sha, _cfg(path, **kw))
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``; yields (dir, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_airline_csv_is_monthly_with_season_12(shared_data):
+    s = _load(shared_data / "airline-passengers.csv")
+    assert (s.time_column, s.value_column, s.freq, s.season_length) == ("Month", "Passengers", "MS", 12)
+    assert len(s.frame) == 144 and s.frame["Passengers"].iloc[0] == 112
+    assert s.sha256 == hashlib.sha256((shared_data / "airline-passengers.csv").read_bytes()).hexdigest()
+
+
+def test_unsorted_rows_are_sorted_and_short_gaps_interpolated(tmp_path, caplog):
+    days = pd.date_range("2024-01-01", periods=30, freq="D")
+    df = pd.DataFrame({"day": days, "load": np.arange(30.0), "temp": np.arange(30.0) * 2})
+    df = df.drop(index=[10, 11]).sample(frac=1, random_state=0)  # two missing days, shuffled
+    df.to_csv(tmp_path / "load.csv", index=False)
+    s = _load(tmp_path / "load.csv", value_column="load", covariate_columns="temp")
+    assert s.freq == "D" and s.season_length == 7 and len(s.frame) == 30
+    np.testing.assert_allclose(s.frame["load"], np.arange(30.0))  # linear gap filled exactly
+    assert s.covariate_columns == ["temp"] and s.features.shape == (30, 2)
+    assert "interpolated 2 missing time steps" in caplog.text
+
+
+def test_parquet_is_read(tmp_path):
+    df = pd.DataFrame({"t": pd.date_range("2024-01-01", periods=40, freq="h"), "y": np.sin(np.arange(40))})
+    df.to_parquet(tmp_path / "s.parquet")
+    s = _load(tmp_path / "s.parquet")
+    assert s.freq == "h" and s.season_length == 24 and s.value_column == "y"
+
+
+def test_long_gap_is_refused_with_its_place(tmp_path):
+    days = pd.date_range("2024-01-01", periods=30, freq="D")
+    pd.DataFrame({"day": days, "v": np.arange(30.0)}).drop(index=range(5, 10)).to_csv(tmp_path / "g.csv", index=False)
+    with pytest.raises(DataError, match=r"g\.csv: 5 consecutive time steps are missing from 2024-01-06.*--max-gap 3"):
+        _load(tmp_path / "g.csv")
+
+
+def test_unknown_column_lists_the_columns(shared_data):
+    with pytest.raises(DataError, match=r"no value column 'passengers'; the columns are \['Month', 'Passengers'\]"):
+        _load(shared_data / "airline-passengers.csv", value_column="passengers")
+
+
+def test_non_numeric_value_names_row_and_value(tmp_path):
+    (tmp_path / "bad.csv").write_text("t,v\n1,1.0\n2,2.0\n3,oops\n4,4.0\n")
+    with pytest.raises(DataError, match=r"bad\.csv: column 'v' has a non-numeric value 'oops' at row 3"):
+        _load(tmp_path / "bad.csv", value_column="v")
+
+
+def test_missing_file_and_wrong_type(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.csv: no such file"):
+        fetch_data(str(tmp_path / "nope.csv"), "", SERIES_SUFFIXES)
+    (tmp_path / "x.txt").write_text("a")
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
+        fetch_data(str(tmp_path / "x.txt"), "", SERIES_SUFFIXES)
+
+
+def test_url_download_with_checksum(http_root, shared_data, tmp_path):
+    root, base = http_root
+    body = (shared_data / "airline-passengers.csv").read_bytes()
+    (root / "air.csv").write_bytes(body)
+    sha = hashlib.sha256(body).hexdigest()
+    path, got = fetch_data(f"{base}/air.csv", sha, SERIES_SUFFIXES)
+    assert got == sha and open(path, "rb").read() == body
+    with pytest.raises(DataError, match=rf"air\.csv: sha256 is {sha}, expected 0{{64}}"):
+        fetch_data(f"{base}/air.csv", "0" * 64, SERIES_SUFFIXES)
+    leftovers = [p.name for p in (tmp_path / "downloads").iterdir()] if (tmp_path / "downloads").exists() else []
+    assert not any(n.startswith(".part-") for n in leftovers)  # nothing half-written is left
+
+
+def test_url_errors_are_clear(http_root, mlflow_store):
+    _, base = http_root
+    with pytest.raises(DataError, match=r"missing\.csv: HTTP 404"):
+        fetch_data(f"{base}/missing.csv", "", SERIES_SUFFIXES)
+    with pytest.raises(DataError, match=r"127\.0\.0\.1:9/x\.csv: cannot download"):
+        fetch_data("http://127.0.0.1:9/x.csv", "", SERIES_SUFFIXES)  # retried, then refused
+
+
+def test_generated_sources():
+    s = generate_series(TimeSeriesConfig(source="sin-cos", length=100))
+    assert s.value_column == "cos" and s.covariate_columns == ["sin"] and s.season_length == 40
+    a = generate_series(TimeSeriesConfig(source="arithmetic", length=5))
+    np.testing.assert_array_equal(a.frame["value"], [10, 20, 30, 40, 50])

@@ -1,0 +1,184 @@
+"""The time-series flow end to end: real Prefect (test harness), real MLflow on SQLite."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+from flows.timeseries import timeseries_flow
+from tasks.config import ConfigError
+from tasks.data import DataError
+from rnn_models.training import NonFiniteLossError
+
+TINY = dict(length=600, lookback=12, hidden_size=16, epochs=4, batch_size=16, patience=0, device="cpu")
+
+
+def run(**params):
+    return timeseries_flow(**{**TINY, **params})
+
+
+def task_names(state) -> list[str]:
+    with get_client(sync_client=True) as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return [r.name.rsplit("-", 1)[0] for r in runs]
+
+
+def test_default_flow_registers_a_champion_that_loads_without_pickle(mlflow_store, monkeypatch):
+    result = run(epochs=6)
+    assert result["promoted"] and result["version"] == "1" and result["reason"] == "no champion yet"
+    c = MlflowClient(mlflow_store, mlflow_store)
+    assert str(c.get_model_version_by_alias("sine-forecaster", "champion").version) == "1"
+
+    # the run holds params, per-epoch losses, backtest metrics, plots, the dataset and the model
+    r = c.get_run(result["run_id"])
+    assert r.data.params["cell"] == "lstm" and r.data.params["lookback"] == "12"
+    assert len(c.get_metric_history(r.info.run_id, "val_loss")) == 6
+    for key in ("test_mase", "test_smape", "naive_mase", "seasonal_naive_mase", "train_seconds",
+                "train_samples_per_second"):
+        assert np.isfinite(r.data.metrics[key]), key
+    assert r.data.metrics["test_mase"] < r.data.metrics["naive_mase"]  # it learned the sine
+    assert {f.path for f in c.list_artifacts(r.info.run_id, "plots")} == {"plots/forecast.png", "plots/loss.png"}
+    assert r.inputs.dataset_inputs[0].dataset.name == "sine-forecaster"
+
+    # the logged model is plain files: safetensors + JSON, no pickle anywhere
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/sine-forecaster/1"))
+    files = {p.name for p in local.rglob("*") if p.is_file()}
+    assert {"weights.safetensors", "config.json", "MLmodel", "requirements.txt"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))]
+    assert "torch==" in (local / "requirements.txt").read_text()
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    model = mlflow.pyfunc.load_model("models:/sine-forecaster@champion")
+    history = pd.DataFrame({"value": np.sin(2 * np.pi * np.arange(100) / 40)})
+    out = model.predict(history)
+    assert list(out.columns) == ["step", "forecast"] and out["step"].tolist() == [1]
+    assert abs(out["forecast"].iloc[0] - np.sin(2 * np.pi * 100 / 40)) < 0.3
+
+    # the metrics table is a Prefect markdown artifact
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sine-forecaster-backtest"])))
+    assert arts and "| rnnflow-lstm |" in arts[0].data and "seasonal-naive" in arts[0].data
+
+
+def test_served_model_reproduces_the_flow_backtest(mlflow_store):
+    """What is evaluated is what is served: the pyfunc's forecasts give the flow's MASE."""
+    from tasks.data import generate_series
+    from tasks.config import TimeSeriesConfig
+    from tasks.evaluation import forecast_with, run_backtest
+    from rnn_models.windows import Split, window_origins
+
+    result = run(horizon=3)
+    cfg = TimeSeriesConfig(**{**TINY, "horizon": 3})
+    series = generate_series.fn(cfg)
+    split = Split.by_fraction(len(series.frame), cfg.val_size, cfg.test_size, 3)
+    origins = window_origins(*split.part("test"), cfg.lookback, 3)
+    model = mlflow.pyfunc.load_model(result["model_uri"])
+    bt = run_backtest(series, split, origins, 3, {"served": forecast_with(model.predict, series, origins, 3)})
+    assert bt.scores["served"]["mase"] == pytest.approx(result["scores"]["rnnflow-lstm"]["mase"], rel=1e-5)
+
+
+def test_champion_moves_only_to_a_better_model(mlflow_store):
+    first = run(epochs=6, model_name="gate")
+    worse = run(epochs=1, lr=1e-5, model_name="gate")
+    assert first["promoted"] and not worse["promoted"]
+    assert worse["reason"].startswith("kept champion v1: its test MASE")
+    c = MlflowClient(mlflow_store, mlflow_store)
+    assert str(c.get_model_version_by_alias("gate", "champion").version) == "1"
+    assert c.get_run(worse["run_id"]).data.tags["promoted"] == "false"
+    assert "champion_test_mase" in c.get_run(worse["run_id"]).data.metrics
+
+
+def test_airline_csv_through_source_file(mlflow_store, shared_data):
+    result = run(source="file", data=str(shared_data / "airline-passengers.csv"), lookback=12, horizon=6, epochs=3)
+    assert result["model_name"] == "airline-passengers-forecaster" and result["promoted"]
+    model = mlflow.pyfunc.load_model("models:/airline-passengers-forecaster@champion")
+    hist = pd.read_csv(shared_data / "airline-passengers.csv")
+    out = model.predict(hist[["Passengers"]].astype(float))
+    assert len(out) == 6 and out["forecast"].between(50, 1000).all()
+    r = MlflowClient(mlflow_store, mlflow_store).get_run(result["run_id"])
+    assert r.data.params["resolved_season_length"] == "12" and r.data.params["frequency"] == "MS"
+
+
+def test_arithmetic_model_continues_70_80_90_with_about_100(mlflow_store):
+    result = run(source="arithmetic", length=60, lookback=3, hidden_size=16, epochs=150, batch_size=8,
+                 lr=1e-2, val_size=0.15, test_size=0.15)
+    model = mlflow.pyfunc.load_model(result["champion_uri"].replace("sine", "arithmetic"))
+    forecast = model.predict(pd.DataFrame({"value": [70, 80, 90]}))["forecast"].iloc[0]
+    assert forecast == pytest.approx(100, abs=5)
+
+
+def test_sin_cos_model_needs_its_covariate(mlflow_store):
+    result = run(source="sin-cos", epochs=3)
+    model = mlflow.pyfunc.load_model(result["champion_uri"])
+    t = np.arange(50)
+    frame = pd.DataFrame({"cos": np.cos(2 * np.pi * t / 40), "sin": np.sin(2 * np.pi * t / 40)})
+    assert len(model.predict(frame)) == 1
+    with pytest.raises(Exception, match="sin"):
+        model.predict(frame[["cos"]])
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def guarded_store(tmp_path_factory):
+    """One store with a champion 'guarded' v1, shared by every bad-input case."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("RNNFLOW_DOWNLOADS", str(tmp / "downloads"))
+        run(model_name="guarded", epochs=2)
+        yield uri, tmp
+
+
+def _bad_csv(tmp: Path, name: str, text: str) -> str:
+    (tmp / name).write_text(text)
+    return str(tmp / name)
+
+
+BAD = {
+    "missing file": (lambda t: dict(source="file", data=str(t / "nope.csv")), DataError, r"nope\.csv: no such file"),
+    "checksum": (lambda t: dict(source="file", data=_bad_csv(t, "ok.csv", "t,v\n" + "".join(f"{i},{i}\n" for i in range(200))),
+                                sha256="a" * 64), DataError, r"ok\.csv: sha256 is [0-9a-f]{64}, expected a{64}"),
+    "unknown column": (lambda t: dict(source="file", data=_bad_csv(t, "c.csv", "t,v\n1,2\n2,3\n3,4\n"), value_column="w"),
+                       DataError, r"no value column 'w'; the columns are \['t', 'v'\]"),
+    "non-numeric": (lambda t: dict(source="file", data=_bad_csv(t, "n.csv", "t,v\n1,2\n2,x\n3,4\n")),
+                    DataError, r"column 'v' has a non-numeric value 'x' at row 2"),
+    "too short": (lambda t: dict(length=15), DataError, r"the series has 15 rows, too short for --lookback 12"),
+    "too many gaps": (lambda t: dict(source="file", data=_bad_csv(t, "g.csv", "t,v\n" + "".join(
+        f"{i},{i}\n" for i in list(range(50)) + list(range(60, 200))))), DataError, r"10 consecutive time steps are missing"),
+    "horizon 0": (lambda t: dict(horizon=0), ConfigError, r"--horizon must be at least 1, got 0"),
+    "negative lr": (lambda t: dict(lr=-0.1), ConfigError, r"--lr must be a positive number, got -0\.1"),
+    "unknown cell": (lambda t: dict(cell="tcn"), ConfigError, r"--cell: 'tcn' is not one of rnn, lstm, gru, elman"),
+    "nan loss": (lambda t: dict(lr=1e30, clip=0.0), NonFiniteLossError, r"loss became (nan|inf)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_stops_before_training_and_leaves_the_champion(case, guarded_store, monkeypatch):
+    uri, tmp = guarded_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    make, error, pattern = BAD[case]
+    state = timeseries_flow(**{**TINY, "model_name": "guarded", **make(tmp)}, return_state=True)
+    assert state.is_failed()
+    exc = state.result(raise_on_failure=False)
+    with pytest.raises(error, match=pattern):
+        raise exc
+    names = task_names(state)
+    if case != "nan loss":
+        assert "train-forecaster" not in names, names
+    assert "register-forecaster" not in names
+    c = MlflowClient(uri, uri)
+    assert [str(v.version) for v in c.search_model_versions("name='guarded'")] == ["1"]
+    assert str(c.get_model_version_by_alias("guarded", "champion").version) == "1"
+    exp = c.get_experiment_by_name("timeseries-forecasting")
+    assert len(c.search_runs([exp.experiment_id])) == 1  # no half-written run
