@@ -4,7 +4,7 @@ seed tutorials' per-time-step loop, on the same data, in one run.
 What is measured (wall-clock seconds for ``--epochs`` epochs of training plus a validation pass
 each epoch, CPU, default torch thread count):
 
-1. rnnflow   -- ``rnn_models.training.fit`` with ``tensor_batches`` and ``tasks.training.mse_objective``
+1. rnnflow   -- ``rnn_models.training.fit`` with ``tensor_batches`` and ``rnn_models.forecasting.mse_objective``
                 on a ``Forecaster`` (LSTM), exactly as ``tasks.training.train_forecaster`` builds it
                 (patience=0 so every epoch runs, progress bar off).
 2. plain     -- the ceiling: ``nn.LSTM`` + ``nn.Linear`` written out here; tensors in memory,
@@ -30,12 +30,13 @@ import time
 import torch
 from torch import nn
 
+from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.synthetic import sine
 from rnn_models.training import TrainConfig, fit, tensor_batches
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.features import fit_scaler
-from tasks.training import mse_objective, seed_everything
+from tasks.training import seed_everything
 
 L, H, HIDDEN, BATCH, VAL_BATCH, LR, WD, CLIP, SEED = 24, 1, 32, 32, 4096, 3e-3, 0.01, 1.0, 0
 

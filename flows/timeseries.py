@@ -14,7 +14,8 @@ from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import scale_and_window, split_series
-from tasks.registry import CHAMPION, register_forecaster, score_champion
+from tasks.register import register_forecaster, score_champion
+from tasks.registry import CHAMPION
 from tasks.training import train_forecaster
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
@@ -40,7 +41,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     champion = score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
     with tempfile.TemporaryDirectory() as tmp:
         plots = plot_backtest(series, bt, trained.fit, label, tmp)
-        reg = register_forecaster(cfg, series, trained.pipeline(), trained.fit, bt, label, champion, plots)
+        reg = register_forecaster(cfg, series, trained, bt, label, champion, plots)
 
     name = cfg.registered_name
     report = (f"{bt.markdown(f'{name} v{reg.version}')}\n\n"

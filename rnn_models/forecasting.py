@@ -7,17 +7,14 @@ configuration and scaler numbers as JSON; nothing is pickled.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from rnn_models import checkpoint
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-
-WEIGHTS, CONFIG = "weights.safetensors", "config.json"
 
 
 @dataclass
@@ -40,11 +37,11 @@ class Affine:
         return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Affine":
+    def from_dict(cls, d: dict) -> Affine:
         return cls(np.asarray(d["offset"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64))
 
     @classmethod
-    def identity(cls, n_features: int) -> "Affine":
+    def identity(cls, n_features: int) -> Affine:
         return cls(np.zeros(n_features), np.ones(n_features))
 
 
@@ -75,19 +72,18 @@ class ForecastPipeline:
 
     def save(self, directory: str | Path) -> dict[str, str]:
         """Write weights and config into ``directory``; returns {artifact name: path}."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, directory / WEIGHTS)
         config = {"model": self.model.config_dict(), "scaler": self.scaler.to_dict(), **self.meta}
-        (directory / CONFIG).write_text(json.dumps(config, indent=2))
-        return {"weights": str(directory / WEIGHTS), "config": str(directory / CONFIG)}
+        return checkpoint.save(self.model, directory, config)
 
     @classmethod
-    def load(cls, weights: str | Path, config: str | Path, device: str = "cpu") -> "ForecastPipeline":
-        cfg = json.loads(Path(config).read_text())
-        model = Forecaster(ForecasterConfig(**cfg.pop("model")))
-        # map to the CPU first: a CUDA-trained model must load on a machine without one
-        model.load_state_dict(load_file(str(weights), device="cpu"))
+    def load(cls, weights: str | Path, config: str | Path, device: str = "cpu") -> ForecastPipeline:
+        cfg = checkpoint.load_config(config)
+        model = checkpoint.load_weights(Forecaster(ForecasterConfig(**cfg.pop("model"))), weights)
         scaler = Affine.from_dict(cfg.pop("scaler"))
         return cls(model.to(device), scaler, cfg)
+
+
+def mse_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
+    """The training loop's objective for forecasters: mean squared error in scaled units."""
+    x, y = batch  # (B, L, F), (B, H)
+    return torch.nn.functional.mse_loss(model(x).float(), y), len(x)

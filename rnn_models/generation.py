@@ -25,3 +25,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
     probs = torch.softmax(logits, dim=-1)
     # sample on the CPU so a seed gives the same text whatever device the model is on
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+
+
+def complete(model, vocab, prefix: str, max_new: int, temperature: float = 1.0, top_k: int = 0,
+             seed: int | None = None) -> str:
+    """``prefix`` followed by ``max_new`` generated characters. Characters the vocabulary has
+    never seen are read as ``<unk>``; ``seed`` makes the text reproducible."""
+    if not prefix:
+        raise ValueError("prefix is empty; generation needs at least one character to start from")
+    device = next(model.parameters()).device
+    ids = torch.tensor(vocab.encode(prefix), dtype=torch.long, device=device)
+    gen = torch.Generator().manual_seed(seed) if seed is not None and seed >= 0 else None
+    out = model.generate(ids, max_new, temperature, top_k, gen)
+    return prefix + vocab.decode(out.tolist())

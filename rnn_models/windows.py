@@ -17,7 +17,7 @@ class Split:
     val_end: int
 
     @classmethod
-    def by_fraction(cls, n: int, val_fraction: float, test_fraction: float, horizon: int) -> "Split":
+    def by_fraction(cls, n: int, val_fraction: float, test_fraction: float, horizon: int) -> Split:
         # each evaluation part holds at least one full horizon, or it could not score a forecast
         n_test = max(int(round(n * test_fraction)), horizon)
         n_val = max(int(round(n * val_fraction)), horizon)

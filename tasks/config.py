@@ -64,33 +64,12 @@ class TimeSeriesConfig:
     experiment: str = option("timeseries-forecasting", "MLflow experiment")
 
     def __post_init__(self):
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{flag(f.name)}: {getattr(self, f.name)!r} is not one of {', '.join(choices)}")
-        positive = ("lookback", "horizon", "stride", "epochs", "batch_size", "hidden_size", "num_layers", "length")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_gap", "patience", "season_length"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("weight_decay", "clip"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for name in ("val_size", "test_size"):
-            if not 0 < getattr(self, name) < 0.5:
-                raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(self, name)}")
+        check_common(self, positive=("lookback", "horizon", "stride", "length"),
+                     non_negative=("max_gap", "season_length"), fractions=("val_size", "test_size"))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":
             raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
-        if self.sha256 and (len(self.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in self.sha256)):
-            raise ConfigError(f"--sha256 must be 64 hex digits, got {self.sha256!r}")
 
     @property
     def covariates(self) -> list[str]:
@@ -107,6 +86,99 @@ class TimeSeriesConfig:
 
     def to_params(self) -> dict:
         return asdict(self)
+
+
+SAMPLINGS = ("sequential", "random")
+INPUTS = ("embedding", "onehot")
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "timemachine.txt"
+
+
+@dataclass
+class CharLMFlowConfig:
+    # --- corpus
+    data: str = option("", "UTF-8 text file or http(s) URL; default: H. G. Wells' The Time Machine in data/")
+    sha256: str = option("", "expected sha256 of the corpus file; the run stops if it differs")
+    lower: bool = option(True, "lower-case the corpus (and prompts)")
+    letters_only: bool = option(False, "d2l-style clean-up: every run of non-letters becomes one space")
+    val_fraction: float = option(0.1, "last part of the corpus held out for validation")
+    # --- batching
+    sampling: str = option("sequential", "sequential carries the state across batches (truncated BPTT); "
+                           "random draws independent windows", SAMPLINGS)
+    num_steps: int = option(35, "characters per training sequence (BPTT length)")
+    batch_size: int = option(32, "sequences per gradient step")
+    # --- model
+    input: str = option("embedding", "how characters enter the network", INPUTS)
+    embedding_dim: int = option(64, "embedding width (with --input embedding)")
+    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    hidden_size: int = option(256, "hidden units per layer")
+    num_layers: int = option(1, "stacked recurrent layers")
+    dropout: float = option(0.0, "dropout between stacked layers")
+    # --- training
+    epochs: int = option(20, "maximum epochs")
+    lr: float = option(2e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
+    clip: float = option(1.0, "max gradient norm (0 = off); exploding gradients are the rule in char RNNs")
+    patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
+    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
+    seed: int = option(0, "seed for weights, batching and samples: same seed, same result on CPU")
+    # --- samples
+    prefixes: str = option("time traveller,the time machine", "comma-separated prompts sampled during training")
+    sample_every: int = option(5, "epochs between samples (0 = only at the end)")
+    sample_chars: int = option(120, "characters generated per sample")
+    temperature: float = option(0.8, "sampling temperature for the samples (0 = greedy)")
+    top_k: int = option(0, "sample from the k most likely characters only (0 = all)")
+    # --- registry
+    model_name: str = option("", "registered model name; default: <corpus file name>-charlm")
+    experiment: str = option("charlm-training", "MLflow experiment")
+
+    def __post_init__(self):
+        check_common(self, positive=("num_steps", "embedding_dim", "sample_chars"),
+                     non_negative=("sample_every", "top_k"), fractions=("val_fraction",))
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"--temperature must be 0 or more, got {self.temperature}")
+        if not self.prompts:
+            raise ConfigError("--prefixes holds no prompt; give at least one non-empty prefix")
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for p in self.prefixes.split(",") if p.strip()]
+
+    @property
+    def corpus(self) -> str:
+        return self.data or str(BUNDLED_CORPUS)
+
+    @property
+    def registered_name(self) -> str:
+        return self.model_name or f"{Path(urlparse(self.corpus).path).stem or 'corpus'}-charlm"
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+
+def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
+    """The checks every flow config shares: choices, counts, learning rate, dropout, checksum."""
+    for f in fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ConfigError(f"{flag(f.name)}: {getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
+    for name in ("epochs", "batch_size", "hidden_size", "num_layers", *positive):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("patience", *non_negative):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
+    for name in ("weight_decay", "clip"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in fractions:
+        if not 0 < getattr(cfg, name) < 0.5:
+            raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(cfg, name)}")
+    if cfg.sha256 and (len(cfg.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.sha256)):
+        raise ConfigError(f"--sha256 must be 64 hex digits, got {cfg.sha256!r}")
 
 
 def flag(name: str) -> str:

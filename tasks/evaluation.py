@@ -10,17 +10,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from rnn_models import metrics  # noqa: E402
-from rnn_models.forecasting import ForecastPipeline  # noqa: E402
-from rnn_models.training import FitResult  # noqa: E402
-from rnn_models.windows import Split  # noqa: E402
-from tasks.data import Series  # noqa: E402
+from rnn_models import metrics
+from rnn_models.forecasting import ForecastPipeline
+from rnn_models.training import FitResult
+from rnn_models.windows import Split
+from tasks.data import Series
 
 METRICS = ("mae", "rmse", "smape", "mase")
 

@@ -105,7 +105,7 @@ def promotion_decision(challenger: float, champion: ChampionScore, metric: str) 
     if champion.version is None:
         return True, "no champion yet"
     if champion.score is None:
-        return False, f"kept champion v{champion.version}: it could not be scored on this data ({champion.error})"
+        return False, f"kept champion v{champion.version}: {champion.error}"
     if not np.isfinite(challenger):
         return False, f"kept champion v{champion.version}: challenger {metric} is {challenger}"
     if challenger < champion.score:
@@ -191,75 +191,3 @@ def finish_registration(model_name: str, version: str, challenger: float, champi
         c.set_registered_model_alias(model_name, CHAMPION, version)
     run_id = mlflow.active_run().info.run_id
     return Registration(run_id, version, f"models:/{model_name}/{version}", promoted, reason)
-
-
-# ---------------------------------------------------------------- the forecaster's tasks
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from rnn_models.forecasting import ForecastPipeline  # noqa: E402
-from rnn_models.windows import Split  # noqa: E402
-from tasks.config import TimeSeriesConfig  # noqa: E402
-from tasks.data import Series  # noqa: E402
-from tasks.evaluation import Backtest, forecast_with, run_backtest  # noqa: E402
-
-
-@task(name="score-champion", cache_policy=NO_CACHE)
-def score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
-    """Backtest the current champion, as loaded from the registry, on the challenger's test data."""
-    current = champion_version(name)
-    if current is None:
-        return ChampionScore(None)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
-        forecast = forecast_with(model.predict, series, origins, horizon)
-        bt = run_backtest(series, split, origins, horizon, {"champion": forecast})
-        return ChampionScore(str(current.version), bt.scores["champion"]["mase"])
-    except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
-        return ChampionScore(str(current.version), None, f"{type(e).__name__}: {e}".strip()[:300])
-
-
-@task(name="register-forecaster", cache_policy=NO_CACHE)
-def register_forecaster(cfg: TimeSeriesConfig, series: Series, pipeline: ForecastPipeline, fit, bt: Backtest,
-                        label: str, champion: ChampionScore, plots: list[str]) -> Registration:
-    name = cfg.registered_name
-    with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
-        mlflow.log_params(cfg.to_params())
-        mlflow.log_params({"resolved_season_length": series.season_length, "frequency": series.freq or "",
-                           "resolved_value_column": series.value_column, "rows": len(series.frame)})
-        log_history(fit.history)
-        mlflow.log_metrics({"train_seconds": fit.train_seconds,
-                            "train_samples_per_second": fit.samples_per_second,
-                            "best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss})
-        for model, scores in bt.scores.items():
-            prefix = "test" if model == label else model.replace("-", "_")
-            mlflow.log_metrics({f"{prefix}_{k}": v for k, v in scores.items()})
-        if champion.score is not None:
-            mlflow.log_metric("champion_test_mase", champion.score)
-        dataset = mlflow.data.from_pandas(series.frame, source=_dataset_source(series), name=name,
-                                          targets=series.value_column, digest=series.sha256[:16])
-        mlflow.log_input(dataset, context="training")
-        for p in plots:
-            mlflow.log_artifact(p, "plots")
-        mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
-
-        cols = [series.value_column, *series.covariate_columns]
-        example = series.frame[cols].iloc[: pipeline.lookback].astype("float64").reset_index(drop=True)
-        forecast = pipeline.predict(example.to_numpy()[None])[0]
-        output = pd.DataFrame({"step": np.arange(1, len(forecast) + 1, dtype=np.int64), "forecast": forecast})
-        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
-        return finish_registration(
-            name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
-            {"test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
-             "source": series.source, "cell": cfg.cell, "lookback": str(cfg.lookback), "horizon": str(cfg.horizon)},
-        )
-
-
-def _dataset_source(series: Series) -> str | None:
-    s = series.source
-    if s.startswith(("http://", "https://")):
-        return s
-    if not s.startswith("generated:") and Path(s).exists():
-        return str(Path(s).resolve())
-    return None

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from prefect import task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from rnn_models.forecasting import Affine, ForecastPipeline
-from rnn_models.recurrent import Forecaster, ForecasterConfig
+from rnn_models.forecasting import Affine, ForecastPipeline, mse_objective
+from rnn_models.generation import complete
+from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
+from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
-from tasks.config import TimeSeriesConfig
+from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import Series
 from tasks.features import Windows
+from tasks.text import Corpus
 
 
 @dataclass
@@ -36,11 +41,6 @@ class Trained:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too; CPU kernels are deterministic, so same seed, same weights
-
-
-def mse_objective(model, batch):
-    x, y = batch  # (B, L, F), (B, H)
-    return torch.nn.functional.mse_loss(model(x).float(), y), len(x)
 
 
 @task(name="train-forecaster", cache_policy=NO_CACHE)
@@ -71,4 +71,69 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) ->
     meta = {"lookback": cfg.lookback, "value_column": series.value_column,
             "covariate_columns": series.covariate_columns, "frequency": series.freq,
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
-    return Trained(state, model_cfg.__dict__.copy(), windows.scaler, meta, result, device)
+    return Trained(state, asdict(model_cfg), windows.scaler, meta, result, device)
+
+
+# ---------------------------------------------------------------- character language model
+
+
+@dataclass
+class TrainedLM:
+    state_dict: dict[str, torch.Tensor]
+    model_config: dict
+    fit: FitResult
+    device: str
+    samples: dict[int, dict[str, str]]  # epoch -> prefix -> generated text
+
+    def model(self) -> CharLM:
+        model = CharLM(CharLMConfig(**self.model_config))
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+@task(name="train-charlm", cache_policy=NO_CACHE)
+def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
+    logger = get_run_logger()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model_cfg = CharLMConfig(cell=cfg.cell, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                             dropout=cfg.dropout, vocab_size=len(corpus.vocab), input=cfg.input,
+                             embedding_dim=cfg.embedding_dim)
+    model = CharLM(model_cfg).to(device)
+    train = torch.from_numpy(corpus.train).to(device)
+    val = torch.from_numpy(corpus.val).to(device)
+    sample = random_batches if cfg.sampling == "random" else sequential_batches
+    val_batch = max(1, min(cfg.batch_size, (len(val) - 1) // cfg.num_steps))
+    samples: dict[int, dict[str, str]] = {}
+    name = cfg.registered_name
+
+    def take_samples(epoch: int, m) -> None:
+        m.eval()
+        samples[epoch] = {p: complete(m, corpus.vocab, normalize(p, cfg.lower, cfg.letters_only), cfg.sample_chars,
+                                      cfg.temperature, cfg.top_k, seed=cfg.seed + i) for i, p in enumerate(cfg.prompts)}
+        body = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in samples[epoch].items())
+        create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{body}", key=f"{name}-samples".lower(),
+                                 description=f"samples after epoch {epoch}")
+
+    def on_epoch(stats, m) -> None:
+        logger.info("epoch %d: train %.4f, val %.4f nats/char (%.3f bits/char), %.1f s", stats.epoch,
+                    stats.train_loss, stats.val_loss, stats.val_loss / math.log(2), stats.seconds)
+        if cfg.sample_every and stats.epoch % cfg.sample_every == 0:
+            take_samples(stats.epoch, m)
+
+    logger.info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
+                cfg.cell, device, len(train), len(val), len(corpus.vocab))
+    result = fit(
+        model,
+        lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
+        lambda: sequential_batches(val, val_batch, cfg.num_steps),
+        LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
+        TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
+                    patience=cfg.patience, device=device, seed=cfg.seed),
+        on_epoch=on_epoch,
+    )
+    take_samples(0, model)  # 0: the restored best weights, what gets registered
+    logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
+                result.best_val_loss / math.log(2), result.samples_per_second)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return TrainedLM(state, asdict(model_cfg), result, device, samples)

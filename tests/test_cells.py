@@ -6,8 +6,16 @@ import torch
 from torch import nn
 
 from rnn_models.cells import ElmanCell, ElmanRNN, elman_bptt
-from rnn_models.recurrent import (CELLS, CharLM, CharLMConfig, Forecaster, ForecasterConfig, Recurrent,
-                                  RecurrentConfig, detach_state)
+from rnn_models.recurrent import (
+    CELLS,
+    CharLM,
+    CharLMConfig,
+    Forecaster,
+    ForecasterConfig,
+    Recurrent,
+    RecurrentConfig,
+    detach_state,
+)
 
 
 def test_elman_matches_nn_rnn_with_copied_weights():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import mlflow
@@ -11,12 +10,17 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 from flows.timeseries import timeseries_flow
+from rnn_models.training import NonFiniteLossError
 from tasks.config import ConfigError
 from tasks.data import DataError
-from rnn_models.training import NonFiniteLossError
 
 TINY = dict(length=600, lookback=12, hidden_size=16, epochs=4, batch_size=16, patience=0, device="cpu")
 
@@ -49,7 +53,7 @@ def test_default_flow_registers_a_champion_that_loads_without_pickle(mlflow_stor
     assert r.inputs.dataset_inputs[0].dataset.name == "sine-forecaster"
 
     # the logged model is plain files: safetensors + JSON, no pickle anywhere
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/sine-forecaster/1"))
+    local = Path(mlflow.artifacts.download_artifacts("models:/sine-forecaster/1"))
     files = {p.name for p in local.rglob("*") if p.is_file()}
     assert {"weights.safetensors", "config.json", "MLmodel", "requirements.txt"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))]
@@ -70,10 +74,10 @@ def test_default_flow_registers_a_champion_that_loads_without_pickle(mlflow_stor
 
 def test_served_model_reproduces_the_flow_backtest(mlflow_store):
     """What is evaluated is what is served: the pyfunc's forecasts give the flow's MASE."""
-    from tasks.data import generate_series
-    from tasks.config import TimeSeriesConfig
-    from tasks.evaluation import forecast_with, run_backtest
     from rnn_models.windows import Split, window_origins
+    from tasks.config import TimeSeriesConfig
+    from tasks.data import generate_series
+    from tasks.evaluation import forecast_with, run_backtest
 
     result = run(horizon=3)
     cfg = TimeSeriesConfig(**{**TINY, "horizon": 3})

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from rnn_models import synthetic
+from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import NonFiniteLossError, TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
-from tasks.training import mse_objective
 
 
 def _data():

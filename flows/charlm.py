@@ -1,0 +1,67 @@
+"""The character language-model flow: corpus -> vocabulary & split -> train -> samples ->
+register. Run ``python -m flows.charlm --help`` for every option."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from prefect.artifacts import create_markdown_artifact
+
+from flows.cli import as_params, config_flow, parse_config
+from rnn_models.training import NonFiniteLossError
+from tasks.config import CharLMFlowConfig, ConfigError
+from tasks.data import DataError, fetch_data
+from tasks.register import register_charlm
+from tasks.registry import CHAMPION
+from tasks.text import load_corpus
+from tasks.training import train_charlm
+
+DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
+
+
+@config_flow(CharLMFlowConfig, name="charlm-training", description=DESCRIPTION)
+def charlm_flow(cfg: CharLMFlowConfig) -> dict:
+    # --- extract
+    path, sha256 = fetch_data(cfg.corpus, cfg.sha256)
+    corpus = load_corpus(path, sha256, cfg)
+
+    # --- transform
+    trained = train_charlm(corpus, cfg)
+
+    # --- load
+    reg = register_charlm(cfg, corpus, trained)
+
+    name, fit = cfg.registered_name, trained.fit
+    bpc = fit.best_val_loss / math.log(2)
+    samples = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in trained.samples[0].items())
+    report = (f"### {name} v{reg.version}\n\n"
+              f"| validation loss (nats/char) | bits/char | perplexity | best epoch | tokens/s |\n"
+              f"|---:|---:|---:|---:|---:|\n"
+              f"| {fit.best_val_loss:.4f} | {bpc:.4f} | {math.exp(fit.best_val_loss):.3f} | {fit.best_epoch} "
+              f"| {fit.samples_per_second:,.0f} |\n\n{samples}\n\n"
+              f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
+              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; MLflow run `{reg.run_id}`.")
+    create_markdown_artifact(report, key=f"{name}-report".lower(), description=f"{name} v{reg.version}")
+    return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
+            "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
+            "run_id": reg.run_id, "val_loss": fit.best_val_loss, "val_bpc": bpc, "samples": trained.samples[0],
+            "report": report, "train_seconds": fit.train_seconds, "device": trained.device}
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(CharLMFlowConfig, argv, "python -m flows.charlm", DESCRIPTION)
+    try:
+        result = charlm_flow(**as_params(cfg))
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result["report"])
+    print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
+    print(f"champion: {result['champion_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

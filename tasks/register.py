@@ -1,0 +1,146 @@
+"""The registration tasks of each flow: score the current champion on the new model's data,
+log the run, register the model from code, and apply the champion gate."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from rnn_models.text import save_charlm
+from rnn_models.windows import Split
+from tasks.config import CharLMFlowConfig, TimeSeriesConfig
+from tasks.data import Series
+from tasks.evaluation import Backtest, forecast_with, run_backtest
+from tasks.registry import (
+    CHAMPION,
+    ChampionScore,
+    Registration,
+    atomic_run,
+    champion_version,
+    finish_registration,
+    log_history,
+    log_pyfunc,
+)
+from tasks.text import Corpus
+from tasks.training import Trained, TrainedLM
+
+
+@task(name="score-champion", cache_policy=NO_CACHE)
+def score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
+    """Backtest the current champion, as loaded from the registry, on the challenger's test data."""
+    current = champion_version(name)
+    if current is None:
+        return ChampionScore(None)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+        forecast = forecast_with(model.predict, series, origins, horizon)
+        bt = run_backtest(series, split, origins, horizon, {"champion": forecast})
+        return ChampionScore(str(current.version), bt.scores["champion"]["mase"])
+    except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
+        return ChampionScore(str(current.version), None,
+                             f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
+
+
+@task(name="register-forecaster", cache_policy=NO_CACHE)
+def register_forecaster(cfg: TimeSeriesConfig, series: Series, trained: Trained, bt: Backtest,
+                        label: str, champion: ChampionScore, plots: list[str]) -> Registration:
+    name, fit, pipeline = cfg.registered_name, trained.fit, trained.pipeline()
+    with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
+        mlflow.log_params(cfg.to_params())
+        mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length, "frequency": series.freq or "",
+                           "resolved_value_column": series.value_column, "rows": len(series.frame)})
+        log_history(fit.history)
+        mlflow.log_metrics({"train_seconds": fit.train_seconds,
+                            "train_samples_per_second": fit.samples_per_second,
+                            "best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss})
+        for model, scores in bt.scores.items():
+            prefix = "test" if model == label else model.replace("-", "_")
+            mlflow.log_metrics({f"{prefix}_{k}": v for k, v in scores.items()})
+        if champion.score is not None:
+            mlflow.log_metric("champion_test_mase", champion.score)
+        dataset = mlflow.data.from_pandas(series.frame, source=_source(series.source), name=name,
+                                          targets=series.value_column, digest=series.sha256[:16])
+        mlflow.log_input(dataset, context="training")
+        for p in plots:
+            mlflow.log_artifact(p, "plots")
+        mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
+
+        cols = [series.value_column, *series.covariate_columns]
+        example = series.frame[cols].iloc[: pipeline.lookback].astype("float64").reset_index(drop=True)
+        forecast = pipeline.predict(example.to_numpy()[None])[0]
+        output = pd.DataFrame({"step": np.arange(1, len(forecast) + 1, dtype=np.int64), "forecast": forecast})
+        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
+        return finish_registration(
+            name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
+            {"test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
+             "source": series.source, "cell": cfg.cell, "lookback": str(cfg.lookback), "horizon": str(cfg.horizon)},
+        )
+
+
+def _source(s: str) -> str | None:
+    """A dataset source MLflow can record: a URL or an existing file (not a generator)."""
+    if s.startswith(("http://", "https://")):
+        return s
+    if not s.startswith("generated:") and Path(s).exists():
+        return str(Path(s).resolve())
+    return None
+
+
+# ---------------------------------------------------------------- character language model
+
+
+def score_charlm_champion(name: str, corpus: Corpus) -> ChampionScore:
+    """The champion's validation bits/char, comparable only on the same validation text."""
+    current = champion_version(name)
+    if current is None:
+        return ChampionScore(None)
+    tags = current.tags
+    if tags.get("eval_sha256") != corpus.eval_sha256:
+        return ChampionScore(str(current.version), None,
+                             f"it was trained on another corpus ({tags.get('source', '?')}, sha256 "
+                             f"{tags.get('corpus_sha256', '?')[:12]}), so bits/char are not comparable")
+    return ChampionScore(str(current.version), float(tags["val_bpc"]))
+
+
+@task(name="register-charlm", cache_policy=NO_CACHE)
+def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -> Registration:
+    name = cfg.registered_name
+    champion = score_charlm_champion(name, corpus)
+    fit = trained.fit
+    bpc = fit.best_val_loss / math.log(2)
+    with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
+        mlflow.log_params(cfg.to_params())
+        mlflow.log_params({"vocab_size": len(corpus.vocab), "corpus_chars": corpus.chars, "resolved_device": trained.device})
+        log_history(fit.history)
+        for s in fit.history:
+            mlflow.log_metrics({"val_perplexity": math.exp(s.val_loss), "val_bpc": s.val_loss / math.log(2)},
+                               step=s.epoch)
+        mlflow.log_metrics({"best_val_loss": fit.best_val_loss, "best_val_bpc": bpc,
+                            "best_val_perplexity": math.exp(fit.best_val_loss), "best_epoch": fit.best_epoch,
+                            "train_seconds": fit.train_seconds, "train_tokens_per_second": fit.samples_per_second})
+        if champion.score is not None:
+            mlflow.log_metric("champion_val_bpc", champion.score)
+        for epoch, texts in trained.samples.items():
+            label = f"epoch_{epoch:03d}" if epoch else "final"
+            mlflow.log_text("\n\n".join(f"[{p}]\n{t}" for p, t in texts.items()), f"samples/{label}.txt")
+        mlflow.log_input(mlflow.data.from_pandas(pd.DataFrame({"corpus": [corpus.source]}), name=name,
+                                                 source=_source(corpus.source), digest=corpus.sha256[:16]),
+                         context="training")
+        meta = {"lower": cfg.lower, "letters_only": cfg.letters_only, "trained_on": corpus.source,
+                "corpus_sha256": corpus.sha256}
+        example = pd.DataFrame({"prefix": cfg.prompts[:1]})
+        output = pd.DataFrame({"text": [next(iter(trained.samples[0].values()))]})
+        created["version"] = log_pyfunc(
+            name, "charlm.py", lambda d: save_charlm(trained.model(), corpus.vocab, d, meta), example, output,
+            params={"max_new_chars": 200, "temperature": 1.0, "top_k": 0, "seed": -1})
+        return finish_registration(
+            name, created["version"], bpc, champion, "validation bits/char",
+            {"val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256, "eval_sha256": corpus.eval_sha256,
+             "source": corpus.source, "cell": cfg.cell},
+        )
