@@ -1,9 +1,6 @@
 """Task tests for ingestion: files, URLs over real local HTTP, checksums and bad data."""
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import numpy as np
 import pandas as pd
@@ -20,22 +17,6 @@ def _cfg(path, **kw):
 def _load(path, **kw):
     p, sha = fetch_data(str(path), kw.pop("sha256", ""), SERIES_SUFFIXES)
     return load_series(p, sha, _cfg(path, **kw))
-
-
-@pytest.fixture
-def http_root(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving ``tmp_path / 'www'``; yields (dir, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_airline_csv_is_monthly_with_season_12(shared_data):

@@ -32,7 +32,7 @@ def run(corpus: Path, **params):
     return charlm_flow(**{**TINY, "data": str(corpus), **params})
 
 
-def test_flow_registers_a_charlm_that_continues_a_prefix(slice_corpus, mlflow_store, monkeypatch):
+def test_flow_registers_a_charlm_that_continues_a_prefix(slice_corpus, mlflow_store, monkeypatch, caplog):
     result = run(slice_corpus)
     assert result["model_name"] == "timemachine-charlm" and result["promoted"]
     assert result["val_bpc"] < 4.5  # far below uniform over ~40 characters (5.3 bits)
@@ -57,6 +57,9 @@ def test_flow_registers_a_charlm_that_continues_a_prefix(slice_corpus, mlflow_st
     assert greedy["text"][0] == model.predict(frame[:1], params={"max_new_chars": 20, "temperature": 0.0})["text"][0]
     with pytest.raises(Exception, match="prefix must be a non-empty string"):
         model.predict(pd.DataFrame({"prefix": [""]}))
+    with caplog.at_level("WARNING", logger="rnnflow.charlm"):
+        odd = model.predict(pd.DataFrame({"prefix": ["time \u2603"]}), params={"max_new_chars": 5})
+    assert odd["text"][0].startswith("time \u2603") and "read as <unk>" in caplog.text
 
     local = Path(mlflow.artifacts.download_artifacts("models:/timemachine-charlm/1"))
     files = {p.name for p in local.rglob("*") if p.is_file()}
@@ -94,18 +97,19 @@ def _write(tmp: Path, name: str, data: bytes) -> str:
 
 
 BAD = {
-    "missing file": (lambda t: {"data": str(t / "none.txt")}, DataError, r"none\.txt: no such file"),
-    "checksum": (lambda t: {"sha256": "b" * 64}, DataError, r"sha256 is [0-9a-f]{64}, expected b{64}"),
-    "not utf-8": (lambda t: {"data": _write(t, "latin.txt", b"caf\xe9 " * 500)}, DataError,
+    "missing file": (lambda t, url: {"data": str(t / "none.txt")}, DataError, r"none\.txt: no such file"),
+    "bad url": (lambda t, url: {"data": f"{url}/gone.txt"}, DataError, r"gone\.txt: HTTP 404"),
+    "checksum": (lambda t, url: {"sha256": "b" * 64}, DataError, r"sha256 is [0-9a-f]{64}, expected b{64}"),
+    "not utf-8": (lambda t, url: {"data": _write(t, "latin.txt", b"caf\xe9 " * 500)}, DataError,
                   r"latin\.txt: not UTF-8 text: byte 0xe9 at offset 3"),
-    "empty": (lambda t: {"data": _write(t, "empty.txt", b"  \n\n ")}, DataError, r"empty\.txt: the corpus is empty"),
-    "too small": (lambda t: {"data": _write(t, "small.txt", b"a tiny corpus")}, DataError,
+    "empty": (lambda t, url: {"data": _write(t, "empty.txt", b"  \n\n ")}, DataError, r"empty\.txt: the corpus is empty"),
+    "too small": (lambda t, url: {"data": _write(t, "small.txt", b"a tiny corpus")}, DataError,
                   r"small\.txt: 13 characters is too small for --num-steps 20 x 2"),
-    "sampling": (lambda t: {"sampling": "shuffled"}, ConfigError, r"--sampling: 'shuffled' is not one of sequential, random"),
-    "num_steps": (lambda t: {"num_steps": 0}, ConfigError, r"--num-steps must be at least 1, got 0"),
-    "temperature": (lambda t: {"temperature": -0.5}, ConfigError, r"--temperature must be 0 or more, got -0\.5"),
-    "top_k": (lambda t: {"top_k": -1}, ConfigError, r"--top-k must be 0 or more, got -1"),
-    "empty prefix": (lambda t: {"prefixes": ","}, ConfigError, r"--prefixes holds no prompt"),
+    "sampling": (lambda t, url: {"sampling": "shuffled"}, ConfigError, r"--sampling: 'shuffled' is not one of sequential, random"),
+    "num_steps": (lambda t, url: {"num_steps": 0}, ConfigError, r"--num-steps must be at least 1, got 0"),
+    "temperature": (lambda t, url: {"temperature": -0.5}, ConfigError, r"--temperature must be 0 or more, got -0\.5"),
+    "top_k": (lambda t, url: {"top_k": -1}, ConfigError, r"--top-k must be 0 or more, got -1"),
+    "empty prefix": (lambda t, url: {"prefixes": ","}, ConfigError, r"--prefixes holds no prompt"),
 }
 
 
@@ -122,11 +126,11 @@ def guarded(tmp_path_factory, shared_data):
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_refused_before_training(case, guarded, monkeypatch):
+def test_bad_input_is_refused_before_training(case, guarded, monkeypatch, http_root):
     uri, tmp, corpus = guarded
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     make, error, pattern = BAD[case]
-    state = charlm_flow(**{**TINY, "data": str(corpus), "model_name": "guarded", **make(tmp)}, return_state=True)
+    state = charlm_flow(**{**TINY, "data": str(corpus), "model_name": "guarded", **make(tmp, http_root[1])}, return_state=True)
     assert state.is_failed()
     with pytest.raises(error, match=pattern):
         raise state.result(raise_on_failure=False)
