@@ -110,6 +110,22 @@ class LanguageModelLoss:
         return loss, y.numel()
 
 
+def val_batch_size(n_tokens: int, batch_size: int, num_steps: int) -> int:
+    """Streams for the validation pass: as many as the text fills with one window each, at most B."""
+    return max(1, min(batch_size, (n_tokens - 1) // num_steps))
+
+
+@torch.no_grad()
+def mean_loss(model: CharLM, ids: torch.Tensor, batch_size: int, num_steps: int) -> float:
+    """Mean cross-entropy (nats/char) over ``ids`` read as sequential streams with carried
+    state, exactly as the training loop's validation pass reads them."""
+    loss_fn, total, count = LanguageModelLoss(carry_state=True), 0.0, 0
+    for batch in sequential_batches(ids, val_batch_size(len(ids), batch_size, num_steps), num_steps):
+        loss, n = loss_fn(model, batch)
+        total, count = total + loss.item() * n, count + n
+    return total / count
+
+
 VOCAB = "vocab.json"
 
 

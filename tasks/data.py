@@ -15,9 +15,9 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.logging import get_run_logger
 
 from rnn_models import synthetic
+from tasks import run_logger
 from tasks.config import TimeSeriesConfig
 
 
@@ -154,7 +154,7 @@ SERIES_SUFFIXES = (".csv", ".parquet", ".pq")
 @task(name="load-series")
 def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
     """Read, check and regularise a series file (see module docstring)."""
-    logger = get_run_logger()
+    logger = run_logger()
     label = cfg.data or path
     try:
         df = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)

@@ -78,7 +78,7 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, trained: Trained,
         created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
         return finish_registration(
             name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
-            {"test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
+            {"kind": "forecaster", "test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
              "source": series.source, "cell": cfg.cell, "lookback": str(cfg.lookback), "horizon": str(cfg.horizon)},
         )
 
@@ -141,6 +141,6 @@ def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -
             params={"max_new_chars": 200, "temperature": 1.0, "top_k": 0, "seed": -1})
         return finish_registration(
             name, created["version"], bpc, champion, "validation bits/char",
-            {"val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256, "eval_sha256": corpus.eval_sha256,
+            {"kind": "charlm", "val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256, "eval_sha256": corpus.eval_sha256,
              "source": corpus.source, "cell": cfg.cell},
         )

@@ -9,8 +9,10 @@ stray version, and the ``champion`` alias only ever moves as the last step.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,8 +188,69 @@ def finish_registration(model_name: str, version: str, challenger: float, champi
     mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": version})
     c.set_model_version_tag(model_name, version, "promotion_reason", reason)
     if promoted:
-        previous = champion.version or ""
-        c.set_model_version_tag(model_name, version, "previous_champion", previous)
-        c.set_registered_model_alias(model_name, CHAMPION, version)
+        set_champion(model_name, version, f"training run: {reason}")
     run_id = mlflow.active_run().info.run_id
     return Registration(run_id, version, f"models:/{model_name}/{version}", promoted, reason)
+
+
+# ---------------------------------------------------------------- versions and the champion's history
+
+
+class RegistryError(LookupError):
+    """An unknown model name or version, or a move the registry cannot make."""
+
+
+def get_version(name: str, ref: str):
+    """A ModelVersion by number (``3``) or alias (``champion``, ``@champion``)."""
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in c.search_registered_models())
+        raise RegistryError(f"no registered model {name!r}; there are {names or 'none'}") from None
+    ref = str(ref).lstrip("@")
+    try:
+        return c.get_model_version_by_alias(name, ref) if not ref.isdigit() else c.get_model_version(name, ref)
+    except MlflowException:
+        versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
+        raise RegistryError(f"{name} has no version or alias {ref!r}; versions are {versions}") from None
+
+
+def champion_history(name: str) -> list[dict]:
+    raw = client().get_registered_model(name).tags.get("champion_history", "[]")
+    return json.loads(raw)
+
+
+def set_champion(name: str, version: str, why: str) -> str | None:
+    """Move ``champion`` to ``version``, remembering the move in the model's history and the
+    previous champion on the new one (what ``rollback`` returns to). Returns the previous one."""
+    c = client()
+    current = champion_version(name)
+    previous = str(current.version) if current is not None else None
+    if previous == str(version):
+        return previous
+    c.set_model_version_tag(name, str(version), "previous_champion", previous or "")
+    c.set_registered_model_alias(name, CHAMPION, str(version))
+    _record_move(name, previous, str(version), why)
+    return previous
+
+
+def rollback_champion(name: str) -> tuple[str, str]:
+    """Move ``champion`` back to the version it replaced; returns (from, to)."""
+    current = champion_version(name)
+    if current is None:
+        get_version(name, "1")  # an unknown name gets its own clear error
+        raise RegistryError(f"{name} has no {CHAMPION} to roll back")
+    previous = current.tags.get("previous_champion", "")
+    if not previous:
+        raise RegistryError(f"{name} v{current.version} has no previous champion to roll back to")
+    c = client()
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    c.set_model_version_tag(name, str(current.version), "rolled_back", "true")
+    _record_move(name, str(current.version), previous, "rollback")
+    return str(current.version), previous
+
+
+def _record_move(name: str, old: str | None, new: str, why: str) -> None:
+    history = champion_history(name) + [{"from": old, "to": new, "why": why, "at": int(time.time())}]
+    client().set_registered_model_tag(name, "champion_history", json.dumps(history[-30:]))  # tag values are bounded

@@ -25,6 +25,7 @@ class Corpus:
     sha256: str  # of the file's bytes
     eval_sha256: str  # of the validation text after normalisation: what scores are comparable on
     chars: int
+    val_text: str  # kept as text: another model reads it through its own vocabulary
 
 
 @task(name="load-corpus", cache_policy=NO_CACHE)
@@ -47,4 +48,4 @@ def load_corpus(path: str, sha256: str, cfg: CharLMFlowConfig) -> Corpus:
     vocab = Vocab.build(train_text)  # characters seen only in validation are <unk>, as at serving time
     return Corpus(vocab, np.asarray(vocab.encode(train_text), dtype=np.int64),
                   np.asarray(vocab.encode(val_text), dtype=np.int64), label, sha256,
-                  hashlib.sha256(val_text.encode("utf-8")).hexdigest(), len(text))
+                  hashlib.sha256(val_text.encode("utf-8")).hexdigest(), len(text), val_text)

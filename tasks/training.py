@@ -14,7 +14,7 @@ from prefect.logging import get_run_logger
 from rnn_models.forecasting import Affine, ForecastPipeline, mse_objective
 from rnn_models.generation import complete
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
-from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches
+from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import Series
@@ -103,7 +103,7 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
     train = torch.from_numpy(corpus.train).to(device)
     val = torch.from_numpy(corpus.val).to(device)
     sample = random_batches if cfg.sampling == "random" else sequential_batches
-    val_batch = max(1, min(cfg.batch_size, (len(val) - 1) // cfg.num_steps))
+    val_batch = val_batch_size(len(val), cfg.batch_size, cfg.num_steps)
     samples: dict[int, dict[str, str]] = {}
     name = cfg.registered_name
 

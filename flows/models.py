@@ -1,0 +1,128 @@
+"""Manage registered models: ``python -m flows.models list|show|promote|rollback|compare``.
+
+promote and compare score the versions again, side by side on the same data (the champion's
+evaluation data for promote), rather than trusting numbers from different test sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
+from tasks.registry import (
+    CHAMPION,
+    RegistryError,
+    champion_version,
+    client,
+    get_version,
+    rollback_champion,
+    set_champion,
+)
+
+KEY_METRIC = {"forecaster": "test_mase", "charlm": "val_bpc"}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=False))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def cmd_list(args) -> str:
+    c = client()
+    rows = []
+    for m in sorted(c.search_registered_models(), key=lambda m: m.name):
+        aliases = {}
+        for alias, version in m.aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in sorted(c.search_model_versions(f"name='{m.name}'"), key=lambda v: int(v.version)):
+            kind = v.tags.get("kind", "?")
+            rows.append([m.name, v.version, ",".join(aliases.get(str(v.version), [])) or "-", kind,
+                         f"{KEY_METRIC.get(kind, '?')}={v.tags.get(KEY_METRIC.get(kind, ''), '?')}", v.run_id[:12]])
+    if not rows:
+        return "no registered models"
+    return _table(rows, ["model", "version", "aliases", "kind", "key metric", "run"])
+
+
+def cmd_show(args) -> str:
+    v = get_version(args.name, args.ref)
+    run = client().get_run(v.run_id)
+    out = [f"{v.name} v{v.version}  aliases: {', '.join(v.aliases) or '-'}  run: {v.run_id}",
+           f"source: {v.tags.get('source', '?')}",
+           f"data sha256: {v.tags.get('data_sha256') or v.tags.get('corpus_sha256', '?')}",
+           f"promotion: {v.tags.get('promotion_reason', '-')}", "", "metrics:"]
+    out += [f"  {k} = {val:.6g}" for k, val in sorted(run.data.metrics.items())]
+    out += ["", "params:"] + [f"  {k} = {val}" for k, val in sorted(run.data.params.items())]
+    return "\n".join(out)
+
+
+def cmd_promote(args) -> str:
+    candidate = get_version(args.name, args.version)
+    current = champion_version(args.name)
+    if current is not None and str(current.version) == str(candidate.version):
+        return f"{args.name} v{candidate.version} is already {CHAMPION}"
+    if current is not None and not args.force:
+        data = evaluation_data(current)
+        new, old = score(candidate, data), score(current, data)
+        metric = METRIC[data.kind]
+        if not new < old:
+            raise RegistryError(f"refusing: v{candidate.version}'s {metric} {new:.4g} is not better than champion "
+                                f"v{current.version}'s {old:.4g} on {data.description}; use --force to promote anyway")
+        why = f"promoted by hand: {metric} {new:.4g} < {old:.4g} on {data.description}"
+    else:
+        why = "promoted by hand" + (" (--force)" if args.force else ": no champion yet")
+    set_champion(args.name, candidate.version, why)
+    return f"{args.name}@{CHAMPION} -> v{candidate.version} ({why})"
+
+
+def cmd_rollback(args) -> str:
+    old, new = rollback_champion(args.name)
+    return f"{args.name}@{CHAMPION} -> v{new} (rolled back from v{old})"
+
+
+def cmd_compare(args) -> str:
+    a, b = get_version(args.name, args.a), get_version(args.name, args.b)
+    base = get_version(args.name, args.on) if args.on else a
+    data = evaluation_data(base)
+    rows = [[f"v{v.version}", ",".join(v.aliases) or "-", kind_of(v), f"{score(v, data):.5g}"] for v in (a, b)]
+    return f"on {data.description}:\n" + _table(rows, ["version", "aliases", "kind", METRIC[data.kind]])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.models", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="registered models, versions, aliases and key metrics").set_defaults(fn=cmd_list)
+    s = sub.add_parser("show", help="one version: params, metrics, source run, data hash")
+    s.add_argument("name")
+    s.add_argument("ref", nargs="?", default=CHAMPION, help="version number or alias (default: champion)")
+    s.set_defaults(fn=cmd_show)
+    s = sub.add_parser("promote", help="make a version the champion if it is better on the champion's data")
+    s.add_argument("name")
+    s.add_argument("version")
+    s.add_argument("--force", action="store_true", help="promote even if it is not better")
+    s.set_defaults(fn=cmd_promote)
+    s = sub.add_parser("rollback", help="move champion back to the previous champion")
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_rollback)
+    s = sub.add_parser("compare", help="score two versions again on the same data")
+    s.add_argument("name")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--on", default="", help="whose data to score on (default: the first version's)")
+    s.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        print(args.fn(args))
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

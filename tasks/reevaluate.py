@@ -1,0 +1,81 @@
+"""Scoring registered versions again, side by side on one data set: what ``promote`` and
+``compare`` rest on. A version's data is rebuilt from the params its training run logged."""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, fields
+
+import mlflow
+import torch
+
+from rnn_models.text import mean_loss
+from rnn_models.windows import window_origins
+from tasks.config import CharLMFlowConfig, TimeSeriesConfig
+from tasks.data import SERIES_SUFFIXES, Series, fetch_data, generate_series, load_series
+from tasks.evaluation import forecast_with, run_backtest
+from tasks.features import split_series
+from tasks.registry import RegistryError, client
+from tasks.text import load_corpus
+
+METRIC = {"forecaster": "test MASE", "charlm": "validation bits/char"}
+
+
+@dataclass
+class EvalData:
+    kind: str  # forecaster | charlm
+    description: str
+    cfg: TimeSeriesConfig | CharLMFlowConfig
+    series: Series | None = None
+    val_text: str = ""
+
+
+def config_from_params(cls, params: dict[str, str]):
+    """Rebuild a flow config from the string params an MLflow run logged."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name in params:
+            raw, kind = params[f.name], hints[f.name]
+            values[f.name] = raw == "True" if kind is bool else kind(raw)
+    return cls(**values)
+
+
+def kind_of(version) -> str:
+    kind = version.tags.get("kind")
+    if kind not in METRIC:
+        raise RegistryError(f"{version.name} v{version.version} was not registered by rnnflow (no 'kind' tag)")
+    return kind
+
+
+def evaluation_data(version) -> EvalData:
+    """The test series (forecaster) or validation text (char LM) of ``version``'s training run."""
+    kind, params = kind_of(version), client().get_run(version.run_id).data.params
+    if kind == "forecaster":
+        cfg = config_from_params(TimeSeriesConfig, params)
+        if cfg.source == "file":
+            series = load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+        else:
+            series = generate_series.fn(cfg)
+        return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, series=series)
+    cfg = config_from_params(CharLMFlowConfig, params)
+    corpus = load_corpus.fn(*fetch_data.fn(cfg.corpus, cfg.sha256), cfg)
+    return EvalData(kind, f"validation text of {corpus.source} (v{version.version}'s data)", cfg,
+                    val_text=corpus.val_text)
+
+
+def score(version, data: EvalData) -> float:
+    """``version``'s test MASE or validation bits/char on ``data`` (lower is better)."""
+    if kind_of(version) != data.kind:
+        raise RegistryError(f"v{version.version} is a {kind_of(version)}, the data is for a {data.kind}")
+    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    if data.kind == "forecaster":
+        cfg, series = data.cfg, data.series
+        split = split_series.fn(series, cfg)
+        origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
+        forecasts = forecast_with(model.predict, series, origins, cfg.horizon)
+        return run_backtest(series, split, origins, cfg.horizon, {"v": forecasts}).scores["v"]["mase"]
+    lm = model.unwrap_python_model()
+    ids = torch.tensor(lm.vocab.encode(data.val_text), dtype=torch.long)
+    return mean_loss(lm.model, ids, data.cfg.batch_size, data.cfg.num_steps) / math.log(2)
