@@ -8,7 +8,13 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export MLFLOW_ENABLE_TELEMETRY ?= false
 export DO_NOT_TRACK ?= true
 
-.PHONY: run charlm test bench install clean
+PORT     ?= 5001
+UI_PORT  ?= 5000
+STORE    := sqlite:///$(CURDIR)/mlruns/mlflow.db
+# mlflow execs uvicorn/gunicorn by name: the venv's bin must be on PATH
+VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-$(STORE)}
+
+.PHONY: run charlm test bench install clean serve-model ui models
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +35,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_timeseries.py
+	$(PY) benchmarks/bench_charlm.py
+	$(PY) benchmarks/bench_serving.py
+
+models: $(STAMP)
+	$(PY) -m flows.models list
+
+# REST scoring server for NAME@champion: make serve-model NAME=sine-forecaster [PORT=5001]
+serve-model: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001]"; exit 2; }
+	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(PY) -m mlflow models serve \
+		-m "models:/$(NAME)@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+
+# The MLflow UI on the project's store, lean enough for a laptop: one worker, no job runners
+ui: $(STAMP)
+	$(VENV_PATH) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow server \
+		--backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --default-artifact-root "$(CURDIR)/mlruns/artifacts" \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 clean:
 	rm -rf .venv mlruns/mlflow.db mlruns/artifacts .pytest_cache

@@ -1,0 +1,85 @@
+"""Start ``mlflow models serve`` for a registered model on a free 127.0.0.1 port (used by the
+serving tests and the latency benchmark)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model_uri: str, tracking_uri: str, timeout: float = 120.0):
+    """Yields the base URL of a scoring server for ``model_uri``; stops it however the body ends."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)  # mlflow execs uvicorn from the venv's bin
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": tracking_uri,
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/ping", timeout)
+
+
+def _until_ready(proc: subprocess.Popen, base: str, probe: str, timeout: float):
+    """Wait for ``base + probe`` to answer 200, yield ``base``, then stop the process group."""
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[3:5]} exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if urllib.request.urlopen(base + probe, timeout=1).status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from {base}{probe} within {timeout} s")
+            time.sleep(0.3)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def invoke(base: str, payload: dict) -> tuple[int, dict]:
+    """POST ``payload`` to /invocations; returns (HTTP status, decoded JSON body)."""
+    req = urllib.request.Request(f"{base}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def tracking_ui(tracking_uri: str, artifacts_root: str, timeout: float = 120.0):
+    """A lean ``mlflow server`` (one worker, background jobs off) on a free port; yields its URL."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+         "--default-artifact-root", artifacts_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/health", timeout)
