@@ -14,7 +14,11 @@ STORE    := sqlite:///$(CURDIR)/mlruns/mlflow.db
 # mlflow execs uvicorn/gunicorn by name: the venv's bin must be on PATH
 VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-$(STORE)}
 
-.PHONY: run charlm test bench install clean serve-model ui models
+PREFECT_PORT ?= 4200
+# only `deploy` talks to the long-running server; `run` and `test` start temporary ones
+API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
+
+.PHONY: run charlm test bench install clean serve-model ui models server deploy
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -37,6 +41,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_timeseries.py
 	$(PY) benchmarks/bench_charlm.py
 	$(PY) benchmarks/bench_serving.py
+
+# A Prefect server (SQLite in ~/.prefect, analytics off); its UI is http://127.0.0.1:4200
+server: $(STAMP)
+	PATH=$(CURDIR)/.venv/bin:$$PATH prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+# Register and serve the retraining deployments against that server (keep it running)
+deploy: $(STAMP)
+	$(API_URL) $(PY) -m flows.deploy $(ARGS)
 
 models: $(STAMP)
 	$(PY) -m flows.models list

@@ -41,7 +41,8 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
               f"| {fit.best_val_loss:.4f} | {bpc:.4f} | {math.exp(fit.best_val_loss):.3f} | {fit.best_epoch} "
               f"| {fit.samples_per_second:,.0f} |\n\n{samples}\n\n"
               f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
-              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; MLflow run `{reg.run_id}`.")
+              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; "
+              f"MLflow run [{reg.run_id}]({reg.run_url}).")
     create_markdown_artifact(report, key=f"{name}-report".lower(), description=f"{name} v{reg.version}")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,

@@ -41,12 +41,15 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     champion = score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
     with tempfile.TemporaryDirectory() as tmp:
         plots = plot_backtest(series, bt, trained.fit, label, tmp)
-        reg = register_forecaster(cfg, series, trained, bt, label, champion, plots)
+        reg = register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
 
     name = cfg.registered_name
-    report = (f"{bt.markdown(f'{name} v{reg.version}')}\n\n"
+    vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
+          if champion.score is not None else "")
+    report = (f"{bt.markdown(f'{name} v{reg.version}')}\n\n{vs}"
               f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
-              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; MLflow run `{reg.run_id}`.")
+              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; "
+              f"MLflow run [{reg.run_id}]({reg.run_url}).")
     create_markdown_artifact(report, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,

@@ -15,10 +15,15 @@ from urllib.parse import urlparse
 import numpy as np
 import pandas as pd
 from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from rnn_models import synthetic
 from tasks import run_logger
 from tasks.config import TimeSeriesConfig
+
+# Cached by what goes in (a file's sha256, the config) and the task's code: a scheduled run
+# whose data and config did not change reuses the persisted result instead of redoing the work.
+CONTENT = INPUTS + TASK_SOURCE
 
 
 class DataError(ValueError):
@@ -48,7 +53,7 @@ class Series:
 # ---------------------------------------------------------------- synthetic
 
 
-@task(name="generate-series")
+@task(name="generate-series", cache_policy=CONTENT, persist_result=True)
 def generate_series(cfg: TimeSeriesConfig) -> Series:
     period = 40
     if cfg.source == "sine":
@@ -151,7 +156,7 @@ def _check_sha(location: str, actual: str, expected: str) -> None:
 SERIES_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-@task(name="load-series")
+@task(name="load-series", cache_policy=CONTENT, persist_result=True)
 def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
     """Read, check and regularise a series file (see module docstring)."""
     logger = run_logger()

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from prefect import task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
 from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
 from rnn_models.forecasting import Affine
@@ -28,7 +30,16 @@ class Windows:
     test_origins: np.ndarray  # (N_test,) indices of the first forecast step
 
 
-@task(name="split-series")
+def _by_series_content(ctx, params: dict) -> str:
+    # a Series is keyed by its data's sha256 (it is what the config made of that data);
+    # hashing the DataFrame itself proved unstable from one flow run to the next
+    return hash_objects(params["series"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
+
+
+SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
+
+
+@task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)
 def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
     """Chronological train/validation/test boundaries, refusing a series too short for them."""
     n, L, H = len(series.frame), cfg.lookback, cfg.horizon
@@ -56,7 +67,7 @@ def fit_scaler(train: np.ndarray, kind: str) -> Affine:
     raise ValueError(f"unknown scaler {kind!r}")
 
 
-@task(name="scale-and-window")
+@task(name="scale-and-window", cache_policy=SERIES_CONTENT, persist_result=True)
 def scale_and_window(series: Series, split: Split, cfg: TimeSeriesConfig) -> Windows:
     features = series.features  # (T, F), target first
     scaler = fit_scaler(features[: split.train_end], cfg.scaler)

@@ -11,7 +11,7 @@ import mlflow
 import torch
 
 from rnn_models.text import mean_loss
-from rnn_models.windows import window_origins
+from rnn_models.windows import Split, window_origins
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import SERIES_SUFFIXES, Series, fetch_data, generate_series, load_series
 from tasks.evaluation import forecast_with, run_backtest
@@ -65,17 +65,23 @@ def evaluation_data(version) -> EvalData:
                     val_text=corpus.val_text)
 
 
+def backtest_registered(model_uri: str, series: Series, split: Split, origins, horizon: int) -> float:
+    """Test MASE of a registered forecaster, called as a user calls it, one origin at a time."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    forecasts = forecast_with(model.predict, series, origins, horizon)
+    return run_backtest(series, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
+
+
 def score(version, data: EvalData) -> float:
     """``version``'s test MASE or validation bits/char on ``data`` (lower is better)."""
     if kind_of(version) != data.kind:
         raise RegistryError(f"v{version.version} is a {kind_of(version)}, the data is for a {data.kind}")
-    model = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    uri = f"models:/{version.name}/{version.version}"
     if data.kind == "forecaster":
         cfg, series = data.cfg, data.series
         split = split_series.fn(series, cfg)
         origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
-        forecasts = forecast_with(model.predict, series, origins, cfg.horizon)
-        return run_backtest(series, split, origins, cfg.horizon, {"v": forecasts}).scores["v"]["mase"]
-    lm = model.unwrap_python_model()
+        return backtest_registered(uri, series, split, origins, cfg.horizon)
+    lm = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     ids = torch.tensor(lm.vocab.encode(data.val_text), dtype=torch.long)
     return mean_loss(lm.model, ids, data.cfg.batch_size, data.cfg.num_steps) / math.log(2)

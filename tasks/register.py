@@ -16,9 +16,9 @@ from rnn_models.text import save_charlm
 from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import Series
-from tasks.evaluation import Backtest, forecast_with, run_backtest
+from tasks.evaluation import Backtest
+from tasks.reevaluate import backtest_registered
 from tasks.registry import (
-    CHAMPION,
     ChampionScore,
     Registration,
     atomic_run,
@@ -37,24 +37,23 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
     current = champion_version(name)
     if current is None:
         return ChampionScore(None)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
-        forecast = forecast_with(model.predict, series, origins, horizon)
-        bt = run_backtest(series, split, origins, horizon, {"champion": forecast})
-        return ChampionScore(str(current.version), bt.scores["champion"]["mase"])
+    try:  # by number, not alias: the alias may move while we score
+        return ChampionScore(str(current.version),
+                             backtest_registered(f"models:/{name}/{current.version}", series, split, origins, horizon))
     except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
         return ChampionScore(str(current.version), None,
                              f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
 
 
 @task(name="register-forecaster", cache_policy=NO_CACHE)
-def register_forecaster(cfg: TimeSeriesConfig, series: Series, trained: Trained, bt: Backtest,
+def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, trained: Trained, bt: Backtest,
                         label: str, champion: ChampionScore, plots: list[str]) -> Registration:
     name, fit, pipeline = cfg.registered_name, trained.fit, trained.pipeline()
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
         mlflow.log_params(cfg.to_params())
-        mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length, "frequency": series.freq or "",
-                           "resolved_value_column": series.value_column, "rows": len(series.frame)})
+        mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length,
+                           "frequency": series.freq or "", "resolved_value_column": series.value_column,
+                           "rows": len(series.frame)})
         log_history(fit.history)
         mlflow.log_metrics({"train_seconds": fit.train_seconds,
                             "train_samples_per_second": fit.samples_per_second,
@@ -80,6 +79,7 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, trained: Trained,
             name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
             {"kind": "forecaster", "test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
              "source": series.source, "cell": cfg.cell, "lookback": str(cfg.lookback), "horizon": str(cfg.horizon)},
+            rescore=lambda: score_champion.fn(name, series, split, bt.origins, cfg.horizon),
         )
 
 
@@ -143,4 +143,5 @@ def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -
             name, created["version"], bpc, champion, "validation bits/char",
             {"kind": "charlm", "val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256, "eval_sha256": corpus.eval_sha256,
              "source": corpus.source, "cell": cfg.cell},
+            rescore=lambda: score_charlm_champion(name, corpus),
         )

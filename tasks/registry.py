@@ -9,11 +9,13 @@ stray version, and the ``champion`` alias only ever moves as the last step.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +65,13 @@ def ensure_experiment(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     root = _artifact_root(tracking_uri())
-    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    try:
+        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except MlflowException:  # another run created it a moment ago
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 # ---------------------------------------------------------------- the registry
@@ -91,6 +99,14 @@ class Registration:
     model_uri: str
     promoted: bool
     reason: str
+    run_url: str = ""
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    """Where a person sees the run: on the tracking server, or in ``make ui`` for a local store."""
+    uri = tracking_uri()
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @dataclass
@@ -179,18 +195,46 @@ def pip_requirements() -> list[str]:
 
 
 def finish_registration(model_name: str, version: str, challenger: float, champion: ChampionScore,
-                        metric: str, tags: dict[str, str]) -> Registration:
-    """Tag the version, apply the champion gate, and record the decision on the run."""
+                        metric: str, tags: dict[str, str],
+                        rescore: Callable[[], ChampionScore] | None = None) -> Registration:
+    """Tag the version, apply the champion gate, and record the decision on the run.
+
+    Two runs may finish at once: under a lock, a champion that changed since ``champion`` was
+    scored is scored again with ``rescore``, so the alias ends on the better model.
+    """
     c = client()
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, v)
-    promoted, reason = promotion_decision(challenger, champion, metric)
+    with champion_lock(model_name):
+        current = champion_version(model_name)
+        if rescore is not None and (str(current.version) if current else None) != champion.version:
+            champion = rescore()
+        promoted, reason = promotion_decision(challenger, champion, metric)
+        if promoted:
+            set_champion(model_name, version, f"training run: {reason}")
     mlflow.set_tags({"promoted": str(promoted).lower(), "promotion_reason": reason, "model_version": version})
     c.set_model_version_tag(model_name, version, "promotion_reason", reason)
-    if promoted:
-        set_champion(model_name, version, f"training run: {reason}")
-    run_id = mlflow.active_run().info.run_id
-    return Registration(run_id, version, f"models:/{model_name}/{version}", promoted, reason)
+    info = mlflow.active_run().info
+    return Registration(info.run_id, version, f"models:/{model_name}/{version}", promoted, reason,
+                        run_url(info.experiment_id, info.run_id))
+
+
+@contextlib.contextmanager
+def champion_lock(name: str):
+    """Serialise champion moves for ``name`` among processes on this machine (a file lock
+    beside a SQLite store, or in the temp dir for a tracking server)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent / ".locks"
+    else:
+        folder = Path(tempfile.gettempdir()) / "rnnflow-locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- versions and the champion's history

@@ -186,3 +186,25 @@ def test_bad_input_stops_before_training_and_leaves_the_champion(case, guarded_s
     assert str(c.get_model_version_by_alias("guarded", "champion").version) == "1"
     exp = c.get_experiment_by_name("timeseries-forecasting")
     assert len(c.search_runs([exp.experiment_id])) == 1  # no half-written run
+
+
+def test_unchanged_data_and_config_reuse_cached_ingest_and_windows(mlflow_store, tmp_path):
+    data = tmp_path / "cached.csv"
+    data.write_text("t,v\n" + "".join(f"{i},{np.sin(i / 5):.6f}\n" for i in range(400)))
+    params = {**TINY, "source": "file", "data": str(data), "epochs": 1, "seed": 11}
+
+    def states(state) -> dict[str, str]:
+        with get_client(sync_client=True) as c:
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+    first = states(timeseries_flow(**params, return_state=True))
+    again = states(timeseries_flow(**params, return_state=True))
+    assert first["load-series"] == "Completed"
+    for name in ("load-series", "split-series", "scale-and-window"):
+        assert again[name] == "Cached", (name, sorted(again.items()))
+    assert again["train-forecaster"] == "Completed"  # a challenger is still trained
+
+    data.write_text(data.read_text() + "400,0.5\n")  # the file changed: its hash changed
+    changed = states(timeseries_flow(**params, return_state=True))
+    assert changed["load-series"] == "Completed" and changed["scale-and-window"] == "Completed"
