@@ -8,10 +8,9 @@ import sys
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import as_params, config_flow, parse_config
-from rnn_models.training import NonFiniteLossError
-from tasks.config import CharLMFlowConfig, ConfigError
-from tasks.data import DataError, fetch_data
+from flows.cli import config_flow, registration_note, run_from_command_line
+from tasks.config import CharLMFlowConfig
+from tasks.data import fetch_data
 from tasks.register import register_charlm
 from tasks.registry import CHAMPION
 from tasks.text import load_corpus
@@ -40,9 +39,7 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
               f"|---:|---:|---:|---:|---:|\n"
               f"| {fit.best_val_loss:.4f} | {bpc:.4f} | {math.exp(fit.best_val_loss):.3f} | {fit.best_epoch} "
               f"| {fit.samples_per_second:,.0f} |\n\n{samples}\n\n"
-              f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
-              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; "
-              f"MLflow run [{reg.run_id}]({reg.run_url}).")
+              f"{registration_note(name, reg)}")
     create_markdown_artifact(report, key=f"{name}-report".lower(), description=f"{name} v{reg.version}")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
@@ -51,17 +48,7 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(CharLMFlowConfig, argv, "python -m flows.charlm", DESCRIPTION)
-    try:
-        result = charlm_flow(**as_params(cfg))
-    except (ConfigError, DataError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print()
-    print(result["report"])
-    print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
-    print(f"champion: {result['champion_uri']}")
-    return 0
+    return run_from_command_line(CharLMFlowConfig, charlm_flow, argv, "python -m flows.charlm", DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, fields
@@ -68,3 +69,30 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str):
 
 def as_params(cfg) -> dict:
     return asdict(cfg)
+
+
+def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str) -> int:
+    """Parse options into ``cls``, run the flow, print its report and where the model went.
+    Bad input ends with one line naming the culprit and exit status 1, not a traceback."""
+    from rnn_models.training import NonFiniteLossError
+    from tasks.config import ConfigError
+    from tasks.data import DataError
+
+    cfg = parse_config(cls, argv, prog, description)
+    try:
+        result = flow_fn(**as_params(cfg))
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result["report"])
+    print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
+    print(f"champion: {result['champion_uri']}")
+    return 0
+
+
+def registration_note(name: str, reg) -> str:
+    """The report's closing lines: the champion decision and how to load the model."""
+    return (f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `champion`**: {reg.reason}.\n\n"
+            f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@champion\")`; "
+            f"MLflow run [{reg.run_id}]({reg.run_url}).")

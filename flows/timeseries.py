@@ -8,10 +8,9 @@ import tempfile
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import as_params, config_flow, parse_config
-from rnn_models.training import NonFiniteLossError
-from tasks.config import ConfigError, TimeSeriesConfig
-from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, generate_series, load_series
+from flows.cli import config_flow, registration_note, run_from_command_line
+from tasks.config import TimeSeriesConfig
+from tasks.data import SERIES_SUFFIXES, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import scale_and_window, split_series
 from tasks.register import register_forecaster, score_champion
@@ -46,10 +45,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     name = cfg.registered_name
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
           if champion.score is not None else "")
-    report = (f"{bt.markdown(f'{name} v{reg.version}')}\n\n{vs}"
-              f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `{CHAMPION}`**: {reg.reason}.\n\n"
-              f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")`; "
-              f"MLflow run [{reg.run_id}]({reg.run_url}).")
+    report = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{vs}{registration_note(name, reg)}"
     create_markdown_artifact(report, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
@@ -58,17 +54,8 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TimeSeriesConfig, argv, "python -m flows.timeseries", DESCRIPTION)
-    try:
-        result = timeseries_flow(**as_params(cfg))
-    except (ConfigError, DataError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print()
-    print(result["report"])
-    print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
-    print(f"champion: {result['champion_uri']}")
-    return 0
+    return run_from_command_line(TimeSeriesConfig, timeseries_flow, argv, "python -m flows.timeseries",
+                                 DESCRIPTION)
 
 
 if __name__ == "__main__":
