@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,6 +41,14 @@ class Trained:
         return ForecastPipeline(model, self.scaler, self.meta)
 
 
+@functools.cache
+def init_lock() -> threading.Lock:
+    """Weight initialisation draws from torch's global RNG: trials running in threads of one
+    process take turns so each seed still gives the same weights. (A function, not a global
+    lock, so that tasks shipped to Dask workers do not try to pickle a lock.)"""
+    return threading.Lock()
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too; CPU kernels are deterministic, so same seed, same weights
 
@@ -47,11 +57,12 @@ def seed_everything(seed: int) -> None:
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) -> Trained:
     logger = get_run_logger()
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
     model_cfg = ForecasterConfig(cell=cfg.cell, input_size=windows.x_train.shape[2], hidden_size=cfg.hidden_size,
                                  num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional,
                                  horizon=cfg.horizon)
-    model = Forecaster(model_cfg).to(device)
+    with init_lock():
+        seed_everything(cfg.seed)
+        model = Forecaster(model_cfg).to(device)
     # the whole data set lives on the device; batches are index slices, not a DataLoader
     x_tr, y_tr = (torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train))
     x_va, y_va = (torch.from_numpy(a).to(device) for a in (windows.x_val, windows.y_val))
@@ -95,11 +106,12 @@ class TrainedLM:
 def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
     logger = get_run_logger()
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
     model_cfg = CharLMConfig(cell=cfg.cell, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                              dropout=cfg.dropout, vocab_size=len(corpus.vocab), input=cfg.input,
                              embedding_dim=cfg.embedding_dim)
-    model = CharLM(model_cfg).to(device)
+    with init_lock():
+        seed_everything(cfg.seed)
+        model = CharLM(model_cfg).to(device)
     train = torch.from_numpy(corpus.train).to(device)
     val = torch.from_numpy(corpus.val).to(device)
     sample = random_batches if cfg.sampling == "random" else sequential_batches

@@ -1,0 +1,119 @@
+"""Hyper-parameter sweep trials: each one trains and backtests one time-series config, logs a
+nested MLflow run under the sweep's parent run, and leaves its model as plain files in a
+folder. Only small things cross between workers: configs, paths, run ids, scores."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlflow
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import load_file
+
+from rnn_models import checkpoint
+from rnn_models.forecasting import Affine
+from rnn_models.training import FitResult
+from tasks.config import ConfigError, TimeSeriesConfig, flag
+from tasks.data import SERIES_SUFFIXES, Series, fetch_data, generate_series, load_series
+from tasks.evaluation import backtest
+from tasks.features import scale_and_window, split_series
+from tasks.registry import client, log_history
+from tasks.training import Trained, train_forecaster
+
+NOT_SWEPT = ("covariate_columns", "model_name", "experiment")  # values that are lists or names themselves
+
+
+def build_grid(options: dict[str, str], samples: int = 0, seed: int = 0) -> list[dict]:
+    """Configs (as dicts) from options whose values may be comma-separated lists: the full
+    grid, or ``samples`` points drawn from it. Every point is validated before any trial runs."""
+    hints = typing.get_type_hints(TimeSeriesConfig)
+    axes: dict[str, list] = {}
+    for f in fields(TimeSeriesConfig):
+        if f.name not in options:
+            continue
+        raw = str(options[f.name])
+        parts = [raw] if f.name in NOT_SWEPT else [p.strip() for p in raw.split(",")]
+        if not [p for p in parts if p] and raw != "":
+            raise ConfigError(f"{flag(f.name)}: the grid has no values")
+        kind = hints[f.name]
+        try:
+            axes[f.name] = [p.lower() in ("1", "true", "yes") if kind is bool else kind(p)
+                            for p in parts if p or raw == ""]
+        except ValueError as e:
+            raise ConfigError(f"{flag(f.name)}: {e}") from None
+    names = list(axes)
+    grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
+    if samples and samples < len(grid):
+        grid = random.Random(seed).sample(grid, samples)
+    for point in grid:
+        TimeSeriesConfig(**point)  # a bad value anywhere stops the sweep before it starts
+    return grid
+
+
+def load(cfg: TimeSeriesConfig) -> Series:
+    """The trial's series, read where the trial runs (a path or URL travels, not the data)."""
+    if cfg.source == "file":
+        return load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+    return generate_series.fn(cfg)
+
+
+@dataclass
+class TrialResult:
+    index: int
+    params: dict  # the swept values
+    val_loss: float
+    test_mase: float
+    seconds: float
+    run_id: str
+    model_dir: str
+    fit: FitResult  # per-epoch numbers only
+
+
+@task(name="sweep-trial", cache_policy=NO_CACHE)
+def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experiment_id: str,
+              out_dir: str) -> TrialResult:
+    torch.set_num_threads(1)  # one core per trial: trials in parallel beat threads fighting
+    t0 = time.perf_counter()
+    cfg = TimeSeriesConfig(**{**base, **point})
+    series = load(cfg)
+    split = split_series.fn(series, cfg)
+    windows = scale_and_window.fn(series, split, cfg)
+    trained = train_forecaster.fn(series, windows, cfg)
+    label = f"rnnflow-{cfg.cell}"
+    bt = backtest.fn(series, split, windows.test_origins, trained.pipeline(), label)
+    model_dir = str(Path(out_dir) / f"trial-{index:03d}")
+    trained.pipeline().save(model_dir)
+    seconds = time.perf_counter() - t0
+    c = client()
+    run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
+                       tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index)})
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_params({**cfg.to_params(), "trial": index})
+        log_history(trained.fit.history)
+        mlflow.log_metrics({"best_val_loss": trained.fit.best_val_loss, "trial_seconds": seconds,
+                            **{f"test_{k}": v for k, v in bt.scores[label].items()}})
+    return TrialResult(index, point, trained.fit.best_val_loss, bt.scores[label]["mase"], seconds,
+                       run.info.run_id, model_dir, trained.fit)
+
+
+def trained_from(result: TrialResult) -> Trained:
+    """The best trial's model back from its folder, as the single-run tasks expect it."""
+    d = Path(result.model_dir)
+    meta = checkpoint.load_config(d / checkpoint.CONFIG)
+    state = load_file(str(d / checkpoint.WEIGHTS), device="cpu")
+    return Trained(state, meta.pop("model"), Affine.from_dict(meta.pop("scaler")), meta, result.fit, "cpu")
+
+
+def results_markdown(results: list[TrialResult], best: TrialResult) -> str:
+    keys = sorted({k for r in results for k in r.params if len({str(x.params.get(k)) for x in results}) > 1})
+    head = "| trial | " + " | ".join(keys) + " | val loss | test MASE | seconds |"
+    rows = [f"| {r.index}{' (best)' if r is best else ''} | " + " | ".join(str(r.params.get(k, "")) for k in keys)
+            + f" | {r.val_loss:.5g} | {r.test_mase:.4g} | {r.seconds:.1f} |" for r in results]
+    return "\n".join([head, "|" + "---|" * (len(keys) + 4), *rows])

@@ -1,0 +1,56 @@
+"""Sweeps: the grid, trials as nested runs on threads and on a local Dask cluster, bad input."""
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.sweep import main
+from tasks.config import ConfigError
+from tasks.sweep import build_grid
+
+TINY = ["--length", "600", "--lookback", "12", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
+        "--patience", "0"]
+
+
+def test_grid_is_the_product_and_samples_draw_from_it():
+    grid = build_grid({"cell": "lstm,gru", "hidden_size": "16,32", "lookback": "24,48", "epochs": "3"})
+    assert len(grid) == 8 and {p["cell"] for p in grid} == {"lstm", "gru"} and all(p["epochs"] == 3 for p in grid)
+    sample = build_grid({"cell": "lstm,gru", "hidden_size": "16,32,64"}, samples=4, seed=1)
+    assert len(sample) == 4 and len({tuple(sorted(p.items())) for p in sample}) == 4
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"cell": "lstm,tcn"}, r"--cell: 'tcn' is not one of"),
+    ({"hidden_size": "16,big"}, r"--hidden-size: invalid literal for int\(\) with base 10: 'big'"),
+    ({"cell": ","}, r"--cell: the grid has no values"),
+    ({"horizon": "1,0"}, r"--horizon must be at least 1, got 0"),
+])
+def test_bad_grids_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_grid(options)
+
+
+def test_unknown_option_and_unreachable_dask_stop_before_any_trial(mlflow_store, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--cells", "lstm"])
+    assert e.value.code == 2 and "unrecognized arguments: --cells" in capsys.readouterr().err
+    assert main([*TINY, "--task-runner", "dask", "--dask-address", "tcp://127.0.0.1:9"]) == 1
+    assert "--dask-address tcp://127.0.0.1:9: cannot reach the Dask scheduler" in capsys.readouterr().err
+    assert MlflowClient(mlflow_store, mlflow_store).search_registered_models() == []
+
+
+@pytest.mark.parametrize("runner", ["thread", "dask"])
+def test_sweep_logs_nested_trials_and_registers_the_best(runner, mlflow_store, capsys):
+    assert main([*TINY, "--cell", "lstm,gru", "--hidden-size", "8,16", "--task-runner", runner, "--workers", "2",
+                 "--model-name", f"swept-{runner}"]) == 0
+    c = MlflowClient(mlflow_store, mlflow_store)
+    exp = c.get_experiment_by_name("timeseries-forecasting")
+    parent = c.search_runs([exp.experiment_id], "tags.sweep = 'true'")[0]
+    trials = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(trials) == 4
+    best = min(trials, key=lambda r: r.data.metrics["best_val_loss"])
+    assert parent.data.params["best_trial"] == best.data.params["trial"]
+    assert c.list_artifacts(parent.info.run_id)[0].path == "sweep.md"
+    version = c.get_model_version_by_alias(f"swept-{runner}", "champion")
+    registered = c.get_run(version.run_id).data.params
+    assert (registered["cell"], registered["hidden_size"]) == (best.data.params["cell"], best.data.params["hidden_size"])
+    assert "(best)" in capsys.readouterr().out
