@@ -18,7 +18,7 @@ PREFECT_PORT ?= 4200
 # only `deploy` talks to the long-running server; `run` and `test` start temporary ones
 API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
-.PHONY: run charlm test bench install clean serve-model ui models server deploy
+.PHONY: run charlm test bench install clean serve-model ui models server deploy tracking-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -49,6 +49,10 @@ server: $(STAMP)
 # Register and serve the retraining deployments against that server (keep it running)
 deploy: $(STAMP)
 	$(API_URL) $(PY) -m flows.deploy $(ARGS)
+
+# A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root)
+tracking-server: $(STAMP)
+	scripts/tracking-server.sh
 
 models: $(STAMP)
 	$(PY) -m flows.models list

@@ -12,7 +12,7 @@ from flows.cli import config_flow, registration_note, run_from_command_line
 from tasks.config import CharLMFlowConfig
 from tasks.data import fetch_data
 from tasks.register import register_charlm
-from tasks.registry import CHAMPION
+from tasks.registry import CHAMPION, check_tracking_server
 from tasks.text import load_corpus
 from tasks.training import train_charlm
 
@@ -21,6 +21,8 @@ DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text c
 
 @config_flow(CharLMFlowConfig, name="charlm-training", description=DESCRIPTION)
 def charlm_flow(cfg: CharLMFlowConfig) -> dict:
+    check_tracking_server()  # before any work: a run that cannot be registered is not started
+
     # --- extract
     path, sha256 = fetch_data(cfg.corpus, cfg.sha256)
     corpus = load_corpus(path, sha256, cfg)

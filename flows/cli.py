@@ -77,11 +77,12 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
     from rnn_models.training import NonFiniteLossError
     from tasks.config import ConfigError
     from tasks.data import DataError
+    from tasks.registry import TrackingUnavailable
 
     cfg = parse_config(cls, argv, prog, description)
     try:
         result = flow_fn(**as_params(cfg))
-    except (ConfigError, DataError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print()

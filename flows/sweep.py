@@ -29,7 +29,7 @@ from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import split_series
 from tasks.register import register_forecaster, score_champion
-from tasks.registry import CHAMPION, client, ensure_experiment
+from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server, client, ensure_experiment
 from tasks.sweep import build_grid, load, results_markdown, run_trial, trained_from
 
 
@@ -155,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         grid = build_grid(options, sweep["samples"])
         if sweep["dask_address"]:
             check_dask_address(sweep["dask_address"])
+        check_tracking_server()
         base = {k: v for k, v in TimeSeriesConfig(**grid[0]).to_params().items() if k not in grid[0]}
         runner = task_runner(sweep["task_runner"], sweep["workers"], sweep["dask_address"])
         with shared_api(sweep["task_runner"] == "dask"):
             result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid)
-    except ConfigError as e:
+    except (ConfigError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result["report"])

@@ -14,7 +14,7 @@ from tasks.data import SERIES_SUFFIXES, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import scale_and_window, split_series
 from tasks.register import register_forecaster, score_champion
-from tasks.registry import CHAMPION
+from tasks.registry import CHAMPION, check_tracking_server
 from tasks.training import train_forecaster
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
@@ -22,6 +22,8 @@ DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and regis
 
 @config_flow(TimeSeriesConfig, name="timeseries-forecasting", description=DESCRIPTION)
 def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
+    check_tracking_server()  # before any work: a run that cannot be registered is not started
+
     # --- extract
     if cfg.source == "file":
         path, sha256 = fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)

@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,21 @@ CODE_PATHS = [str(Path(rnn_models.__file__).resolve().parent)]  # the models imp
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in ./mlruns."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+class TrackingUnavailable(ConnectionError):
+    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
+def check_tracking_server(timeout: float = 10.0) -> None:
+    """Fail before any training when a remote tracking server cannot be reached."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except OSError as e:
+        raise TrackingUnavailable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({e})") from None
 
 
 def _artifact_root(uri: str) -> str | None:

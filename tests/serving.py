@@ -83,3 +83,6 @@ def tracking_ui(tracking_uri: str, artifacts_root: str, timeout: float = 120.0):
          "--default-artifact-root", artifacts_root, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/health", timeout)
+
+
+until_ready = contextlib.contextmanager(_until_ready)

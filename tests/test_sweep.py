@@ -38,6 +38,12 @@ def test_unknown_option_and_unreachable_dask_stop_before_any_trial(mlflow_store,
     assert MlflowClient(mlflow_store, mlflow_store).search_registered_models() == []
 
 
+def test_unreachable_tracking_server_stops_before_any_trial(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert main([*TINY, "--cell", "lstm,gru"]) == 1
+    assert "MLFLOW_TRACKING_URI http://127.0.0.1:9: the tracking server does not answer" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("runner", ["thread", "dask"])
 def test_sweep_logs_nested_trials_and_registers_the_best(runner, mlflow_store, capsys):
     assert main([*TINY, "--cell", "lstm,gru", "--hidden-size", "8,16", "--task-runner", runner, "--workers", "2",
