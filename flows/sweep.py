@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import time
 from dataclasses import fields
 
 import mlflow
@@ -43,8 +44,10 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
     try:
         with tempfile.TemporaryDirectory() as out:
             # --- train every point (in parallel on the task runner)
+            t0 = time.perf_counter()
             futures = [run_trial.submit(i, point, base, parent_id, experiment_id, out) for i, point in enumerate(grid)]
             results = [f.result() for f in futures]
+            trials_wall = time.perf_counter() - t0
             best = min(results, key=lambda r: r.val_loss)
 
             # --- the best trial goes through the single-run tasks: backtest, champion gate, register
@@ -67,7 +70,8 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
     table = results_markdown(results, best)
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_params({"grid_points": len(grid), "best_trial": best.index})
-        mlflow.log_metrics({"best_val_loss": best.val_loss, "best_test_mase": best.test_mase})
+        mlflow.log_metrics({"best_val_loss": best.val_loss, "best_test_mase": best.test_mase,
+                            "trials_wall_seconds": trials_wall})
         mlflow.log_text(table, "sweep.md")
         mlflow.set_tags({"best_trial_run": best.run_id, "registered_version": reg.version})
     name = cfg.registered_name
@@ -76,6 +80,7 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
     create_markdown_artifact(report, key=f"{name}-sweep".lower(), description=f"sweep of {len(grid)} trials")
     return {"parent_run_id": parent_id, "best": best.index, "best_params": best.params, "version": reg.version,
             "promoted": reg.promoted, "reason": reg.reason, "report": report, "trials": len(results),
+            "trials_wall_seconds": trials_wall, "trial_seconds": [r.seconds for r in results],
             "champion_uri": f"models:/{name}@{CHAMPION}"}
 
 
