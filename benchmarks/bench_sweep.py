@@ -35,10 +35,9 @@ def main() -> None:
     from flows.sweep import shared_api, sweep_flow, task_runner
     from tasks.config import TimeSeriesConfig
     from tasks.registry import ensure_experiment
-    from tasks.sweep import build_grid
+    from tasks.sweep import build_grid, split_grid
 
-    grid = build_grid(GRID)
-    base = {k: v for k, v in TimeSeriesConfig(**grid[0]).to_params().items() if k not in grid[0]}
+    base, grid = split_grid(build_grid(GRID))
     ensure_experiment(TimeSeriesConfig().experiment)  # create the store before workers race to
     rows = []
     with shared_api(True):

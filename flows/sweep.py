@@ -27,46 +27,60 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.cli import registration_note
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
+from tasks.data import DataError
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import split_series
 from tasks.register import register_forecaster, score_champion
 from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server, client, ensure_experiment
-from tasks.sweep import build_grid, load, results_markdown, run_trial, trained_from
+from tasks.sweep import build_grid, load, results_markdown, run_trial, split_by_id, split_grid, trained_from
+
+
+def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, out: str):
+    """Every (base, grid point) as a trial, in parallel on the flow's task runner; returns the
+    results in job order and the wall time of the phase."""
+    t0 = time.perf_counter()
+    futures = [run_trial.submit(i, point, base, parent_id, experiment_id, out) for i, (base, point) in enumerate(jobs)]
+    return [f.result() for f in futures], time.perf_counter() - t0
+
+
+def register_best(base: dict, best, out: str):
+    """The best trial through the single-run tasks: backtest, champion gate, registration."""
+    cfg = TimeSeriesConfig(**{**base, **best.params})
+    series = load(cfg)
+    split = split_series(series, cfg)
+    trained = trained_from(best)
+    label = f"rnnflow-{cfg.cell}"
+    origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
+    bt = backtest(series, split, origins, trained.pipeline(), label)
+    champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)
+    plots = plot_backtest(series, bt, trained.fit, label, out)
+    return cfg, bt, register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
+
+
+@contextlib.contextmanager
+def parent_run(experiment: str, name: str, tags: dict):
+    """The sweep's parent MLflow run; on failure it is deleted with every nested trial run."""
+    experiment_id = ensure_experiment(experiment)
+    c = client()
+    parent_id = c.create_run(experiment_id, run_name=name, tags={"sweep": "true", **tags}).info.run_id
+    try:
+        yield experiment_id, parent_id
+    except BaseException:
+        for run in c.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            c.delete_run(run.info.run_id)
+        c.delete_run(parent_id)
+        raise
 
 
 @flow(name="timeseries-sweep", log_prints=True)
 def sweep_flow(base: dict, grid: list[dict]) -> dict:
     cfg0 = TimeSeriesConfig(**base)
-    experiment_id = ensure_experiment(cfg0.experiment)
-    parent = client().create_run(experiment_id, run_name=f"sweep-{cfg0.registered_name}",
-                                 tags={"sweep": "true", "trials": str(len(grid))})
-    parent_id = parent.info.run_id
-    try:
+    name = cfg0.registered_name
+    with parent_run(cfg0.experiment, f"sweep-{name}", {"trials": str(len(grid))}) as (experiment_id, parent_id):
         with tempfile.TemporaryDirectory() as out:
-            # --- train every point (in parallel on the task runner)
-            t0 = time.perf_counter()
-            futures = [run_trial.submit(i, point, base, parent_id, experiment_id, out) for i, point in enumerate(grid)]
-            results = [f.result() for f in futures]
-            trials_wall = time.perf_counter() - t0
+            results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id, out)
             best = min(results, key=lambda r: r.val_loss)
-
-            # --- the best trial goes through the single-run tasks: backtest, champion gate, register
-            cfg = TimeSeriesConfig(**{**base, **best.params})
-            series = load(cfg)
-            split = split_series(series, cfg)
-            trained = trained_from(best)
-            label = f"rnnflow-{cfg.cell}"
-            origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
-            bt = backtest(series, split, origins, trained.pipeline(), label)
-            champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)
-            plots = plot_backtest(series, bt, trained.fit, label, out)
-            reg = register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
-    except BaseException:
-        c = client()
-        for run in c.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
-            c.delete_run(run.info.run_id)
-        c.delete_run(parent_id)
-        raise
+            _, bt, reg = register_best(base, best, out)
     table = results_markdown(results, best)
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_params({"grid_points": len(grid), "best_trial": best.index})
@@ -74,7 +88,6 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
                             "trials_wall_seconds": trials_wall})
         mlflow.log_text(table, "sweep.md")
         mlflow.set_tags({"best_trial_run": best.run_id, "registered_version": reg.version})
-    name = cfg.registered_name
     report = (f"### Sweep of {len(grid)} trials for {name}\n\n{table}\n\n"
               f"{bt.markdown(f'best trial, {name} v{reg.version}')}\n\n{registration_note(name, reg)}")
     create_markdown_artifact(report, key=f"{name}-sweep".lower(), description=f"sweep of {len(grid)} trials")
@@ -82,6 +95,38 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
             "promoted": reg.promoted, "reason": reg.reason, "report": report, "trials": len(results),
             "trials_wall_seconds": trials_wall, "trial_seconds": [r.seconds for r in results],
             "champion_uri": f"models:/{name}@{CHAMPION}"}
+
+
+@flow(name="timeseries-many-series", log_prints=True)
+def many_series_flow(base: dict, grid: list[dict], id_column: str) -> dict:
+    """One model per series of a long-format file (id, time, value), all trials in parallel,
+    each series' best registered under NAME-<id> with its own champion gate."""
+    cfg0 = TimeSeriesConfig(**base)
+    name = cfg0.registered_name
+    with tempfile.TemporaryDirectory() as out:
+        files = split_by_id(cfg0.data, cfg0.sha256, id_column, out)
+        bases = {sid: {**base, "data": path, "sha256": "", "model_name": f"{name}-{sid}"} for sid, path in files.items()}
+        jobs = [(sid, p) for sid in bases for p in grid]
+        with parent_run(cfg0.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
+            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, out)
+            rows = []
+            for sid in bases:
+                mine = [r for (s, _), r in zip(jobs, results, strict=True) if s == sid]
+                best = min(mine, key=lambda r: r.val_loss)
+                _, bt, reg = register_best(bases[sid], best, out)
+                rows.append((sid, best, reg))
+    table = "\n".join(["| series | model | best trial | val loss | test MASE | version | champion |",
+                        "|---|---|---|---:|---:|---:|---|",
+                        *(f"| {sid} | {name}-{sid} | {b.index} | {b.val_loss:.5g} | {b.test_mase:.4g} | "
+                          f"{reg.version} | {'promoted' if reg.promoted else 'kept'} |" for sid, b, reg in rows)])
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_params({"series": len(files), "grid_points": len(grid)})
+        mlflow.log_metric("trials_wall_seconds", wall)
+        mlflow.log_text(table, "summary.md")
+    report = f"### {len(files)} series, {len(grid)} grid point(s) each\n\n{table}"
+    create_markdown_artifact(report, key=f"{name}-many-series".lower(), description=f"{len(files)} series")
+    return {"parent_run_id": parent_id, "series": sorted(files), "report": report,
+            "versions": {sid: reg.version for sid, _, reg in rows}}
 
 
 def task_runner(kind: str, workers: int, address: str):
@@ -146,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--task-runner", choices=("thread", "dask"), default="thread")
     g.add_argument("--workers", type=int, default=2, help="parallel trials (threads or local Dask workers)")
     g.add_argument("--dask-address", default="", help="an existing Dask scheduler, e.g. tcp://host:8786")
+    g.add_argument("--id-column", default="", help="long-format --data: one model per value of this column, "
+                   "registered as NAME-<id>")
     t = p.add_argument_group("time-series options (any may be a comma-separated list)")
     for f in fields(TimeSeriesConfig):
         t.add_argument(flag(f.name), dest=f.name, default=None, metavar="V[,V...]", help=f.metadata.get("help"))
@@ -154,18 +201,24 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
-    sweep = {k: args.pop(k) for k in ("samples", "task_runner", "workers", "dask_address")}
+    sweep = {k: args.pop(k) for k in ("samples", "task_runner", "workers", "dask_address", "id_column")}
     options = {k: v for k, v in args.items() if v is not None}
     try:
         grid = build_grid(options, sweep["samples"])
         if sweep["dask_address"]:
             check_dask_address(sweep["dask_address"])
         check_tracking_server()
-        base = {k: v for k, v in TimeSeriesConfig(**grid[0]).to_params().items() if k not in grid[0]}
+        base, grid = split_grid(grid)
         runner = task_runner(sweep["task_runner"], sweep["workers"], sweep["dask_address"])
+        if sweep["id_column"] and base["source"] != "file":
+            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
         with shared_api(sweep["task_runner"] == "dask"):
-            result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid)
-    except (ConfigError, TrackingUnavailable) as e:
+            if sweep["id_column"]:
+                result = many_series_flow.with_options(task_runner=runner)(base=base, grid=grid,
+                                                                          id_column=sweep["id_column"])
+            else:
+                result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid)
+    except (ConfigError, DataError, TrackingUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result["report"])

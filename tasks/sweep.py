@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -21,7 +23,7 @@ from rnn_models import checkpoint
 from rnn_models.forecasting import Affine
 from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag
-from tasks.data import SERIES_SUFFIXES, Series, fetch_data, generate_series, load_series
+from tasks.data import SERIES_SUFFIXES, DataError, Series, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest
 from tasks.features import scale_and_window, split_series
 from tasks.registry import client, log_history
@@ -55,6 +57,13 @@ def build_grid(options: dict[str, str], samples: int = 0, seed: int = 0) -> list
     for point in grid:
         TimeSeriesConfig(**point)  # a bad value anywhere stops the sweep before it starts
     return grid
+
+
+def split_grid(grid: list[dict]) -> tuple[dict, list[dict]]:
+    """(base config with everything that does not vary, points holding only what varies)."""
+    varying = [k for k in grid[0] if any(p[k] != grid[0][k] for p in grid)]
+    base = {k: v for k, v in TimeSeriesConfig(**grid[0]).to_params().items() if k not in varying}
+    return base, [{k: p[k] for k in varying} for p in grid]
 
 
 def load(cfg: TimeSeriesConfig) -> Series:
@@ -117,3 +126,20 @@ def results_markdown(results: list[TrialResult], best: TrialResult) -> str:
     rows = [f"| {r.index}{' (best)' if r is best else ''} | " + " | ".join(str(r.params.get(k, "")) for k in keys)
             + f" | {r.val_loss:.5g} | {r.test_mase:.4g} | {r.seconds:.1f} |" for r in results]
     return "\n".join([head, "|" + "---|" * (len(keys) + 4), *rows])
+
+
+@task(name="split-by-id", cache_policy=NO_CACHE, retries=0)
+def split_by_id(data: str, sha256: str, id_column: str, out_dir: str) -> dict[str, str]:
+    """One CSV per series of a long-format file, in ``out_dir``: {series id: path}."""
+    path, _ = fetch_data.fn(data, sha256, SERIES_SUFFIXES)
+    frame = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    if id_column not in frame.columns:
+        raise DataError(f"{data}: no id column {id_column!r}; the columns are {[str(c) for c in frame.columns]}")
+    files = {}
+    for key, part in frame.groupby(id_column, sort=True):
+        sid = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key)).strip("_") or "series"
+        if sid in files:
+            raise DataError(f"{data}: ids {key!r} and another one both become {sid!r} in a model name")
+        files[sid] = str(Path(out_dir) / f"{sid}.csv")
+        part.drop(columns=[id_column]).to_csv(files[sid], index=False)
+    return files

@@ -60,3 +60,25 @@ def test_sweep_logs_nested_trials_and_registers_the_best(runner, mlflow_store, c
     registered = c.get_run(version.run_id).data.params
     assert (registered["cell"], registered["hidden_size"]) == (best.data.params["cell"], best.data.params["hidden_size"])
     assert "(best)" in capsys.readouterr().out
+
+
+def test_many_series_trains_and_registers_one_model_per_id(mlflow_store, tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+
+    days = pd.date_range("2024-01-01", periods=400, freq="D")
+    long = pd.concat([pd.DataFrame({"store": s, "date": days, "sales": 10 + k * 5 + np.sin(np.arange(400) / 3 + k)})
+                      for k, s in enumerate(["north", "south"])])
+    long.to_csv(tmp_path / "stores.csv", index=False)
+    args = [*TINY, "--source", "file", "--data", str(tmp_path / "stores.csv"), "--time-column", "date",
+            "--value-column", "sales", "--model-name", "shop", "--id-column", "store"]
+    args[args.index("--length") + 1] = "1200"  # only generated series read --length
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| north | shop-north |" in out and "| south | shop-south |" in out
+    c = MlflowClient(mlflow_store, mlflow_store)
+    for sid in ("north", "south"):
+        version = c.get_model_version_by_alias(f"shop-{sid}", "champion")
+        assert c.get_run(version.run_id).data.params["data"].endswith(f"{sid}.csv")
+    assert main([*args[:-1], "region"]) == 1
+    assert "no id column 'region'; the columns are ['store', 'date', 'sales']" in capsys.readouterr().err
