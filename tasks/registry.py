@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,9 @@ def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_e
     check refuses int64 for a double column, but a history of 70, 80, 90 is a fair input; the
     model itself converts and checks the values.
     """
-    signature = infer_signature(input_example, output_example, params=params)
+    with warnings.catch_warnings():  # "integer column" hint: `step` is an integer on purpose
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        signature = infer_signature(input_example, output_example, params=params)
     if lenient_inputs:
         signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns])
     with tempfile.TemporaryDirectory() as tmp:
