@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_timeseries.py
 	$(PY) benchmarks/bench_charlm.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_sweep.py
 
 # A Prefect server (SQLite in ~/.prefect, analytics off); its UI is http://127.0.0.1:4200
 server: $(STAMP)
