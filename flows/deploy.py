@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=None,
                     help="run every N seconds instead of the crons (for trying it out)")
     ap.add_argument("--limit", type=int, default=None, help="at most N flow runs at once (default: no limit)")
-    ap.add_argument("--timeseries-params", type=json.loads, default={}, help="JSON defaults for the forecaster's config")
+    ap.add_argument("--timeseries-params", type=json.loads, default={},
+                    help="JSON defaults for the forecaster's config")
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
     args = ap.parse_args(argv)
     serve(*deployments(args.only or sorted(FLOWS, reverse=True), args.interval,

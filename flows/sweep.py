@@ -105,7 +105,8 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str) -> dict:
     name = cfg0.registered_name
     with tempfile.TemporaryDirectory() as out:
         files = split_by_id(cfg0.data, cfg0.sha256, id_column, out)
-        bases = {sid: {**base, "data": path, "sha256": "", "model_name": f"{name}-{sid}"} for sid, path in files.items()}
+        bases = {sid: {**base, "data": path, "sha256": "", "model_name": f"{name}-{sid}"}
+                 for sid, path in files.items()}
         jobs = [(sid, p) for sid in bases for p in grid]
         with parent_run(cfg0.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
             results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, out)

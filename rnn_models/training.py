@@ -97,7 +97,9 @@ def fit(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
     result, best_state, stale = FitResult(), None, 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=None if cfg.progress else True, leave=False)  # None: only on a terminal
+    # disable=None: a bar only on a terminal, not in logs
+    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
+               disable=None if cfg.progress else True)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()

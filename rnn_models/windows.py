@@ -24,7 +24,8 @@ class Split:
         return cls(n, n - n_test - n_val, n - n_test)
 
     def part(self, name: str) -> tuple[int, int]:
-        return {"train": (0, self.train_end), "val": (self.train_end, self.val_end), "test": (self.val_end, self.n)}[name]
+        bounds = {"train": (0, self.train_end), "val": (self.train_end, self.val_end), "test": (self.val_end, self.n)}
+        return bounds[name]
 
 
 def window_origins(start: int, end: int, lookback: int, horizon: int, stride: int = 1) -> np.ndarray:

@@ -116,7 +116,8 @@ def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -
     bpc = fit.best_val_loss / math.log(2)
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
         mlflow.log_params(cfg.to_params())
-        mlflow.log_params({"vocab_size": len(corpus.vocab), "corpus_chars": corpus.chars, "resolved_device": trained.device})
+        mlflow.log_params({"vocab_size": len(corpus.vocab), "corpus_chars": corpus.chars,
+                           "resolved_device": trained.device})
         log_history(fit.history)
         for s in fit.history:
             mlflow.log_metrics({"val_perplexity": math.exp(s.val_loss), "val_bpc": s.val_loss / math.log(2)},
@@ -141,7 +142,8 @@ def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -
             params={"max_new_chars": 200, "temperature": 1.0, "top_k": 0, "seed": -1})
         return finish_registration(
             name, created["version"], bpc, champion, "validation bits/char",
-            {"kind": "charlm", "val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256, "eval_sha256": corpus.eval_sha256,
+            {"kind": "charlm", "val_bpc": f"{bpc:.6g}", "corpus_sha256": corpus.sha256,
+             "eval_sha256": corpus.eval_sha256,
              "source": corpus.source, "cell": cfg.cell},
             rescore=lambda: score_charlm_champion(name, corpus),
         )

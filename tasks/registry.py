@@ -145,7 +145,8 @@ def promotion_decision(challenger: float, champion: ChampionScore, metric: str) 
     if not np.isfinite(challenger):
         return False, f"kept champion v{champion.version}: challenger {metric} is {challenger}"
     if challenger < champion.score:
-        return True, f"{metric} {challenger:.4g} beats champion v{champion.version}'s {champion.score:.4g} on the same test data"
+        return True, (f"{metric} {challenger:.4g} beats champion v{champion.version}'s {champion.score:.4g} "
+                      "on the same test data")
     return False, (f"kept champion v{champion.version}: its {metric} {champion.score:.4g} is not worse than "
                    f"the challenger's {challenger:.4g} on the same test data")
 

@@ -50,9 +50,9 @@ def test_same_seed_same_weights_other_seed_other_weights():
     a, _ = _train(epochs=2, seed=5)
     b, _ = _train(epochs=2, seed=5)
     c, _ = _train(epochs=2, seed=6)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
-    assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+    assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
 
 
 def test_early_stopping_restores_the_best_weights():
