@@ -4,7 +4,7 @@ the command line's options and the MLflow run's params."""
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -184,6 +184,3 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
-
-def defaults(cls) -> dict:
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

@@ -8,7 +8,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,7 +43,6 @@ class Series:
     sha256: str  # of the file's bytes, or of the generated values
     freq: str | None = None
     season_length: int = 1
-    notes: list[str] = field(default_factory=list)
 
     @property
     def features(self) -> np.ndarray:

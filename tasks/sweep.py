@@ -96,9 +96,10 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     windows = scale_and_window.fn(series, split, cfg)
     trained = train_forecaster.fn(series, windows, cfg)
     label = f"rnnflow-{cfg.cell}"
-    bt = backtest.fn(series, split, windows.test_origins, trained.pipeline(), label)
+    pipeline = trained.pipeline()
+    bt = backtest.fn(series, split, windows.test_origins, pipeline, label)
     model_dir = str(Path(out_dir) / f"trial-{index:03d}")
-    trained.pipeline().save(model_dir)
+    pipeline.save(model_dir)
     c = client()
     run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
                        tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index)})
