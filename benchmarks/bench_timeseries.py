@@ -34,8 +34,8 @@ from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.synthetic import sine
 from rnn_models.training import TrainConfig, fit, tensor_batches
+from rnn_models.transforms import Scale
 from rnn_models.windows import Split, make_windows, window_origins
-from tasks.features import fit_scaler
 from tasks.training import seed_everything
 
 L, H, HIDDEN, BATCH, VAL_BATCH, LR, WD, CLIP, SEED = 24, 1, 32, 32, 4096, 3e-3, 0.01, 1.0, 0
@@ -45,7 +45,9 @@ def build_data(points: int):
     """(x_train, y_train, x_val, y_val) float32 tensors, built the way tasks.features does."""
     features = sine(points)[["value"]].to_numpy()  # (T, 1)
     split = Split(points, int(points * 0.8), points)  # train 80 %, validation 20 %, no test part
-    scaled = fit_scaler(features[: split.train_end], "standard").transform(features)
+    scaler = Scale(method="standard")
+    scaler.fit(features[: split.train_end])
+    scaled = scaler.forward(features[None], None)[0][0]
     out = []
     for part in ("train", "val"):
         origins = window_origins(*split.part(part), L, H)

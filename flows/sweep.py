@@ -49,7 +49,7 @@ def register_best(base: dict, best, out: str):
     series = load(cfg)
     split = split_series(series, cfg)
     trained = trained_from(best)
-    label = f"rnnflow-{cfg.cell}"
+    label = cfg.label
     origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
     bt = backtest(series, split, origins, trained.pipeline(), label)
     champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)

@@ -15,6 +15,7 @@ from tasks.evaluation import backtest, plot_backtest
 from tasks.features import scale_and_window, split_series
 from tasks.register import register_forecaster, score_champion
 from tasks.registry import CHAMPION, check_tracking_server
+from tasks.selection import choose_settings
 from tasks.training import train_forecaster
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
@@ -32,22 +33,26 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
         series = generate_series(cfg)
 
     # --- transform
+    selection = None
+    if cfg.auto:  # settles the transform options on the validation part, before the real training
+        cfg, selection = choose_settings(series, cfg)
     split = split_series(series, cfg)
     windows = scale_and_window(series, split, cfg)
     trained = train_forecaster(series, windows, cfg)
-    label = f"rnnflow-{cfg.cell}"
+    label = cfg.label
     bt = backtest(series, split, windows.test_origins, trained.pipeline(), label)
 
     # --- load
     champion = score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
     with tempfile.TemporaryDirectory() as tmp:
         plots = plot_backtest(series, bt, trained.fit, label, tmp)
-        reg = register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
+        reg = register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
 
     name = cfg.registered_name
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
           if champion.score is not None else "")
-    report = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{vs}{registration_note(name, reg)}"
+    auto = f"{selection.markdown()}\n\n" if selection else ""
+    report = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{vs}{registration_note(name, reg)}"
     create_markdown_artifact(report, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,

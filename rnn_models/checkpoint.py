@@ -20,9 +20,11 @@ def save(model: nn.Module, directory: str | Path, config: dict) -> dict[str, str
     return {"weights": str(directory / WEIGHTS), "config": str(directory / CONFIG)}
 
 
-def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
+def load_weights(model: nn.Module, weights: str | Path, prefix: str = "") -> nn.Module:
+    """Load ``weights`` into ``model``, each name prefixed with ``prefix`` (to load one network's
+    file into a container of several)."""
     # to the CPU first: a CUDA-trained model must load on a machine without one
-    model.load_state_dict(load_file(str(weights), device="cpu"))
+    model.load_state_dict({prefix + k: v for k, v in load_file(str(weights), device="cpu").items()})
     return model
 
 

@@ -1,55 +1,34 @@
-"""A trained forecaster with its scaling: raw windows in original units in, forecasts out.
+"""A trained forecaster with its transforms: raw windows in original units in, forecasts out.
 
 The flow's backtest and the registered MLflow model both predict through this one class, so
-what is evaluated is what is served. It saves to plain files: weights as safetensors and the
-configuration and scaler numbers as JSON; nothing is pickled.
+what is evaluated is what is served. One or more member networks (an ensemble) share one
+:class:`~rnn_models.transforms.Chain`; their forecasts are averaged in original units. It saves
+to plain files: weights as safetensors, configuration and transform numbers as JSON; nothing
+is pickled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from torch import nn
 
 from rnn_models import checkpoint
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-
-
-@dataclass
-class Affine:
-    """Per-feature scaling x' = (x - offset) / scale, the form every scikit-learn scaler we use
-    reduces to; kept as numbers so a model loads without unpickling a scaler."""
-
-    offset: np.ndarray  # (F,)
-    scale: np.ndarray  # (F,)
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.offset) / self.scale
-
-    def inverse(self, x: np.ndarray, feature: int | None = None) -> np.ndarray:
-        if feature is None:
-            return x * self.scale + self.offset
-        return x * self.scale[feature] + self.offset[feature]
-
-    def to_dict(self) -> dict:
-        return {"offset": self.offset.tolist(), "scale": self.scale.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Affine:
-        return cls(np.asarray(d["offset"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64))
-
-    @classmethod
-    def identity(cls, n_features: int) -> Affine:
-        return cls(np.zeros(n_features), np.ones(n_features))
+from rnn_models.transforms import Chain, Scale
 
 
 class ForecastPipeline:
-    """Scaler + network. Feature 0 is the target; the rest are past covariates."""
+    """Transforms + member networks. Feature 0 is the target; the rest are past covariates."""
 
-    def __init__(self, model: Forecaster, scaler: Affine, meta: dict | None = None):
-        self.model, self.scaler, self.meta = model.eval(), scaler, dict(meta or {})
+    def __init__(self, members: list[Forecaster], chain: Chain, meta: dict | None = None):
+        if not members:
+            raise ValueError("a forecast pipeline needs at least one member network")
+        self.members = nn.ModuleList(members).eval()
+        self.chain, self.meta = chain, dict(meta or {})
 
     @property
     def lookback(self) -> int:
@@ -57,33 +36,83 @@ class ForecastPipeline:
 
     @property
     def horizon(self) -> int:
-        return self.model.cfg.horizon
+        return self.members[0].cfg.horizon
+
+    @property
+    def quantiles(self) -> tuple[float, ...]:
+        return self.members[0].cfg.quantiles
+
+    @property
+    def median_index(self) -> int:
+        return self.quantiles.index(0.5)
 
     @torch.no_grad()
-    def predict(self, windows: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-        """windows (N, L, F) in original units -> forecasts (N, H) in original units."""
-        device = next(self.model.parameters()).device
-        x = self.scaler.transform(np.asarray(windows, dtype=np.float64)).astype(np.float32)
-        out = []
-        for i in range(0, len(x), batch_size):
-            out.append(self.model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy())
-        y = np.concatenate(out) if out else np.zeros((0, self.horizon), dtype=np.float32)
-        return self.scaler.inverse(y.astype(np.float64), feature=0)
+    def predict(self, windows: np.ndarray, batch_size: int = 4096, members: bool = False):
+        """windows (N, L, F) in original units -> forecasts (N, H), or (N, H, Q) with quantiles
+        (sorted along Q), in original units: the members' average. With ``members=True``
+        returns (average, [each member's forecast])."""
+        x, _, ctx = self.chain.encode(windows)
+        x = x.astype(np.float32)
+        each = [self.chain.decode(self._run(m, x, batch_size), ctx) for m in self.members]
+        mean = np.mean(each, axis=0)
+        if self.quantiles:  # rearrangement: sorted quantiles never cross, and score no worse
+            mean, each = np.sort(mean, axis=-1), [np.sort(f, axis=-1) for f in each]
+        return (mean, each) if members else mean
+
+    def point(self, forecast: np.ndarray) -> np.ndarray:
+        """The point forecast (N, H) of ``predict``'s output: the median with quantiles."""
+        return forecast[..., self.median_index] if self.quantiles else forecast
+
+    def to_frame(self, forecast: np.ndarray) -> pd.DataFrame:
+        """One window's forecast (H,) or (H, Q) as the served table: ``step`` (1..H),
+        ``forecast`` and, with quantiles, one ``q<level>`` column per quantile."""
+        steps = np.arange(1, self.horizon + 1, dtype=np.int64)
+        frame = pd.DataFrame({"step": steps, "forecast": self.point(forecast)})
+        for j, q in enumerate(self.quantiles):
+            frame[f"q{q:g}"] = forecast[:, j]
+        return frame
+
+    def _run(self, model: Forecaster, x: np.ndarray, batch_size: int) -> np.ndarray:
+        device = next(model.parameters()).device
+        out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
+               for i in range(0, len(x), batch_size)]
+        shape = (0, self.horizon) + ((len(self.quantiles),) if self.quantiles else ())
+        return np.concatenate(out) if out else np.zeros(shape, dtype=np.float32)
 
     def save(self, directory: str | Path) -> dict[str, str]:
         """Write weights and config into ``directory``; returns {artifact name: path}."""
-        config = {"model": self.model.config_dict(), "scaler": self.scaler.to_dict(), **self.meta}
-        return checkpoint.save(self.model, directory, config)
+        config = {"members": [m.config_dict() for m in self.members], "transforms": self.chain.to_list(),
+                  **self.meta}
+        return checkpoint.save(self.members, directory, config)
 
     @classmethod
     def load(cls, weights: str | Path, config: str | Path, device: str = "cpu") -> ForecastPipeline:
         cfg = checkpoint.load_config(config)
-        model = checkpoint.load_weights(Forecaster(ForecasterConfig(**cfg.pop("model"))), weights)
-        scaler = Affine.from_dict(cfg.pop("scaler"))
-        return cls(model.to(device), scaler, cfg)
+        if "model" in cfg:  # saved before ensembles and transforms: one network, one scaler
+            members = nn.ModuleList([Forecaster(ForecasterConfig(**cfg.pop("model")))])
+            checkpoint.load_weights(members, weights, prefix="0.")
+            chain = Chain([Scale(**{k: np.asarray(v) for k, v in cfg.pop("scaler").items()})])
+        else:
+            members = nn.ModuleList([Forecaster(ForecasterConfig(**c)) for c in cfg.pop("members")])
+            checkpoint.load_weights(members, weights)
+            chain = Chain.from_list(cfg.pop("transforms"))
+        return cls(list(members.to(device)), chain, cfg)
 
 
 def mse_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
-    """The training loop's objective for forecasters: mean squared error in scaled units."""
+    """The training loop's objective for point forecasters: mean squared error in network units."""
     x, y = batch  # (B, L, F), (B, H)
     return torch.nn.functional.mse_loss(model(x).float(), y), len(x)
+
+
+class PinballObjective:
+    """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
+
+    def __init__(self, quantiles: tuple[float, ...]):
+        self.q = torch.tensor(quantiles, dtype=torch.float32)
+
+    def __call__(self, model: Forecaster, batch) -> tuple[torch.Tensor, int]:
+        x, y = batch  # (B, L, F), (B, H)
+        err = y[..., None] - model(x).float()  # (B, H, Q)
+        q = self.q.to(err.device)
+        return torch.maximum(q * err, (q - 1) * err).mean(), len(x)

@@ -49,3 +49,22 @@ def seasonal_naive_forecast(series: np.ndarray, origins: np.ndarray, horizon: in
 
 def score(y: np.ndarray, f: np.ndarray, scale: float) -> dict[str, float]:
     return {"mae": mae(y, f), "rmse": rmse(y, f), "smape": smape(y, f), "mase": mase(y, f, scale)}
+
+
+def pinball(y: np.ndarray, fq: np.ndarray, quantiles) -> float:
+    """Mean pinball (quantile) loss of quantile forecasts ``fq`` (N, H, Q) for ``y`` (N, H)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    err = y[..., None] - fq
+    return float(np.mean(np.maximum(q * err, (q - 1) * err)))
+
+
+def coverage(y: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
+    """Share of actual values inside [lower, upper]."""
+    return float(np.mean((y >= lower) & (y <= upper)))
+
+
+def interval_scores(y: np.ndarray, fq: np.ndarray, quantiles, scale: float) -> dict[str, float]:
+    """Coverage of the outermost quantiles' interval (beside its nominal level) and the mean
+    scaled pinball loss (pinball over the same in-sample scale as MASE)."""
+    return {"coverage": coverage(y, fq[..., 0], fq[..., -1]), "nominal": float(quantiles[-1] - quantiles[0]),
+            "spl": pinball(y, fq, quantiles) / scale}

@@ -73,23 +73,30 @@ class Recurrent(nn.Module):
 @dataclass
 class ForecasterConfig(RecurrentConfig):
     horizon: int = 1
+    quantiles: tuple[float, ...] = ()  # empty: one point forecast per step
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.quantiles = tuple(float(q) for q in self.quantiles)  # JSON gives a list back
 
 
 class Forecaster(nn.Module):
-    """Reads a window of L steps of F features and outputs the next H target values at once."""
+    """Reads a window of L steps of F features and outputs the next H target values at once
+    (B, H), or Q quantiles of each (B, H, Q) when ``cfg.quantiles`` is set."""
 
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Recurrent(cfg)
-        self.head = nn.Linear(self.encoder.output_size, cfg.horizon)
+        self.head = nn.Linear(self.encoder.output_size, cfg.horizon * max(len(cfg.quantiles), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (B, L, F) -> (B, H)
+        # x (B, L, F) -> (B, H) or (B, H, Q)
         _, state = self.encoder(x)
         h = last_hidden(state)[-self.encoder.directions :]  # last layer, every direction: (dirs, B, Hd)
         h = h.transpose(0, 1).reshape(x.shape[0], -1)  # (B, dirs*Hd)
-        return self.head(h)
+        out = self.head(h)
+        return out.view(x.shape[0], self.cfg.horizon, -1) if self.cfg.quantiles else out
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

@@ -36,8 +36,9 @@ def window_origins(start: int, end: int, lookback: int, horizon: int, stride: in
     return np.arange(first, end - horizon + 1, stride, dtype=np.int64)
 
 
-def make_windows(features: np.ndarray, target: np.ndarray, origins: np.ndarray, lookback: int, horizon: int):
+def make_windows(features: np.ndarray, target: np.ndarray, origins: np.ndarray, lookback: int, horizon: int,
+                 dtype=np.float32):
     """Inputs X (N, L, F) from ``features`` (T, F) and targets Y (N, H) from ``target`` (T,)."""
     steps_in = origins[:, None] + np.arange(-lookback, 0)[None, :]  # (N, L)
     steps_out = origins[:, None] + np.arange(horizon)[None, :]  # (N, H)
-    return features[steps_in].astype(np.float32), target[steps_out].astype(np.float32)
+    return features[steps_in].astype(dtype), target[steps_out].astype(dtype)

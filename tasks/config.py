@@ -20,8 +20,12 @@ def option(default, help: str, choices: tuple[str, ...] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-SOURCES = ("sine", "sin-cos", "arithmetic", "file")
+SOURCES = ("sine", "sin-cos", "arithmetic", "trend-season", "file")
 SCALERS = ("standard", "minmax", "none")
+TRANSFORMS = ("none", "log")
+DIFFERENCES = ("none", "first", "seasonal")
+WINDOW_NORMS = ("none", "last", "mean")
+BASELINES = ("none", "naive", "seasonal-naive")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -35,7 +39,7 @@ class TimeSeriesConfig:
     value_column: str = option("", "target column; default: the only numeric column left")
     covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
     max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
-    length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic)")
+    length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic, trend-season)")
     # --- windows
     lookback: int = option(24, "input window length L")
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
@@ -44,12 +48,26 @@ class TimeSeriesConfig:
     test_size: float = option(0.2, "fraction of the series at the end for the backtest")
     season_length: int = option(0, "season for MASE and seasonal naive; 0 = from the data (sine period, frequency)")
     scaler: str = option("standard", "scikit-learn scaler fitted on the training part only", SCALERS)
+    transform: str = option("none", "target transform, inverted on every forecast (log: positive series only)",
+                            TRANSFORMS)
+    difference: str = option("none", "difference the target inputs; each forecast step is then learnt as its "
+                             "change from the last value (first) or from the value one season back (seasonal)",
+                             DIFFERENCES)
+    window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
+                              "divide by its own spread, de-normalise the forecast the same way", WINDOW_NORMS)
+    baseline: str = option("none", "the network learns the correction to this forecast", BASELINES)
+    auto: bool = option(False, "try the candidate transform settings on the validation part, keep the best "
+                        "(the run logs what it chose and why)")
     # --- model
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     hidden_size: int = option(32, "hidden units per layer (and direction)")
     num_layers: int = option(1, "stacked recurrent layers")
     dropout: float = option(0.0, "dropout between stacked layers")
     bidirectional: bool = option(False, "read the input window both ways")
+    quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
+                            "q<level> column each beside forecast (the median, always included)")
+    ensemble: int = option(1, "train K members (seeds seed..seed+K-1) and register one model averaging them")
+    ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
     # --- training
     epochs: int = option(40, "maximum epochs")
     batch_size: int = option(32, "windows per gradient step")
@@ -64,12 +82,41 @@ class TimeSeriesConfig:
     experiment: str = option("timeseries-forecasting", "MLflow experiment")
 
     def __post_init__(self):
-        check_common(self, positive=("lookback", "horizon", "stride", "length"),
+        check_common(self, positive=("lookback", "horizon", "stride", "length", "ensemble"),
                      non_negative=("max_gap", "season_length"), fractions=("val_size", "test_size"))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":
             raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
+        for cell in self.member_cells:
+            if cell not in CELLS:
+                raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELLS)}")
+        self.quantile_levels  # noqa: B018 - parses, so a bad list stops here
+
+    @property
+    def member_cells(self) -> list[str]:
+        """The cell of each ensemble member, in turn from --ensemble-cells."""
+        cells = [c.strip() for c in self.ensemble_cells.split(",") if c.strip()] or [self.cell]
+        return [cells[i % len(cells)] for i in range(self.ensemble)]
+
+    @property
+    def label(self) -> str:
+        """The model's name in backtest tables: rnnflow-lstm, rnnflow-lstm+gru for a mixed ensemble."""
+        return "rnnflow-" + "+".join(dict.fromkeys(self.member_cells))
+
+    @property
+    def quantile_levels(self) -> tuple[float, ...]:
+        """Sorted quantile levels with the median added; () for point forecasts."""
+        if not self.quantiles.strip():
+            return ()
+        try:
+            levels = {float(q) for q in self.quantiles.split(",") if q.strip()}
+        except ValueError:
+            raise ConfigError(f"--quantiles must be comma-separated numbers, got {self.quantiles!r}") from None
+        bad = [q for q in levels if not 0 < q < 1]
+        if bad:
+            raise ConfigError(f"--quantiles must lie strictly between 0 and 1, got {sorted(bad)}")
+        return tuple(sorted(levels | {0.5}))
 
     @property
     def covariates(self) -> list[str]:

@@ -61,6 +61,8 @@ def generate_series(cfg: TimeSeriesConfig) -> Series:
         df, value, covs, season = synthetic.sin_cos(cfg.length, period, seed=cfg.seed), "cos", ["sin"], period
     elif cfg.source == "arithmetic":
         df, value, covs, season = synthetic.arithmetic(cfg.length), "value", [], 1
+    elif cfg.source == "trend-season":
+        df, value, covs, season = synthetic.trend_season(cfg.length, seed=cfg.seed), "value", [], 24
     else:
         raise ValueError(f"generate_series cannot make source {cfg.source!r}")
     cols = [value, *covs]

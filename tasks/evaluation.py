@@ -32,6 +32,9 @@ class Backtest:
     forecasts: dict[str, np.ndarray]  # model name -> (N, H)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     season_length: int = 1
+    quantiles: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> (N, H, Q)
+    levels: tuple[float, ...] = ()
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # model name -> coverage, spl
 
     def markdown(self, title: str = "Backtest") -> str:
         n, h = self.actual.shape
@@ -42,21 +45,29 @@ class Backtest:
                  "|---|" + "---:|" * len(METRICS)]
         for name, s in self.scores.items():
             lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        for name, s in self.intervals.items():
+            lines += ["", f"{name}: the {self.levels[0]:g}-{self.levels[-1]:g} quantile interval covers "
+                      f"{100 * s['coverage']:.1f} % of actual values (nominal {100 * s['nominal']:.0f} %); "
+                      f"mean scaled pinball loss {s['spl']:.4g} over quantiles {', '.join(map(str, self.levels))}."]
         return "\n".join(lines)
 
 
 def run_backtest(series: Series, split: Split, origins: np.ndarray, horizon: int,
-                 forecasts: dict[str, np.ndarray]) -> Backtest:
-    """Score ``forecasts`` (name -> (N, H)) and the naive baselines on the same origins."""
+                 forecasts: dict[str, np.ndarray], levels: tuple[float, ...] = ()) -> Backtest:
+    """Score ``forecasts`` (name -> (N, H), or (N, H, Q) quantiles at ``levels`` whose median is
+    scored as the point forecast) and the naive baselines on the same origins."""
     y = series.features[:, 0]  # target in original units
     actual = y[origins[:, None] + np.arange(horizon)[None, :]]  # (N, H)
     m = series.season_length
-    all_f = {**forecasts,
+    scale = metrics.seasonal_naive_scale(y[: split.train_end], m)
+    quantiles = {name: f for name, f in forecasts.items() if f.ndim == 3}
+    points = {name: f[..., levels.index(0.5)] if f.ndim == 3 else f for name, f in forecasts.items()}
+    all_f = {**points,
              "naive": metrics.naive_forecast(y, origins, horizon),
              "seasonal-naive": metrics.seasonal_naive_forecast(y, origins, horizon, m)}
-    scale = metrics.seasonal_naive_scale(y[: split.train_end], m)
     scores = {name: metrics.score(actual, f, scale) for name, f in all_f.items()}
-    return Backtest(origins, actual, all_f, scores, m)
+    intervals = {name: metrics.interval_scores(actual, f, levels, scale) for name, f in quantiles.items()}
+    return Backtest(origins, actual, all_f, scores, m, quantiles, tuple(levels), intervals)
 
 
 def history_windows(series: Series, origins: np.ndarray, lookback: int) -> np.ndarray:
@@ -67,8 +78,10 @@ def history_windows(series: Series, origins: np.ndarray, lookback: int) -> np.nd
 
 @task(name="backtest", cache_policy=NO_CACHE)
 def backtest(series: Series, split: Split, origins: np.ndarray, pipeline: ForecastPipeline, label: str) -> Backtest:
-    forecast = pipeline.predict(history_windows(series, origins, pipeline.lookback))
-    return run_backtest(series, split, origins, pipeline.horizon, {label: forecast})
+    """The pipeline's forecasts, and each ensemble member's beside them, against the baselines."""
+    forecast, each = pipeline.predict(history_windows(series, origins, pipeline.lookback), members=True)
+    members = {f"{label}-member{i + 1}": f for i, f in enumerate(each)} if len(each) > 1 else {}
+    return run_backtest(series, split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
 
 
 def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Series, origins: np.ndarray,
@@ -93,6 +106,10 @@ def plot_forecast(series: Series, bt: Backtest, model_label: str, path: Path) ->
     ax.plot(t[lo:], y[lo:], color="black", lw=1.2, label="actual")
     for name, style in ((model_label, "-"), ("seasonal-naive", ":")):
         ax.plot(t[bt.origins], bt.forecasts[name][:, 0], style, lw=1, label=f"{name} (1 step ahead)")
+    if model_label in bt.quantiles:
+        q = bt.quantiles[model_label][:, 0]  # (N, Q) one step ahead
+        ax.fill_between(t[bt.origins], q[:, 0], q[:, -1], alpha=0.25, lw=0,
+                        label=f"{bt.levels[0]:g}-{bt.levels[-1]:g} quantiles")
     last = bt.origins[-1] + np.arange(bt.actual.shape[1])
     if len(last) > 1:
         ax.plot(t[last], bt.forecasts[model_label][-1], "o-", ms=3, label=f"{model_label}, last origin")

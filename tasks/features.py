@@ -1,5 +1,5 @@
-"""Windowing and scaling: the chronological split, the scaler fitted on the training part
-only, and the (X, Y) arrays the network trains on."""
+"""Windowing and transforms: the chronological split, the transform chain fitted on the
+training part only, and the (X, Y) arrays the network trains on."""
 
 from __future__ import annotations
 
@@ -9,25 +9,25 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
-from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
-from rnn_models.forecasting import Affine
+from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Transform, WindowNorm
 from rnn_models.windows import Split, make_windows, window_origins
-from tasks.config import TimeSeriesConfig
+from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import DataError, Series
 
 
 @dataclass
 class Windows:
-    """Scaled training/validation arrays, plus what the backtest needs in original units."""
+    """Training/validation arrays in network space, plus what the backtest needs."""
 
     split: Split
-    scaler: Affine
-    x_train: np.ndarray  # (N, L, F) scaled
-    y_train: np.ndarray  # (N, H) scaled
+    chain: Chain  # fitted on the training part; the registered model carries it
+    x_train: np.ndarray  # (N, L', F) network space
+    y_train: np.ndarray  # (N, H) network space
     x_val: np.ndarray
     y_val: np.ndarray
-    test_origins: np.ndarray  # (N_test,) indices of the first forecast step
+    val_origins: np.ndarray  # (N_val,) indices of the first forecast step
+    test_origins: np.ndarray  # (N_test,)
 
 
 def _by_series_content(ctx, params: dict) -> str:
@@ -39,9 +39,44 @@ def _by_series_content(ctx, params: dict) -> str:
 SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
 
 
+def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
+    """The (unfitted) transforms the config asks for, in their fixed order."""
+    m = max(season_length, 1)
+    steps: list[Transform] = []
+    if cfg.transform == "log":
+        steps.append(Log())
+    if cfg.difference != "none":
+        steps.append(Difference(1 if cfg.difference == "first" else m))
+    steps.append(Scale(method=cfg.scaler))
+    if cfg.window_norm != "none":
+        steps.append(WindowNorm(cfg.window_norm))
+    if cfg.baseline != "none":
+        steps.append(Baseline(1 if cfg.baseline == "naive" else m))
+    return Chain(steps)
+
+
+def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
+    """Refuse, before training, what the transforms cannot do with this series."""
+    if cfg.transform == "log":
+        y = series.features[:, 0]
+        bad = np.flatnonzero(y <= 0)
+        if len(bad):
+            raise DataError(f"{series.source}: --transform log needs a positive series, but column "
+                            f"{series.value_column!r} holds {y[bad[0]]:g} at row {bad[0]} ({len(bad)} such rows)")
+    chain, m = build_chain(cfg, series.season_length), series.season_length
+    left = cfg.lookback - chain.consumes  # input steps the network still sees
+    lag = next((t.lag for t in chain.steps if isinstance(t, Baseline)), 1)
+    if left < max(lag, 2):
+        raise ConfigError(f"--lookback {cfg.lookback} is too short for --difference {cfg.difference} and --baseline "
+                          f"{cfg.baseline} with season {m}: they need a lookback of at least "
+                          f"{chain.consumes + max(lag, 2)}")
+
+
 @task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)
 def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
-    """Chronological train/validation/test boundaries, refusing a series too short for them."""
+    """Chronological train/validation/test boundaries, refusing a series too short for them
+    or one the transforms cannot take."""
+    check_transforms(series, cfg)
     n, L, H = len(series.frame), cfg.lookback, cfg.horizon
     split = Split.by_fraction(n, cfg.val_size, cfg.test_size, H)
     train_windows = len(window_origins(0, split.train_end, L, H, cfg.stride))
@@ -54,28 +89,17 @@ def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
     return split
 
 
-def fit_scaler(train: np.ndarray, kind: str) -> Affine:
-    """Fit a scikit-learn scaler on the training rows (T, F) and keep its numbers."""
-    if kind == "none":
-        return Affine.identity(train.shape[1])
-    if kind == "standard":
-        s = StandardScaler().fit(train)
-        return Affine(s.mean_.copy(), s.scale_.copy())
-    if kind == "minmax":
-        s = MinMaxScaler().fit(train)  # x' = x * scale_ + min_  ==  (x - (-min_/scale_)) / (1/scale_)
-        return Affine(-s.min_ / s.scale_, 1.0 / s.scale_)
-    raise ValueError(f"unknown scaler {kind!r}")
-
-
 @task(name="scale-and-window", cache_policy=SERIES_CONTENT, persist_result=True)
 def scale_and_window(series: Series, split: Split, cfg: TimeSeriesConfig) -> Windows:
+    """Raw windows of the training and validation parts, through the transform chain fitted
+    on the training rows only."""
     features = series.features  # (T, F), target first
-    scaler = fit_scaler(features[: split.train_end], cfg.scaler)
-    scaled = scaler.transform(features)
+    chain = build_chain(cfg, series.season_length).fit(features[: split.train_end])
     L, H = cfg.lookback, cfg.horizon
-    train_o = window_origins(*split.part("train"), L, H, cfg.stride)
-    val_o = window_origins(*split.part("val"), L, H, 1)
-    x_train, y_train = make_windows(scaled, scaled[:, 0], train_o, L, H)
-    x_val, y_val = make_windows(scaled, scaled[:, 0], val_o, L, H)
-    test_o = window_origins(*split.part("test"), L, H, 1)
-    return Windows(split, scaler, x_train, y_train, x_val, y_val, test_o)
+    arrays = []
+    for origins in (window_origins(*split.part("train"), L, H, cfg.stride), window_origins(*split.part("val"), L, H)):
+        x, y = make_windows(features, features[:, 0], origins, L, H, dtype=np.float64)
+        x, y, _ = chain.encode(x, y)
+        arrays += [x.astype(np.float32), y.astype(np.float32), origins]
+    x_tr, y_tr, _, x_va, y_va, val_o = arrays
+    return Windows(split, chain, x_tr, y_tr, x_va, y_va, val_o, window_origins(*split.part("test"), L, H))

@@ -27,6 +27,7 @@ from tasks.registry import (
     log_history,
     log_pyfunc,
 )
+from tasks.selection import Selection
 from tasks.text import Corpus
 from tasks.training import Trained, TrainedLM
 
@@ -47,7 +48,8 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
 
 @task(name="register-forecaster", cache_policy=NO_CACHE)
 def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, trained: Trained, bt: Backtest,
-                        label: str, champion: ChampionScore, plots: list[str]) -> Registration:
+                        label: str, champion: ChampionScore, plots: list[str],
+                        selection: Selection | None = None) -> Registration:
     name, fit, pipeline = cfg.registered_name, trained.fit, trained.pipeline()
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
         mlflow.log_params(cfg.to_params())
@@ -55,12 +57,17 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, tra
                            "frequency": series.freq or "", "resolved_value_column": series.value_column,
                            "rows": len(series.frame)})
         log_history(fit.history)
-        mlflow.log_metrics({"train_seconds": fit.train_seconds,
+        mlflow.log_params({"transforms": pipeline.chain.describe(), "member_cells": ",".join(cfg.member_cells),
+                           "quantile_levels": ",".join(map(str, pipeline.quantiles))})
+        mlflow.log_metrics({"train_seconds": sum(f.train_seconds for f in trained.fits),
                             "train_samples_per_second": fit.samples_per_second,
-                            "best_epoch": fit.best_epoch, "best_val_loss": fit.best_val_loss})
+                            "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
+        # test_mase for the model, test_member2_mase for its members, naive_mase for the baselines
+        prefix = {m: m.replace(label, "test", 1).replace("-", "_") for m in bt.scores}
         for model, scores in bt.scores.items():
-            prefix = "test" if model == label else model.replace("-", "_")
-            mlflow.log_metrics({f"{prefix}_{k}": v for k, v in scores.items()})
+            mlflow.log_metrics({f"{prefix[model]}_{k}": v for k, v in scores.items()})
+        for model, scores in bt.intervals.items():
+            mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
         if champion.score is not None:
             mlflow.log_metric("champion_test_mase", champion.score)
         dataset = mlflow.data.from_pandas(series.frame, source=_source(series.source), name=name,
@@ -69,16 +76,23 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, tra
         for p in plots:
             mlflow.log_artifact(p, "plots")
         mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
+        if selection is not None:
+            mlflow.log_param("auto_choice", selection.choice)
+            mlflow.log_metrics({f"auto_val_mase_{k.replace(' + ', '_').replace(' ', '_').replace('-', '_')}": v
+                                for k, v in selection.scores.items() if math.isfinite(v)})
+            mlflow.log_text(selection.markdown(), "auto.md")
 
         cols = [series.value_column, *series.covariate_columns]
         example = series.frame[cols].iloc[: pipeline.lookback].astype("float64").reset_index(drop=True)
-        forecast = pipeline.predict(example.to_numpy()[None])[0]
-        output = pd.DataFrame({"step": np.arange(1, len(forecast) + 1, dtype=np.int64), "forecast": forecast})
+        output = pipeline.to_frame(pipeline.predict(example.to_numpy()[None])[0])
         created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
         return finish_registration(
             name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
             {"kind": "forecaster", "test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
-             "source": series.source, "cell": cfg.cell, "lookback": str(cfg.lookback), "horizon": str(cfg.horizon)},
+             "source": series.source, "cell": ",".join(sorted(set(cfg.member_cells))),
+             "lookback": str(cfg.lookback), "horizon": str(cfg.horizon),
+             "ensemble": str(cfg.ensemble), "quantiles": ",".join(map(str, pipeline.quantiles)),
+             "transforms": pipeline.chain.describe()},
             rescore=lambda: score_champion.fn(name, series, split, bt.origins, cfg.horizon),
         )
 

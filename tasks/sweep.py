@@ -17,19 +17,20 @@ import pandas as pd
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from safetensors.torch import load_file
 
 from rnn_models import checkpoint
-from rnn_models.forecasting import Affine
+from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import SERIES_SUFFIXES, DataError, Series, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest
 from tasks.features import scale_and_window, split_series
 from tasks.registry import client, log_history
+from tasks.selection import choose_settings
 from tasks.training import Trained, train_forecaster
 
-NOT_SWEPT = ("covariate_columns", "model_name", "experiment")  # values that are lists or names themselves
+# values that are lists or names themselves, never grid axes
+NOT_SWEPT = ("covariate_columns", "quantiles", "ensemble_cells", "model_name", "experiment")
 
 
 def build_grid(options: dict[str, str], samples: int = 0, seed: int = 0) -> list[dict]:
@@ -92,10 +93,12 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     t0 = time.perf_counter()
     cfg = TimeSeriesConfig(**{**base, **point})
     series = load(cfg)
+    if cfg.auto:
+        cfg, _ = choose_settings.fn(series, cfg)
     split = split_series.fn(series, cfg)
     windows = scale_and_window.fn(series, split, cfg)
     trained = train_forecaster.fn(series, windows, cfg)
-    label = f"rnnflow-{cfg.cell}"
+    label = cfg.label
     pipeline = trained.pipeline()
     bt = backtest.fn(series, split, windows.test_origins, pipeline, label)
     model_dir = str(Path(out_dir) / f"trial-{index:03d}")
@@ -106,19 +109,17 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     with mlflow.start_run(run_id=run.info.run_id):
         mlflow.log_params({**cfg.to_params(), "trial": index})
         log_history(trained.fit.history)
-        mlflow.log_metrics({"best_val_loss": trained.fit.best_val_loss, "work_seconds": time.perf_counter() - t0,
+        mlflow.log_metrics({"best_val_loss": trained.val_loss, "work_seconds": time.perf_counter() - t0,
                             **{f"test_{k}": v for k, v in bt.scores[label].items()}})
     seconds = time.perf_counter() - t0  # all the trial's own work, its MLflow run included
-    return TrialResult(index, point, trained.fit.best_val_loss, bt.scores[label]["mase"], seconds,
+    return TrialResult(index, point, trained.val_loss, bt.scores[label]["mase"], seconds,
                        run.info.run_id, model_dir, trained.fit)
 
 
 def trained_from(result: TrialResult) -> Trained:
     """The best trial's model back from its folder, as the single-run tasks expect it."""
     d = Path(result.model_dir)
-    meta = checkpoint.load_config(d / checkpoint.CONFIG)
-    state = load_file(str(d / checkpoint.WEIGHTS), device="cpu")
-    return Trained(state, meta.pop("model"), Affine.from_dict(meta.pop("scaler")), meta, result.fit, "cpu")
+    return Trained(ForecastPipeline.load(d / checkpoint.WEIGHTS, d / checkpoint.CONFIG), [result.fit], "cpu")
 
 
 def results_markdown(results: list[TrialResult], best: TrialResult) -> str:

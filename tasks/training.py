@@ -11,13 +11,13 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
-from rnn_models.forecasting import Affine, ForecastPipeline, mse_objective
+from rnn_models.forecasting import ForecastPipeline, PinballObjective, mse_objective
 from rnn_models.generation import complete
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
+from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import Series
 from tasks.features import Windows
@@ -26,19 +26,23 @@ from tasks.text import Corpus
 
 @dataclass
 class Trained:
-    """What leaves the training task: weights on the CPU, never a model on a device."""
+    """What leaves the training task: the pipeline on the CPU, never a model on a device."""
 
-    state_dict: dict[str, torch.Tensor]
-    model_config: dict
-    scaler: Affine
-    meta: dict  # what the served model needs to read its input: lookback, columns, frequency
-    fit: FitResult
+    forecaster: ForecastPipeline
+    fits: list[FitResult]  # one per ensemble member
     device: str
 
+    @property
+    def fit(self) -> FitResult:
+        """The first member's training, the one whose curves the run shows."""
+        return self.fits[0]
+
+    @property
+    def val_loss(self) -> float:
+        return sum(f.best_val_loss for f in self.fits) / len(self.fits)
+
     def pipeline(self) -> ForecastPipeline:
-        model = Forecaster(ForecasterConfig(**self.model_config))
-        model.load_state_dict(self.state_dict)
-        return ForecastPipeline(model, self.scaler, self.meta)
+        return self.forecaster
 
 
 @functools.cache
@@ -55,34 +59,42 @@ def seed_everything(seed: int) -> None:
 
 @task(name="train-forecaster", cache_policy=NO_CACHE)
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) -> Trained:
-    logger = get_run_logger()
+    """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i)."""
+    logger = run_logger()
     device = resolve_device(cfg.device)
-    model_cfg = ForecasterConfig(cell=cfg.cell, input_size=windows.x_train.shape[2], hidden_size=cfg.hidden_size,
-                                 num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional,
-                                 horizon=cfg.horizon)
-    with init_lock():
-        seed_everything(cfg.seed)
-        model = Forecaster(model_cfg).to(device)
+    quantiles = cfg.quantile_levels
+    objective = PinballObjective(quantiles) if quantiles else mse_objective
     # the whole data set lives on the device; batches are index slices, not a DataLoader
     x_tr, y_tr = (torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train))
     x_va, y_va = (torch.from_numpy(a).to(device) for a in (windows.x_val, windows.y_val))
-    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                       patience=cfg.patience, device=device, seed=cfg.seed)
-    logger.info("training %s on %s: %d train / %d validation windows", cfg.cell, device, len(x_tr), len(x_va))
-    result = fit(
-        model,
-        lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-        lambda: tensor_batches(x_va, y_va, batch_size=4096),
-        mse_objective,
-        tcfg,
-    )
-    logger.info("best epoch %d of %d, validation MSE %.5f, %.1f s (%.0f windows/s)", result.best_epoch,
-                len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    members, fits = [], []
+    for i, cell in enumerate(cfg.member_cells):
+        seed = cfg.seed + i
+        model_cfg = ForecasterConfig(cell=cell, input_size=windows.x_train.shape[2], hidden_size=cfg.hidden_size,
+                                     num_layers=cfg.num_layers, dropout=cfg.dropout,
+                                     bidirectional=cfg.bidirectional, horizon=cfg.horizon, quantiles=quantiles)
+        with init_lock():
+            seed_everything(seed)
+            model = Forecaster(model_cfg).to(device)
+        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
+                           patience=cfg.patience, device=device, seed=seed)
+        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+        logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(x_tr), len(x_va))
+        result = fit(
+            model,
+            lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
+            lambda: tensor_batches(x_va, y_va, batch_size=4096),
+            objective,
+            tcfg,
+        )
+        logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who, result.best_epoch,
+                    len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
+        members.append(model.cpu())
+        fits.append(result)
     meta = {"lookback": cfg.lookback, "value_column": series.value_column,
             "covariate_columns": series.covariate_columns, "frequency": series.freq,
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
-    return Trained(state, asdict(model_cfg), windows.scaler, meta, result, device)
+    return Trained(ForecastPipeline(members, windows.chain, meta), fits, device)
 
 
 # ---------------------------------------------------------------- character language model
@@ -104,7 +116,7 @@ class TrainedLM:
 
 @task(name="train-charlm", cache_policy=NO_CACHE)
 def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
-    logger = get_run_logger()
+    logger = run_logger()
     device = resolve_device(cfg.device)
     model_cfg = CharLMConfig(cell=cfg.cell, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                              dropout=cfg.dropout, vocab_size=len(corpus.vocab), input=cfg.input,

@@ -129,6 +129,39 @@ def test_sin_cos_model_needs_its_covariate(mlflow_store):
         model.predict(frame[["cos"]])
 
 
+def test_quantile_ensemble_serves_ordered_quantiles_and_logs_members(mlflow_store):
+    result = run(model_name="bands", horizon=3, quantiles="0.1,0.9", ensemble=2, ensemble_cells="lstm,gru", epochs=3)
+    assert result["label"] == "rnnflow-lstm+gru"
+    assert {"rnnflow-lstm+gru", "rnnflow-lstm+gru-member1", "rnnflow-lstm+gru-member2"} <= set(result["scores"])
+    assert "quantile interval covers" in result["report"]
+    r = MlflowClient(mlflow_store, mlflow_store).get_run(result["run_id"])
+    for key in ("test_mase", "test_member1_mase", "test_member2_mase", "test_coverage", "test_spl"):
+        assert np.isfinite(r.data.metrics[key]), key
+    assert 0 <= r.data.metrics["test_coverage"] <= 1
+    assert r.data.params["member_cells"] == "lstm,gru" and r.data.params["quantile_levels"] == "0.1,0.5,0.9"
+
+    model = mlflow.pyfunc.load_model("models:/bands@champion")
+    y = np.sin(2 * np.pi * np.arange(200) / 40)
+    for end in range(12, 200, 7):  # every row of every answer is ordered
+        out = model.predict(pd.DataFrame({"value": y[:end]}))
+        assert list(out.columns) == ["step", "forecast", "q0.1", "q0.5", "q0.9"] and len(out) == 3
+        assert (out["q0.1"] <= out["q0.5"]).all() and (out["q0.5"] <= out["q0.9"]).all()
+        assert (out["forecast"] == out["q0.5"]).all()
+
+
+def test_auto_logs_what_it_chose_and_why(mlflow_store):
+    result = run(model_name="auto", auto=True, epochs=2, lookback=48)
+    c = MlflowClient(mlflow_store, mlflow_store)
+    r = c.get_run(result["run_id"])
+    choice = r.data.params["auto_choice"]
+    assert f"--auto chose **{choice}**" in result["report"]
+    scores = {k: v for k, v in r.data.metrics.items() if k.startswith("auto_val_mase_")}
+    # the sine is negative: the log candidate is skipped with its reason, the others scored
+    assert len(scores) == 5 and "log" not in " ".join(scores)
+    text = Path(mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="auto.md")).read_text()
+    assert "skipped: --transform log needs a positive series" in text and "(chosen)" in text
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -164,6 +197,10 @@ BAD = {
     "negative lr": (lambda t: dict(lr=-0.1), ConfigError, r"--lr must be a positive number, got -0\.1"),
     "unknown cell": (lambda t: dict(cell="tcn"), ConfigError, r"--cell: 'tcn' is not one of rnn, lstm, gru, elman"),
     "nan loss": (lambda t: dict(lr=1e30, clip=0.0), NonFiniteLossError, r"loss became (nan|inf)"),
+    "log of a negative series": (lambda t: dict(transform="log"), DataError,
+                                 r"--transform log needs a positive series, but column 'value' holds -?[0-9.]+ at row \d+"),
+    "lookback under a season": (lambda t: dict(difference="seasonal"), ConfigError,
+                                r"--lookback 12 is too short for --difference seasonal .* season 40"),
 }
 
 

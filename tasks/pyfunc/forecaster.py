@@ -1,9 +1,10 @@
 """The registered forecaster as MLflow loads it: plain artifacts (safetensors weights, JSON
-config and scaler) read into :class:`rnn_models.forecasting.ForecastPipeline`; nothing pickled.
+config and transform numbers) read into :class:`rnn_models.forecasting.ForecastPipeline`; nothing pickled.
 
 Input: a DataFrame whose value column (and any covariate columns) hold the history in
 original units, at least ``lookback`` rows; only the last ``lookback`` rows are used.
-Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``.
+Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``, and with
+quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``).
 """
 
 import mlflow
@@ -33,8 +34,11 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
             raise _bad_input(f"history must be numeric: {e}") from e
         if not np.isfinite(window).all():
             raise _bad_input(f"the last {L} rows of {self.columns} contain a missing or infinite value")
-        forecast = self.pipeline.predict(window[None])[0]  # (H,)
-        return pd.DataFrame({"step": np.arange(1, len(forecast) + 1, dtype=np.int64), "forecast": forecast})
+        try:
+            forecast = self.pipeline.predict(window[None])[0]  # (H,) or (H, Q)
+        except ValueError as e:  # e.g. a value <= 0 in the history of a log-transformed model
+            raise _bad_input(str(e)) from e
+        return self.pipeline.to_frame(forecast)
 
 
 def _bad_input(message: str) -> MlflowException:

@@ -1,0 +1,177 @@
+"""Forecast accuracy: rnnflow's settings against statsforecast's classical models, one protocol.
+
+    .venv/bin/pip install statsforecast            # benchmark-only, not a runtime dependency
+    .venv/bin/python benchmarks/bench_accuracy.py [--seeds 0,1,2] [--series airline,births]
+
+Protocol, the same for every model and taken from the flow itself: the flow's chronological
+split (last 20 % test, 10 % before it validation); every test step whose full horizon lies in
+the test part is a forecast origin; each model is fitted once on the data before the test part
+(rnnflow: trained on the training part, early-stopped on validation, exactly as the flow does)
+and then forecasts H steps from each origin given the actual history up to it (statsforecast:
+``forward``, the fitted model applied to the longer history without re-estimating). MASE is
+scaled by the in-sample seasonal-naive error of the training part, as in the flow's backtest.
+rnnflow figures are the mean (and spread) over ``--seeds`` training seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+SHARED = ROOT.parent / "shared" / "data"
+
+# name -> (options, what is stated about it)
+SERIES = {
+    "airline": dict(source="file", data=str(SHARED / "airline-passengers.csv"), horizon=12, lookback=36),
+    "births": dict(source="file", data=str(SHARED / "daily-total-female-births.csv"), horizon=7, lookback=28),
+    "sine": dict(source="sine", horizon=10, lookback=48),
+    "trend-season": dict(source="trend-season", length=600, horizon=12, lookback=48),
+    "arithmetic": dict(source="arithmetic", horizon=3, lookback=12),
+}
+
+# label -> options over the flow's defaults; "default" is the flow exactly as it ships
+VARIANTS = {
+    "default": {},
+    "plain z-scored": dict(transform="none", difference="none", window_norm="none", baseline="none"),
+    "window-norm last": dict(transform="none", difference="none", window_norm="last", baseline="none"),
+    "baseline seasonal-naive": dict(transform="none", difference="none", window_norm="none",
+                                    baseline="seasonal-naive"),
+    "difference seasonal": dict(transform="none", difference="seasonal", window_norm="none", baseline="none"),
+    "window-norm + baseline": dict(transform="none", difference="none", window_norm="last",
+                                   baseline="seasonal-naive"),
+    "default x5 ensemble": dict(ensemble=5),
+    "auto": dict(auto=True),
+}
+
+
+def config(series: str, variant: str, seed: int):
+    from tasks.config import TimeSeriesConfig
+
+    return TimeSeriesConfig(**{**SERIES[series], **VARIANTS[variant], "seed": seed, "device": "cpu"})
+
+
+def load(cfg):
+    from tasks.data import SERIES_SUFFIXES, fetch_data, generate_series, load_series
+
+    if cfg.source == "file":
+        return load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+    return generate_series.fn(cfg)
+
+
+def run_rnnflow(job: tuple[str, str, int]) -> tuple[str, str, int, float, float, str]:
+    """One (series, variant, seed): the flow's own tasks, minus MLflow. Returns test MASE."""
+    import torch
+
+    from tasks.evaluation import backtest
+    from tasks.features import scale_and_window, split_series
+    from tasks.training import train_forecaster
+
+    torch.set_num_threads(1)  # two jobs at once on two cores
+    series_name, variant, seed = job
+    cfg = config(series_name, variant, seed)
+    t0 = time.perf_counter()
+    series = load(cfg)
+    note = ""
+    if cfg.auto:
+        from tasks.selection import choose_settings
+
+        cfg, note = choose_settings.fn(series, cfg)
+    split = split_series.fn(series, cfg)
+    windows = scale_and_window.fn(series, split, cfg)
+    trained = train_forecaster.fn(series, windows, cfg)
+    bt = backtest.fn(series, split, windows.test_origins, trained.pipeline(), "rnnflow")
+    return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note
+
+
+def run_classical(series_name: str) -> dict[str, float]:
+    """statsforecast's models on the flow's split and origins; also the flow's own baselines."""
+    from statsforecast.models import AutoARIMA, AutoETS, SeasonalNaive
+
+    from rnn_models.windows import window_origins
+    from tasks.evaluation import run_backtest
+    from tasks.features import split_series
+
+    cfg = config(series_name, "plain z-scored", 0)
+    series = load(cfg)
+    split = split_series.fn(series, cfg)
+    origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
+    y = series.features[:, 0].astype(np.float64)
+    m, H = series.season_length, cfg.horizon
+    forecasts, seconds = {}, {}
+    for name, model in (("SeasonalNaive", SeasonalNaive(season_length=m)), ("AutoETS", AutoETS(season_length=m)),
+                        ("AutoARIMA", AutoARIMA(season_length=m))):
+        t0 = time.perf_counter()
+        model.fit(y[: split.val_end])
+        forecasts[name] = np.stack([model.forward(y[:o], h=H)["mean"] for o in origins])
+        seconds[name] = time.perf_counter() - t0
+    bt = run_backtest(series, split, origins, H, forecasts)
+    return {name: bt.scores[name]["mase"] for name in [*forecasts, "seasonal-naive", "naive"]}, seconds, dict(
+        rows=len(y), season=m, horizon=H, origins=f"{len(origins)} (rows {origins[0]}..{origins[-1]})",
+        lookback=cfg.lookback)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--series", default=",".join(SERIES))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names, variants = args.series.split(","), args.variants.split(",")
+
+    jobs = [(s, v, seed) for s in names for v in variants for seed in seeds]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        slow_first = pool.map(run_classical, names)  # AutoARIMA with a long season takes minutes
+        results = list(pool.map(run_rnnflow, jobs))
+        classical = dict(zip(names, slow_first, strict=True))
+    print(f"# {len(jobs)} rnnflow trainings and {len(names)} x 3 statsforecast fits in "
+          f"{time.perf_counter() - t0:.0f} s on {args.jobs} processes\n")
+
+    for s in names:
+        scores, secs, info = classical[s]
+        print(f"{s}: " + ", ".join(f"{k} {v}" for k, v in info.items())
+              + "; statsforecast seconds " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()))
+    print()
+    cols = ["SeasonalNaive", "AutoETS", "AutoARIMA"]
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for c in cols:
+        print(f"| statsforecast {c} | " + " | ".join(f"{classical[s][0][c]:.3f}" for s in names) + " |")
+    print("| rnnflow's seasonal-naive baseline | " + " | ".join(f"{classical[s][0]['seasonal-naive']:.3f}"
+                                                              for s in names) + " |")
+    for v in variants:
+        cells = []
+        for s in names:
+            mase = np.array([r[3] for r in results if r[0] == s and r[1] == v])
+            cells.append(f"{mase.mean():.3f} ± {mase.std():.3f}" if len(mase) > 1 else f"{mase.mean():.3f}")
+        print(f"| rnnflow {v} | " + " | ".join(cells) + " |")
+    print(f"\nrnnflow cells: mean ± std over seeds {seeds}; lower is better.")
+    notes = [(r[0], r[2], r[5]) for r in results if r[5]]
+    for s, seed, note in notes:
+        print(f"auto on {s} (seed {seed}): {note}")
+    secs = {v: np.mean([r[4] for r in results if r[1] == v]) for v in variants}
+    print("\nmean seconds per rnnflow training: " + ", ".join(f"{v} {t:.1f}" for v, t in secs.items()))
+    # what the default beats, per series
+    for s in names:
+        d = np.mean([r[3] for r in results if r[0] == s and r[1] == "default"]) if "default" in variants else None
+        if d is not None:
+            sc = classical[s][0]
+            print(f"{s}: default {d:.3f} vs SeasonalNaive {sc['SeasonalNaive']:.3f} "
+                  f"({'beats' if d < sc['SeasonalNaive'] else 'LOSES'}), AutoETS {sc['AutoETS']:.3f} "
+                  f"({'beats' if d < sc['AutoETS'] else 'loses'})")
+
+
+if __name__ == "__main__":
+    main()
+
