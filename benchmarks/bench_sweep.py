@@ -23,7 +23,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 GRID = {"cell": "lstm,gru", "hidden_size": "32,48", "lookback": "24,36", "length": "4000", "epochs": "5",
-        "patience": "0", "batch_size": "32", "device": "cpu"}
+        "patience": "0", "batch_size": "32", "device": "cpu", "auto": "false"}
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW's default; decoupled, so it does not fight Adam's scaling
     clip: float = 1.0  # max gradient norm; recurrent nets on raw series explode without it
     patience: int = 5  # epochs without a better validation loss before stopping; 0 disables
+    lr_patience: int = 0  # epochs without a better validation loss before the lr is halved; 0: constant lr
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -96,6 +97,8 @@ def fit(
     best weights. The model must already be on ``cfg.device``."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
+    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience - 1)
+               if cfg.lr_patience else None)
     result, best_state, stale = FitResult(), None, 0
     # disable=None: a bar only on a terminal, not in logs
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
@@ -123,6 +126,8 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
+        if plateau is not None:
+            plateau.step(val_loss)
         if on_epoch is not None:
             on_epoch(stats, model)
         if cfg.patience and stale >= cfg.patience:

@@ -26,6 +26,7 @@ TRANSFORMS = ("none", "log")
 DIFFERENCES = ("none", "first", "seasonal")
 WINDOW_NORMS = ("none", "last", "mean")
 BASELINES = ("none", "naive", "seasonal-naive")
+TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -56,8 +57,8 @@ class TimeSeriesConfig:
     window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
                               "divide by its own spread, de-normalise the forecast the same way", WINDOW_NORMS)
     baseline: str = option("none", "the network learns the correction to this forecast", BASELINES)
-    auto: bool = option(False, "try the candidate transform settings on the validation part, keep the best "
-                        "(the run logs what it chose and why)")
+    auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
+                        "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
     # --- model
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     hidden_size: int = option(32, "hidden units per layer (and direction)")
@@ -75,6 +76,8 @@ class TimeSeriesConfig:
     weight_decay: float = option(0.01, "AdamW decoupled weight decay")
     clip: float = option(1.0, "max gradient norm; recurrent nets on raw series explode without it (0 = off)")
     patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
+    lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
+                              "(0 = constant)")
     device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
     seed: int = option(0, "seed for weights, shuffling and generated data: same seed, same result on CPU")
     # --- registry
@@ -83,11 +86,15 @@ class TimeSeriesConfig:
 
     def __post_init__(self):
         check_common(self, positive=("lookback", "horizon", "stride", "length", "ensemble"),
-                     non_negative=("max_gap", "season_length"), fractions=("val_size", "test_size"))
+                     non_negative=("max_gap", "season_length", "lr_patience"), fractions=("val_size", "test_size"))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":
             raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
+        chosen = [f for f in TRANSFORM_FIELDS if getattr(self, f) != "none"]
+        if self.auto and chosen:
+            raise ConfigError(f"{flag(chosen[0])} {getattr(self, chosen[0])} is chosen by --auto (the default); "
+                              f"add --no-auto to set it yourself")
         for cell in self.member_cells:
             if cell not in CELLS:
                 raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELLS)}")

@@ -24,10 +24,9 @@ from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import SERIES_SUFFIXES, DataError, Series, fetch_data, generate_series, load_series
 from tasks.evaluation import backtest
-from tasks.features import scale_and_window, split_series
 from tasks.registry import client, log_history
-from tasks.selection import choose_settings
-from tasks.training import Trained, train_forecaster
+from tasks.selection import train_directly
+from tasks.training import Trained
 
 # values that are lists or names themselves, never grid axes
 NOT_SWEPT = ("covariate_columns", "quantiles", "ensemble_cells", "model_name", "experiment")
@@ -93,11 +92,7 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     t0 = time.perf_counter()
     cfg = TimeSeriesConfig(**{**base, **point})
     series = load(cfg)
-    if cfg.auto:
-        cfg, _ = choose_settings.fn(series, cfg)
-    split = split_series.fn(series, cfg)
-    windows = scale_and_window.fn(series, split, cfg)
-    trained = train_forecaster.fn(series, windows, cfg)
+    cfg, _, split, windows, trained = train_directly(series, cfg)
     label = cfg.label
     pipeline = trained.pipeline()
     bt = backtest.fn(series, split, windows.test_origins, pipeline, label)

@@ -77,7 +77,7 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) ->
             seed_everything(seed)
             model = Forecaster(model_cfg).to(device)
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                           patience=cfg.patience, device=device, seed=seed)
+                           patience=cfg.patience, lr_patience=cfg.lr_patience, device=device, seed=seed)
         who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
         logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(x_tr), len(x_va))
         result = fit(

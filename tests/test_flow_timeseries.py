@@ -196,10 +196,12 @@ BAD = {
     "horizon 0": (lambda t: dict(horizon=0), ConfigError, r"--horizon must be at least 1, got 0"),
     "negative lr": (lambda t: dict(lr=-0.1), ConfigError, r"--lr must be a positive number, got -0\.1"),
     "unknown cell": (lambda t: dict(cell="tcn"), ConfigError, r"--cell: 'tcn' is not one of rnn, lstm, gru, elman"),
+    "transform under --auto": (lambda t: dict(baseline="naive"), ConfigError,
+                               r"--baseline naive is chosen by --auto \(the default\); add --no-auto"),
     "nan loss": (lambda t: dict(lr=1e30, clip=0.0), NonFiniteLossError, r"loss became (nan|inf)"),
-    "log of a negative series": (lambda t: dict(transform="log"), DataError,
+    "log of a negative series": (lambda t: dict(auto=False, transform="log"), DataError,
                                  r"--transform log needs a positive series, but column 'value' holds -?[0-9.]+ at row \d+"),
-    "lookback under a season": (lambda t: dict(difference="seasonal"), ConfigError,
+    "lookback under a season": (lambda t: dict(auto=False, difference="seasonal"), ConfigError,
                                 r"--lookback 12 is too short for --difference seasonal .* season 40"),
 }
 

@@ -8,7 +8,7 @@ from tasks.config import ConfigError
 from tasks.sweep import build_grid
 
 TINY = ["--length", "600", "--lookback", "12", "--epochs", "2", "--batch-size", "16", "--device", "cpu",
-        "--patience", "0"]
+        "--patience", "0", "--auto", "false"]
 
 
 def test_grid_is_the_product_and_samples_draw_from_it():

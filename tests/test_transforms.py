@@ -15,8 +15,7 @@ from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Windo
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.evaluation import backtest
-from tasks.features import scale_and_window, split_series
-from tasks.training import train_forecaster
+from tasks.selection import train_directly
 
 STEPS = {
     "log": [Log()],
@@ -122,22 +121,21 @@ def test_bad_accuracy_options_are_refused(bad, pattern):
 # ---------------------------------------------------------------- the trending series
 
 TREND = dict(source="trend-season", length=600, lookback=48, horizon=12, hidden_size=32, epochs=40, device="cpu")
-PLAIN = dict(transform="none", difference="none", window_norm="none", baseline="none")
+PLAIN = dict(auto=False)  # z-scored levels, no transform
 
 
 def _test_mase(**options) -> float:
     cfg = TimeSeriesConfig(**{**TREND, **options})
     series = generate_series.fn(cfg)
-    split = split_series.fn(series, cfg)
-    windows = scale_and_window.fn(series, split, cfg)
-    trained = train_forecaster.fn(series, windows, cfg)
+    cfg, _, split, windows, trained = train_directly(series, cfg)
     return backtest.fn(series, split, windows.test_origins, trained.pipeline(), "m").scores["m"]["mase"]
 
 
 @pytest.mark.slow
 def test_defaults_forecast_a_trend_that_a_plain_z_scored_model_cannot():
-    """Linear trend + season + noise; the test part lies above every training level. The
-    seasonal-naive forecast scores MASE about 1.2 here (its in-sample error is the scale)."""
+    """Linear trend + season + noise; the test part lies above every training level. Seasonal
+    naive scores MASE 1.0 on it and AutoETS 0.19 (benchmarks/bench_accuracy.py); the default
+    settings score about 0.2-0.25 there, a network on z-scored levels about 5."""
     default, plain = _test_mase(), _test_mase(**PLAIN)
-    assert default < 1.0, default  # better than seasonal naive
-    assert plain > 2.0, plain  # a network on z-scored levels cannot climb past its training range
+    assert default < 0.4, default
+    assert plain > 2.0, plain
