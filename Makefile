@@ -38,6 +38,8 @@ test: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/bench_accuracy.py
 	$(PY) benchmarks/bench_timeseries.py
 	$(PY) benchmarks/bench_charlm.py
 	$(PY) benchmarks/bench_serving.py

@@ -137,7 +137,8 @@ def task_runner(kind: str, workers: int, address: str):
 
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "preload": ["tasks.dask_worker"]})
 
 
 @contextlib.contextmanager
