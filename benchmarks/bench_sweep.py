@@ -5,8 +5,9 @@
 Prints, per worker count: the wall time of the trial phase (submit -> all results back), the
 sum of the trials' own seconds (load, window, train, backtest, save, its nested MLflow run:
 measured inside each trial), the speed-up against 1 worker, and the orchestration overhead per trial, i.e.
-(wall x workers - sum of trial seconds) / trials: what Prefect and Dask add to each trial,
-including each worker's one-time imports on its first trial. The cluster start (about a second) is outside the trial phase.
+(wall x workers - sum of trial seconds) / trials: what Prefect and Dask add to each trial (with
+several workers, plus the idle tail while the last trial finishes). The cluster's start and its
+workers' warm-up come before the trial phase (flows.sweep.start_workers) and are in the flow total.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from dataclasses import fields
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.cli import registration_note
@@ -35,12 +36,24 @@ from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server,
 from tasks.sweep import build_grid, load, results_markdown, run_trial, split_by_id, split_grid, trained_from
 
 
-def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, out: str):
+def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):
     """Every (base, grid point) as a trial, in parallel on the flow's task runner; returns the
     results in job order and the wall time of the phase."""
+    start_workers()  # not part of the phase: a cluster's start is paid once per sweep, not per trial
     t0 = time.perf_counter()
-    futures = [run_trial.submit(i, point, base, parent_id, experiment_id, out) for i, (base, point) in enumerate(jobs)]
+    futures = [run_trial.submit(i, point, base, parent_id, experiment_id) for i, (base, point) in enumerate(jobs)]
     return [f.result() for f in futures], time.perf_counter() - t0
+
+
+def start_workers() -> None:
+    """Start (or connect to) the flow's Dask cluster now. DaskTaskRunner does so on first use,
+    which would put the workers' start and warm-up (tasks.dask_worker) inside the first
+    trials; the thread runner has nothing to start."""
+    from prefect_dask import DaskTaskRunner
+
+    runner = FlowRunContext.get().task_runner
+    if isinstance(runner, DaskTaskRunner):
+        runner.client  # noqa: B018 - the property creates the client and its cluster
 
 
 def register_best(base: dict, best, out: str):
@@ -48,7 +61,7 @@ def register_best(base: dict, best, out: str):
     cfg = TimeSeriesConfig(**{**base, **best.params})
     series = load(cfg)
     split = split_series(series, cfg)
-    trained = trained_from(best)
+    trained = trained_from(best, out)
     label = cfg.label
     origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
     bt = backtest(series, split, origins, trained.pipeline(), label)
@@ -78,7 +91,7 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
     name = cfg0.registered_name
     with parent_run(cfg0.experiment, f"sweep-{name}", {"trials": str(len(grid))}) as (experiment_id, parent_id):
         with tempfile.TemporaryDirectory() as out:
-            results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id, out)
+            results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id)
             best = min(results, key=lambda r: r.val_loss)
             _, bt, reg = register_best(base, best, out)
     table = results_markdown(results, best)
@@ -109,7 +122,7 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str) -> dict:
                  for sid, path in files.items()}
         jobs = [(sid, p) for sid in bases for p in grid]
         with parent_run(cfg0.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
-            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, out)
+            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id)
             rows = []
             for sid in bases:
                 mine = [r for (s, _), r in zip(jobs, results, strict=True) if s == sid]
@@ -137,6 +150,11 @@ def task_runner(kind: str, workers: int, address: str):
 
     if address:
         return DaskTaskRunner(address=address)
+    import dask
+
+    # the workers' statistical profiler samples every 10 ms: CPU taken from training when
+    # every core runs a trial (their config comes from this process)
+    dask.config.set({"distributed.worker.profile.enabled": False})
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "preload": ["tasks.dask_worker"]})
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+import tempfile
 import time
 import typing
 from dataclasses import dataclass, fields
@@ -29,6 +30,7 @@ from tasks.selection import train_directly
 from tasks.training import Trained
 
 # values that are lists or names themselves, never grid axes
+TRIAL_MODEL = "model"  # artifact folder of a trial's run holding its weights and config
 NOT_SWEPT = ("covariate_columns", "quantiles", "ensemble_cells", "model_name", "experiment")
 
 
@@ -80,14 +82,12 @@ class TrialResult:
     val_loss: float
     test_mase: float
     seconds: float
-    run_id: str
-    model_dir: str
+    run_id: str  # its nested MLflow run, which holds its model files under "model/"
     fit: FitResult  # per-epoch numbers only
 
 
 @task(name="sweep-trial", cache_policy=NO_CACHE)
-def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experiment_id: str,
-              out_dir: str) -> TrialResult:
+def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experiment_id: str) -> TrialResult:
     torch.set_num_threads(1)  # one core per trial: trials in parallel beat threads fighting
     t0 = time.perf_counter()
     cfg = TimeSeriesConfig(**{**base, **point})
@@ -96,24 +96,27 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     label = cfg.label
     pipeline = trained.pipeline()
     bt = backtest.fn(series, split, windows.test_origins, pipeline, label)
-    model_dir = str(Path(out_dir) / f"trial-{index:03d}")
-    pipeline.save(model_dir)
     c = client()
     run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
                        tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index)})
-    with mlflow.start_run(run_id=run.info.run_id):
+    with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({**cfg.to_params(), "trial": index})
         log_history(trained.fit.history)
         mlflow.log_metrics({"best_val_loss": trained.val_loss, "work_seconds": time.perf_counter() - t0,
                             **{f"test_{k}": v for k, v in bt.scores[label].items()}})
+        # the model travels through the tracking store, not a file system the flow must share
+        pipeline.save(tmp)
+        mlflow.log_artifacts(tmp, TRIAL_MODEL)
     seconds = time.perf_counter() - t0  # all the trial's own work, its MLflow run included
-    return TrialResult(index, point, trained.val_loss, bt.scores[label]["mase"], seconds,
-                       run.info.run_id, model_dir, trained.fit)
+    return TrialResult(index, point, trained.val_loss, bt.scores[label]["mase"], seconds, run.info.run_id,
+                       trained.fit)
 
 
-def trained_from(result: TrialResult) -> Trained:
-    """The best trial's model back from its folder, as the single-run tasks expect it."""
-    d = Path(result.model_dir)
+def trained_from(result: TrialResult, directory: str) -> Trained:
+    """The best trial's model back from its MLflow run (into ``directory``), as the
+    single-run tasks expect it."""
+    d = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=TRIAL_MODEL,
+                                                 dst_path=str(Path(directory) / result.run_id)))
     return Trained(ForecastPipeline.load(d / checkpoint.WEIGHTS, d / checkpoint.CONFIG), [result.fit], "cpu")
 
 

@@ -56,6 +56,10 @@ def test_sweep_logs_nested_trials_and_registers_the_best(runner, mlflow_store, c
     best = min(trials, key=lambda r: r.data.metrics["best_val_loss"])
     assert parent.data.params["best_trial"] == best.data.params["trial"]
     assert c.list_artifacts(parent.info.run_id)[0].path == "sweep.md"
+    # each trial's model travels through the tracking store, so workers need no shared disk
+    for t in trials:
+        assert {a.path for a in c.list_artifacts(t.info.run_id, "model")} == {"model/config.json",
+                                                                             "model/weights.safetensors"}
     version = c.get_model_version_by_alias(f"swept-{runner}", "champion")
     registered = c.get_run(version.run_id).data.params
     assert (registered["cell"], registered["hidden_size"]) == (best.data.params["cell"], best.data.params["hidden_size"])
