@@ -67,9 +67,10 @@ def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
     left = cfg.lookback - chain.consumes  # input steps the network still sees
     lag = next((t.lag for t in chain.steps if isinstance(t, Baseline)), 1)
     if left < max(lag, 2):
-        raise ConfigError(f"--lookback {cfg.lookback} is too short for --difference {cfg.difference} and --baseline "
-                          f"{cfg.baseline} with season {m}: they need a lookback of at least "
-                          f"{chain.consumes + max(lag, 2)}")
+        asked = " and ".join(f"--{k} {v}" for k, v in (("difference", cfg.difference), ("baseline", cfg.baseline))
+                             if v != "none")
+        raise ConfigError(f"--lookback {cfg.lookback} is too short for {asked} with season {m}: "
+                          f"a lookback of at least {chain.consumes + max(lag, 2)} is needed")
 
 
 @task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)

@@ -65,7 +65,7 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
         try:
             split = split_series.fn(series, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
-            scores[name], reasons[name] = float("nan"), str(e).split(": ", 1)[-1]
+            scores[name], reasons[name] = float("nan"), str(e).removeprefix(f"{series.source}: ")
             continue
         windows = scale_and_window.fn(series, split, trial)
         trained[name] = train_forecaster.fn(series, windows, trial)

@@ -202,7 +202,7 @@ BAD = {
     "log of a negative series": (lambda t: dict(auto=False, transform="log"), DataError,
                                  r"--transform log needs a positive series, but column 'value' holds -?[0-9.]+ at row \d+"),
     "lookback under a season": (lambda t: dict(auto=False, difference="seasonal"), ConfigError,
-                                r"--lookback 12 is too short for --difference seasonal .* season 40"),
+                                r"--lookback 12 is too short for --difference seasonal with season 40: a lookback of at least 42 is needed"),
 }
 
 
