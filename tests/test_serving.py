@@ -16,7 +16,8 @@ def store(tmp_path_factory, shared_data):
     corpus.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        timeseries_flow(length=600, lookback=12, horizon=3, hidden_size=16, epochs=3, device="cpu")
+        timeseries_flow(length=600, lookback=12, horizon=3, hidden_size=16, epochs=3, device="cpu",
+                        quantiles="0.1,0.9")
         charlm_flow(data=str(corpus), hidden_size=32, embedding_dim=16, num_steps=20, epochs=1, sample_every=0,
                     sample_chars=10, device="cpu")
     return uri
@@ -29,6 +30,7 @@ def test_forecaster_over_http(store):
         assert status == 200, body
         rows = body["predictions"]
         assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["forecast"]) for r in rows)
+        assert all(r["q0.1"] <= r["q0.5"] == r["forecast"] <= r["q0.9"] for r in rows), rows
 
         bad = {
             "missing column": {"dataframe_split": {"columns": ["other"], "data": [[1.0]] * 20}},
