@@ -87,6 +87,17 @@ def run_rnnflow(job: tuple[str, str, int]) -> tuple[str, str, int, float, float,
     return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note
 
 
+def noiseless(series_name: str, cfg) -> np.ndarray | None:
+    """The generated series without its noise, where the generator adds noise."""
+    from rnn_models import synthetic
+
+    if series_name == "sine":
+        return synthetic.sine(cfg.length, noise=0.0)["value"].to_numpy()
+    if series_name == "trend-season":
+        return synthetic.trend_season(cfg.length, noise=0.0)["value"].to_numpy()
+    return None
+
+
 def run_classical(series_name: str) -> dict[str, float]:
     """statsforecast's models on the flow's split and origins; also the flow's own baselines."""
     from statsforecast.models import AutoARIMA, AutoETS, SeasonalNaive
@@ -108,6 +119,9 @@ def run_classical(series_name: str) -> dict[str, float]:
         model.fit(y[: split.val_end])
         forecasts[name] = np.stack([model.forward(y[:o], h=H)["mean"] for o in origins])
         seconds[name] = time.perf_counter() - t0
+    signal = noiseless(series_name, cfg)
+    if signal is not None:  # the generator's own signal: the best any forecaster can do on average
+        forecasts["oracle"] = signal[origins[:, None] + np.arange(H)[None, :]]
     bt = run_backtest(series, split, origins, H, forecasts)
     return {name: bt.scores[name]["mase"] for name in [*forecasts, "seasonal-naive", "naive"]}, seconds, dict(
         rows=len(y), season=m, horizon=H, origins=f"{len(origins)} (rows {origins[0]}..{origins[-1]})",
@@ -145,6 +159,8 @@ def main() -> None:
         print(f"| statsforecast {c} | " + " | ".join(f"{classical[s][0][c]:.3f}" for s in names) + " |")
     print("| rnnflow's seasonal-naive baseline | " + " | ".join(f"{classical[s][0]['seasonal-naive']:.3f}"
                                                               for s in names) + " |")
+    print("| oracle: the generator's noiseless signal | " + " | ".join(
+        f"{classical[s][0]['oracle']:.3f}" if "oracle" in classical[s][0] else "-" for s in names) + " |")
     for v in variants:
         cells = []
         for s in names:
