@@ -1,6 +1,7 @@
-"""Hyper-parameter sweep trials: each one trains and backtests one time-series config, logs a
-nested MLflow run under the sweep's parent run, and leaves its model as plain files in a
-folder. Only small things cross between workers: configs, paths, run ids, scores."""
+"""Hyper-parameter sweep trials: each one trains and backtests one time-series config and logs
+a nested MLflow run under the sweep's parent run, its model's plain files (safetensors + JSON)
+among the run's artifacts. Only small things cross between workers: configs, paths, run ids,
+scores."""
 
 from __future__ import annotations
 
