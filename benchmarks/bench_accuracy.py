@@ -57,19 +57,11 @@ def config(series: str, variant: str, seed: int):
     return TimeSeriesConfig(**{**SERIES[series], **VARIANTS[variant], "seed": seed, "device": "cpu"})
 
 
-def load(cfg):
-    from tasks.data import SERIES_SUFFIXES, fetch_data, generate_series, load_series
-
-    if cfg.source == "file":
-        return load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-    return generate_series.fn(cfg)
-
-
 def run_rnnflow(job: tuple[str, str, int]) -> tuple[str, str, int, float, float, str]:
     """One (series, variant, seed): the flow's own tasks, minus MLflow. Returns test MASE."""
     import torch
 
-    from tasks.data import DataError
+    from tasks.data import DataError, read_series
     from tasks.evaluation import backtest
     from tasks.selection import train_directly
 
@@ -77,7 +69,7 @@ def run_rnnflow(job: tuple[str, str, int]) -> tuple[str, str, int, float, float,
     series_name, variant, seed = job
     cfg = config(series_name, variant, seed)
     t0 = time.perf_counter()
-    series = load(cfg)
+    series = read_series(cfg)
     try:
         cfg, selection, split, windows, trained = train_directly(series, cfg)
     except DataError as e:  # log of a series with values <= 0
@@ -98,16 +90,17 @@ def noiseless(series_name: str, cfg) -> np.ndarray | None:
     return None
 
 
-def run_classical(series_name: str) -> dict[str, float]:
+def run_classical(series_name: str) -> tuple[dict[str, float], dict[str, float], dict]:
     """statsforecast's models on the flow's split and origins; also the flow's own baselines."""
     from statsforecast.models import AutoARIMA, AutoETS, SeasonalNaive
 
     from rnn_models.windows import window_origins
+    from tasks.data import read_series
     from tasks.evaluation import run_backtest
     from tasks.features import split_series
 
     cfg = config(series_name, "plain z-scored", 0)
-    series = load(cfg)
+    series = read_series(cfg)
     split = split_series.fn(series, cfg)
     origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
     y = series.features[:, 0].astype(np.float64)

@@ -28,12 +28,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.cli import registration_note
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
-from tasks.data import DataError
+from tasks.data import DataError, read_series
 from tasks.evaluation import backtest, plot_backtest
 from tasks.features import split_series
 from tasks.register import register_forecaster, score_champion
 from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server, client, ensure_experiment
-from tasks.sweep import build_grid, load, results_markdown, run_trial, split_by_id, split_grid, trained_from
+from tasks.sweep import build_grid, results_markdown, run_trial, split_by_id, split_grid, trained_from
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):
@@ -59,7 +59,7 @@ def start_workers() -> None:
 def register_best(base: dict, best, out: str):
     """The best trial through the single-run tasks: backtest, champion gate, registration."""
     cfg = TimeSeriesConfig(**{**base, **best.params})
-    series = load(cfg)
+    series = read_series(cfg)
     split = split_series(series, cfg)
     trained = trained_from(best, out)
     label = cfg.label

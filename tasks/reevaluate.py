@@ -13,7 +13,7 @@ import torch
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split, window_origins
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
-from tasks.data import SERIES_SUFFIXES, Series, fetch_data, generate_series, load_series
+from tasks.data import Series, fetch_data, read_series
 from tasks.evaluation import forecast_with, run_backtest
 from tasks.features import split_series
 from tasks.registry import RegistryError, client
@@ -54,10 +54,7 @@ def evaluation_data(version) -> EvalData:
     kind, params = kind_of(version), client().get_run(version.run_id).data.params
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
-        if cfg.source == "file":
-            series = load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-        else:
-            series = generate_series.fn(cfg)
+        series = read_series(cfg)
         return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, series=series)
     cfg = config_from_params(CharLMFlowConfig, params)
     corpus = load_corpus.fn(*fetch_data.fn(cfg.corpus, cfg.sha256), cfg)

@@ -24,7 +24,7 @@ from rnn_models import checkpoint
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag
-from tasks.data import SERIES_SUFFIXES, DataError, Series, fetch_data, generate_series, load_series
+from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, read_series
 from tasks.evaluation import backtest
 from tasks.registry import client, log_history
 from tasks.selection import train_directly
@@ -69,13 +69,6 @@ def split_grid(grid: list[dict]) -> tuple[dict, list[dict]]:
     return base, [{k: p[k] for k in varying} for p in grid]
 
 
-def load(cfg: TimeSeriesConfig) -> Series:
-    """The trial's series, read where the trial runs (a path or URL travels, not the data)."""
-    if cfg.source == "file":
-        return load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-    return generate_series.fn(cfg)
-
-
 @dataclass
 class TrialResult:
     index: int
@@ -92,7 +85,7 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     torch.set_num_threads(1)  # one core per trial: trials in parallel beat threads fighting
     t0 = time.perf_counter()
     cfg = TimeSeriesConfig(**{**base, **point})
-    series = load(cfg)
+    series = read_series(cfg)
     cfg, _, split, windows, trained = train_directly(series, cfg)
     label = cfg.label
     pipeline = trained.pipeline()
