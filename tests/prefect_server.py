@@ -34,6 +34,21 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _wait_for(ready, proc: subprocess.Popen, log: Path, failure: str, timeout: float) -> None:
+    """Poll ``ready()`` until it holds; fail with the log's tail if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{failure}: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def _healthy(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).status == 200
+    return False
+
+
 @contextlib.contextmanager
 def prefect_server(tmp: Path, mlflow_uri: str, timeout: float = 120.0):
     """Yields the environment (dict) that points Prefect clients at a fresh local server."""
@@ -46,14 +61,7 @@ def prefect_server(tmp: Path, mlflow_uri: str, timeout: float = 120.0):
     server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
                     tmp / "server.log")
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=1).status == 200:
-                    break
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not start: {(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        _wait_for(lambda: _healthy(port), server, tmp / "server.log", "prefect server did not start", timeout)
         yield env
     finally:
         _stop(server)
@@ -65,11 +73,8 @@ def served_deployments(env: dict, tmp: Path, *deploy_args: str, timeout: float =
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     proc = _start([sys.executable, "-m", "flows.deploy", *deploy_args], env, log)
     try:
-        deadline = time.monotonic() + timeout
-        while not api(env, "POST", "/deployments/filter", {}):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flows.deploy did not register its deployments: {log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        _wait_for(lambda: bool(api(env, "POST", "/deployments/filter", {})), proc, log,
+                  "flows.deploy did not register its deployments", timeout)
         yield proc
     finally:
         _stop(proc)
