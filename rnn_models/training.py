@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import swa_utils
 from tqdm.auto import tqdm
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     clip: float = 1.0  # max gradient norm; recurrent nets on raw series explode without it
     patience: int = 5  # epochs without a better validation loss before stopping; 0 disables
     lr_patience: int = 0  # epochs without a better validation loss before the lr is halved; 0: constant lr
+    ema: float = 0.0  # per-step decay of a moving average of the weights, which is validated and kept; 0: off
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -94,23 +96,29 @@ def fit(
     on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
 ) -> FitResult:
     """Train with AdamW and gradient clipping; stop early on validation loss and restore the
-    best weights. The model must already be on ``cfg.device``."""
+    best weights. With ``cfg.ema`` the weights validated and restored are an exponential moving
+    average of the optimizer's (Polyak averaging: the noise of the last steps averages out).
+    The model must already be on ``cfg.device``."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience - 1)
                if cfg.lr_patience else None)
     result, best_state, stale = FitResult(), None, 0
+    averaged = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
+    after_step = averaged.update_parameters if averaged is not None else None
+    scored = averaged.module if averaged is not None else model  # the weights validated, kept and returned
     # disable=None: a bar only on a terminal, not in logs
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
                disable=None if cfg.progress else True)
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt)
+        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt, after_step)
         result.samples += n
         model.eval()
+        scored.eval()
         with torch.no_grad():
-            val_loss, _ = _run_pass(model, val_batches(), objective, cfg, None)
+            val_loss, _ = _run_pass(scored, val_batches(), objective, cfg, None)
         seconds = time.perf_counter() - t0
         result.train_seconds += seconds
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -123,7 +131,7 @@ def fit(
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if val_loss < result.best_val_loss:
             result.best_val_loss, result.best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
         else:
             stale += 1
         if plateau is not None:
@@ -138,7 +146,7 @@ def fit(
     return result
 
 
-def _run_pass(model, batches, objective, cfg: TrainConfig, opt) -> tuple[float, int]:
+def _run_pass(model, batches, objective, cfg: TrainConfig, opt, after_step=None) -> tuple[float, int]:
     """One pass over ``batches``; trains when an optimizer is given. Returns (mean loss, count)."""
     reset = getattr(objective, "reset", None)
     if reset is not None:
@@ -154,6 +162,8 @@ def _run_pass(model, batches, objective, cfg: TrainConfig, opt) -> tuple[float, 
             if cfg.clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
+            if after_step is not None:
+                after_step(model)
         total += loss.detach().float() * n
         count += n
     return (total.item() / count if count else math.nan), count

@@ -21,13 +21,13 @@ def _data():
     return [torch.from_numpy(a) for a in (*make_windows(feats, y, tr, 12, 2), *make_windows(feats, y, va, 12, 2))]
 
 
-def _train(epochs=4, seed=0, lr=1e-2, clip=1.0, patience=0, on_epoch=None):
+def _train(epochs=4, seed=0, lr=1e-2, clip=1.0, patience=0, on_epoch=None, ema=0.0, objective=mse_objective):
     x_tr, y_tr, x_va, y_va = _data()
     torch.manual_seed(seed)
     model = Forecaster(ForecasterConfig(cell="lstm", input_size=1, hidden_size=8, horizon=2))
-    cfg = TrainConfig(epochs=epochs, lr=lr, clip=clip, patience=patience, seed=seed, progress=False)
+    cfg = TrainConfig(epochs=epochs, lr=lr, clip=clip, patience=patience, seed=seed, progress=False, ema=ema)
     result = fit(model, lambda g: tensor_batches(x_tr, y_tr, batch_size=16, generator=g),
-                 lambda: tensor_batches(x_va, y_va, batch_size=64), mse_objective, cfg, on_epoch=on_epoch)
+                 lambda: tensor_batches(x_va, y_va, batch_size=64), objective, cfg, on_epoch=on_epoch)
     return model, result
 
 
@@ -69,6 +69,31 @@ def test_early_stopping_restores_the_best_weights():
         assert len(result.history) - result.best_epoch == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[result.best_epoch][k])
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights():
+    seen = []  # (training?, weights) at every call of the objective: before each step, and when validating
+
+    def recording(model, batch):
+        seen.append((model.training, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        return mse_objective(model, batch)
+
+    decay = 0.8
+    model, result = _train(epochs=2, lr=3e-2, ema=decay, objective=recording)
+    steps = len(seen) // 2 - 1  # per epoch: train batches, then one validation batch
+    assert [t for t, _ in seen] == ([True] * steps + [False]) * 2
+    # weights after steps 1..n of epoch 1: what the next training call (or epoch 2's first) sees
+    after = [w for _, w in seen[1:steps]] + [seen[steps + 1][1]]
+    expected = dict(after[0])  # the average starts as a copy of the first step's weights
+    for w in after[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w[k] for k in expected}
+    validated = seen[steps][1]  # what epoch 1 validated
+    for k in expected:
+        torch.testing.assert_close(validated[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(validated[k], after[-1][k]) for k in expected)  # not the raw weights
+    kept = seen[steps if result.best_epoch == 1 else -1][1]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, kept[k])  # the best epoch's average is what fit returns
 
 
 def test_nan_loss_stops_with_a_clear_error():
