@@ -38,7 +38,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
         cfg, selection = choose_settings(series, cfg)
     split = split_series(series, cfg)
     windows = scale_and_window(series, split, cfg)
-    trained = (selection and selection.reuse(cfg)) or train_forecaster(series, windows, cfg)
+    trained = train_forecaster(series, windows, cfg, selection.trained if selection else None)
     label = cfg.label
     bt = backtest(series, split, windows.test_origins, trained.pipeline(), label)
 

@@ -67,7 +67,7 @@ class TimeSeriesConfig:
     bidirectional: bool = option(False, "read the input window both ways")
     quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
                             "q<level> column each beside forecast (the median, always included)")
-    ensemble: int = option(1, "train K members (seeds seed..seed+K-1) and register one model averaging them")
+    ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
     # --- training
     epochs: int = option(40, "maximum epochs")
@@ -76,6 +76,8 @@ class TimeSeriesConfig:
     weight_decay: float = option(0.01, "AdamW decoupled weight decay")
     clip: float = option(1.0, "max gradient norm; recurrent nets on raw series explode without it (0 = off)")
     patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
+    ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
+                        "what is validated and registered (0 = off)")
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
     device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
@@ -87,6 +89,8 @@ class TimeSeriesConfig:
     def __post_init__(self):
         check_common(self, positive=("lookback", "horizon", "stride", "length", "ensemble"),
                      non_negative=("max_gap", "season_length", "lr_patience"), fractions=("val_size", "test_size"))
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":

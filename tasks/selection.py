@@ -35,11 +35,7 @@ class Selection:
     choice: str
     scores: dict[str, float]  # candidate -> validation MASE (nan: the candidate could not run)
     reasons: dict[str, str]  # candidate -> why it was skipped
-    trained: Trained | None = None  # the chosen candidate's network: the model itself unless an ensemble is asked
-
-    def reuse(self, cfg: TimeSeriesConfig) -> Trained | None:
-        """The chosen candidate's training when ``cfg`` would train exactly it again (one member)."""
-        return self.trained if cfg.ensemble == 1 else None
+    trained: Trained | None = None  # the chosen candidate's network: the model's first member
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
@@ -91,5 +87,5 @@ def train_directly(series: Series, cfg: TimeSeriesConfig):
         cfg, selection = choose_settings.fn(series, cfg)
     split = split_series.fn(series, cfg)
     windows = scale_and_window.fn(series, split, cfg)
-    trained = (selection and selection.reuse(cfg)) or train_forecaster.fn(series, windows, cfg)
+    trained = train_forecaster.fn(series, windows, cfg, selection.trained if selection else None)
     return cfg, selection, split, windows, trained

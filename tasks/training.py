@@ -58,8 +58,9 @@ def seed_everything(seed: int) -> None:
 
 
 @task(name="train-forecaster", cache_policy=NO_CACHE)
-def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) -> Trained:
-    """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i)."""
+def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None) -> Trained:
+    """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i).
+    ``first``: member 1 already trained on these windows with this config (--auto's choice)."""
     logger = run_logger()
     device = resolve_device(cfg.device)
     quantiles = cfg.quantile_levels
@@ -70,6 +71,12 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) ->
     members, fits = [], []
     for i, cell in enumerate(cfg.member_cells):
         seed = cfg.seed + i
+        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+        if i == 0 and first is not None:
+            logger.info("%s%s trained by --auto, kept", who, cell)
+            members.append(first.forecaster.members[0])
+            fits.append(first.fit)
+            continue
         model_cfg = ForecasterConfig(cell=cell, input_size=windows.x_train.shape[2], hidden_size=cfg.hidden_size,
                                      num_layers=cfg.num_layers, dropout=cfg.dropout,
                                      bidirectional=cfg.bidirectional, horizon=cfg.horizon, quantiles=quantiles)
@@ -77,8 +84,7 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig) ->
             seed_everything(seed)
             model = Forecaster(model_cfg).to(device)
         tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                           patience=cfg.patience, lr_patience=cfg.lr_patience, device=device, seed=seed)
-        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+                           patience=cfg.patience, lr_patience=cfg.lr_patience, ema=cfg.ema, device=device, seed=seed)
         logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(x_tr), len(x_va))
         result = fit(
             model,
