@@ -24,7 +24,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 GRID = {"cell": "lstm,gru", "hidden_size": "32,48", "lookback": "24,36", "length": "4000", "epochs": "5",
-        "patience": "0", "batch_size": "32", "device": "cpu", "auto": "false"}
+        "patience": "0", "batch_size": "32", "device": "cpu", "auto": "false",
+        "ensemble": "1", "ema": "0"}  # one plain network per trial, as when the published figures were taken
 
 
 def main() -> None:
