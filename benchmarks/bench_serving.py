@@ -4,7 +4,8 @@ and in process (``mlflow.pyfunc.load_model(...).predict``), in one run.
     .venv/bin/python benchmarks/bench_serving.py [--requests 500]
 
 It trains and registers a small sine forecaster (the flow's defaults: an ensemble of three
-LSTMs, hidden 32, L=24, H=1) in a temporary store first. Requests are sequential, one at a time, from one client on the same machine.
+LSTMs, hidden 64, L=24, H=1) in a temporary store first. Requests are sequential, one at a
+time, from one client on the same machine.
 """
 
 from __future__ import annotations

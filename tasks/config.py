@@ -61,7 +61,7 @@ class TimeSeriesConfig:
                         "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
     # --- model
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
-    hidden_size: int = option(32, "hidden units per layer (and direction)")
+    hidden_size: int = option(64, "hidden units per layer (and direction)")
     num_layers: int = option(1, "stacked recurrent layers")
     dropout: float = option(0.0, "dropout between stacked layers")
     bidirectional: bool = option(False, "read the input window both ways")

@@ -120,7 +120,7 @@ def test_bad_accuracy_options_are_refused(bad, pattern):
 
 # ---------------------------------------------------------------- the trending series
 
-TREND = dict(source="trend-season", length=600, lookback=48, horizon=12, hidden_size=32, epochs=40, device="cpu")
+TREND = dict(source="trend-season", length=600, lookback=48, horizon=12, device="cpu")  # else the defaults
 PLAIN = dict(auto=False, ensemble=1)  # one network on z-scored levels, no transform
 
 
