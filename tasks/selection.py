@@ -3,6 +3,9 @@
 Each candidate trains one network (the config's first member) on the training part, early-
 stopped on validation as usual, and is scored by its validation MASE in original units, so
 candidates in different network spaces compare fairly. The test part is never looked at.
+A validation part of fewer than ``MIN_ORIGINS`` forecast origins (a short monthly series: 3)
+makes the choice a coin toss, so there the candidates are scored on a longer window carved
+from the end of the training part, and the chosen settings are then trained on the flow's split.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
 from tasks.data import DataError, Series
@@ -30,19 +34,38 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 }
 
 
+MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, where the series allows
+
+
 @dataclass
 class Selection:
     choice: str
     scores: dict[str, float]  # candidate -> validation MASE (nan: the candidate could not run)
     reasons: dict[str, str]  # candidate -> why it was skipped
-    trained: Trained | None = None  # the chosen candidate's network: the model's first member
+    trained: Trained | None = None  # the chosen network, the model's first member (None: trained on another split)
+    widened: str = ""  # how the validation part was widened, if it was
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
                 + (f"{s:.4g}" if np.isfinite(s) else f"skipped: {self.reasons[name]}") + " |"
                 for name, s in self.scores.items()]
-        return "\n".join([f"--auto chose **{self.choice}**: the lowest validation MASE of the candidates.", "",
-                          "| candidate | validation MASE |", "|---|---:|", *rows])
+        lines = [f"--auto chose **{self.choice}**: the lowest validation MASE of the candidates."]
+        if self.widened:
+            lines.append(self.widened)
+        return "\n".join([*lines, "", "| candidate | validation MASE |", "|---|---:|", *rows])
+
+
+def selection_split(split: Split, cfg: TimeSeriesConfig) -> Split:
+    """The split the candidates are scored on: the flow's own, or, when its validation part holds
+    fewer than MIN_ORIGINS origins, one whose validation part is the last MIN_ORIGINS + H - 1 rows
+    before the test part, provided the shorter training part still holds MIN_ORIGINS windows."""
+    H = cfg.horizon
+    if len(window_origins(*split.part("val"), cfg.lookback, H)) >= MIN_ORIGINS:
+        return split
+    train_end = split.val_end - (MIN_ORIGINS + H - 1)
+    if len(window_origins(0, train_end, cfg.lookback, H, cfg.stride)) < MIN_ORIGINS:
+        return split  # too short for both: the flow's split, as good as it gets
+    return Split(split.n, train_end, split.val_end)
 
 
 def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
@@ -55,14 +78,22 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
 def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesConfig, Selection]:
     """The config with the transform settings of the candidate with the best validation MASE."""
     logger = run_logger()
-    scores, reasons, trained = {}, {}, {}
+    scores, reasons, trained, widened = {}, {}, {}, ""
     for name in CANDIDATES:
         trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
-            split = split_series.fn(series, trial)
+            own = split_series.fn(series, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
             scores[name], reasons[name] = float("nan"), str(e).removeprefix(f"{series.source}: ")
             continue
+        split = selection_split(own, trial)
+        if split != own and not widened:
+            widened = (f"The validation part holds {len(window_origins(*own.part('val'), cfg.lookback, cfg.horizon))} "
+                       f"forecast origins, too few to choose on: candidates were trained on rows "
+                       f"0..{split.train_end - 1} and scored on {MIN_ORIGINS} origins in rows "
+                       f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
+                       f"flow's split.")
+            logger.info("--auto: %s", widened)
         windows = scale_and_window.fn(series, split, trial)
         trained[name] = train_forecaster.fn(series, windows, trial)
         pipeline = trained[name].pipeline()
@@ -75,7 +106,7 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
         raise DataError(f"{series.source}: no --auto candidate could run on this series: {reasons}")
     choice = min(finite, key=finite.get)
     logger.info("--auto chose %s (validation MASE %.4f)", choice, finite[choice])
-    return apply(cfg, choice), Selection(choice, scores, reasons, trained[choice])
+    return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
 
 
 def train_directly(series: Series, cfg: TimeSeriesConfig):

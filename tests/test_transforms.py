@@ -12,10 +12,11 @@ import torch
 from rnn_models.forecasting import ForecastPipeline, PinballObjective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, WindowNorm
+from rnn_models.windows import Split, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.evaluation import backtest
-from tasks.selection import train_directly
+from tasks.selection import MIN_ORIGINS, selection_split, train_directly
 
 STEPS = {
     "log": [Log()],
@@ -150,3 +151,21 @@ def test_the_default_ensemble_keeps_the_network_auto_chose_as_its_first_member()
     assert members[0] is selection.trained.pipeline().members[0] and trained.fits[0] is selection.trained.fit
     first, second = (torch.cat([p.flatten() for p in m.parameters()]) for m in members[:2])
     assert not torch.equal(first, second)  # the others are trained, from seeds seed+1, seed+2
+
+
+def test_auto_chooses_on_a_wider_validation_window_when_the_series_is_short():
+    # 144 monthly-like rows, H=12: the flow's validation part (14 rows) holds 3 forecast origins
+    cfg = TimeSeriesConfig(source="trend-season", length=144, lookback=36, horizon=12, hidden_size=8, epochs=2,
+                           device="cpu")
+    split = Split.by_fraction(144, cfg.val_size, cfg.test_size, cfg.horizon)
+    wide = selection_split(split, cfg)
+    assert (wide.n, wide.val_end) == (split.n, split.val_end)  # the test part is untouched
+    assert len(window_origins(*wide.part("val"), cfg.lookback, cfg.horizon)) == MIN_ORIGINS
+    assert selection_split(Split(1200, 840, 960), cfg) == Split(1200, 840, 960)  # enough origins: as is
+    assert selection_split(Split(80, 50, 64), cfg) == Split(80, 50, 64)  # too short to widen: as is
+
+    series = generate_series.fn(cfg)
+    settled, selection, used, _, trained = train_directly(series, cfg)
+    assert used == split  # the model itself trains on the flow's split
+    assert f"scored on {MIN_ORIGINS} origins in rows {wide.train_end}..{wide.val_end - 1}" in selection.markdown()
+    assert selection.trained is None and len(trained.fits) == settled.ensemble  # every member trained anew
