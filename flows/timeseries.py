@@ -57,7 +57,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
             "run_id": reg.run_id, "scores": bt.scores, "label": label, "report": report,
-            "train_seconds": trained.fit.train_seconds, "device": trained.device}
+            "train_seconds": trained.train_seconds, "device": trained.device}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,11 @@ class Trained:
         return self.fits[0]
 
     @property
+    def train_seconds(self) -> float:
+        """Every member's training (a member kept from --auto counts its own training)."""
+        return sum(f.train_seconds for f in self.fits)
+
+    @property
     def val_loss(self) -> float:
         return sum(f.best_val_loss for f in self.fits) / len(self.fits)
 
