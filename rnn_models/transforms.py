@@ -75,8 +75,28 @@ class Log(Transform):
 
 
 @dataclass
-class Difference(Transform):
+class Baseline(Transform):
+    """The network learns y minus the naive (lag 1) or seasonal-naive (lag m) forecast."""
+
     lag: int = 1
+    kind = "baseline"
+
+    def forward(self, x, y):
+        ref = lagged_reference(x[..., 0], self.lag, 1 if y is None else y.shape[1])
+        return x, (None if y is None else y - ref), x[..., 0]
+
+    def inverse(self, y, ctx):
+        return y + _expand(lagged_reference(ctx, self.lag, y.shape[1]), y)
+
+    def to_dict(self):
+        return {"kind": self.kind, "lag": self.lag}
+
+
+@dataclass
+class Difference(Baseline):
+    """Baseline's targets (each step's change from the value ``lag`` back), with the target
+    inputs differenced too, which uses up the first ``lag`` input steps."""
+
     kind = "difference"
 
     @property
@@ -84,16 +104,10 @@ class Difference(Transform):
         return self.lag
 
     def forward(self, x, y):
-        ref = lagged_reference(x[..., 0], self.lag, 1 if y is None else y.shape[1])
+        _, y, ctx = super().forward(x, y)
         out = x[:, self.lag :].copy()
         out[..., 0] = x[:, self.lag :, 0] - x[:, : -self.lag, 0]
-        return out, (None if y is None else y - ref), x[..., 0]
-
-    def inverse(self, y, ctx):
-        return y + _expand(lagged_reference(ctx, self.lag, y.shape[1]), y)
-
-    def to_dict(self):
-        return {"kind": self.kind, "lag": self.lag}
+        return out, y, ctx
 
 
 @dataclass
@@ -149,24 +163,6 @@ class WindowNorm(Transform):
 
     def to_dict(self):
         return {"kind": self.kind, "center": self.center}
-
-
-@dataclass
-class Baseline(Transform):
-    """The network learns y minus the naive (lag 1) or seasonal-naive (lag m) forecast."""
-
-    lag: int = 1
-    kind = "baseline"
-
-    def forward(self, x, y):
-        ref = lagged_reference(x[..., 0], self.lag, 1 if y is None else y.shape[1])
-        return x, (None if y is None else y - ref), x[..., 0]
-
-    def inverse(self, y, ctx):
-        return y + _expand(lagged_reference(ctx, self.lag, y.shape[1]), y)
-
-    def to_dict(self):
-        return {"kind": self.kind, "lag": self.lag}
 
 
 def _from_dict(d: dict) -> Transform:

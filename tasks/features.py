@@ -65,7 +65,7 @@ def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
                             f"{series.value_column!r} holds {y[bad[0]]:g} at row {bad[0]} ({len(bad)} such rows)")
     chain, m = build_chain(cfg, series.season_length), series.season_length
     left = cfg.lookback - chain.consumes  # input steps the network still sees
-    lag = next((t.lag for t in chain.steps if isinstance(t, Baseline)), 1)
+    lag = next((t.lag for t in chain.steps if type(t) is Baseline), 1)  # a Difference is a Baseline too
     if left < max(lag, 2):
         asked = " and ".join(f"--{k} {v}" for k, v in (("difference", cfg.difference), ("baseline", cfg.baseline))
                              if v != "none")
