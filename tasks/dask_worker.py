@@ -19,7 +19,8 @@ from tasks.sweep import run_trial  # noqa: F401  (the trial task and everything 
 def dask_setup(worker) -> None:
     torch.set_num_threads(1)  # trials in parallel beat threads fighting over the same cores
     # one tiny training through the trial's own code: lazy imports, torch's first passes
-    cfg = TimeSeriesConfig(length=120, lookback=8, hidden_size=4, epochs=1, auto=False, device="cpu")
+    cfg = TimeSeriesConfig(length=120, lookback=8, hidden_size=4, epochs=1, auto=False, ensemble=1,
+                           device="cpu")
     train_directly(generate_series.fn(cfg), cfg)
     try:
         client().search_experiments(max_results=1)  # opens (and for SQLite, migrates) the store

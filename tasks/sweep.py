@@ -30,8 +30,8 @@ from tasks.registry import client, log_history
 from tasks.selection import train_directly
 from tasks.training import Trained
 
-# values that are lists or names themselves, never grid axes
 TRIAL_MODEL = "model"  # artifact folder of a trial's run holding its weights and config
+# values that are lists or names themselves, never grid axes
 NOT_SWEPT = ("covariate_columns", "quantiles", "ensemble_cells", "model_name", "experiment")
 
 
