@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim import swa_utils
 from tqdm.auto import tqdm
 
 
@@ -35,6 +34,7 @@ class TrainConfig:
     patience: int = 5  # epochs without a better validation loss before stopping; 0 disables
     lr_patience: int = 0  # epochs without a better validation loss before the lr is halved; 0: constant lr
     ema: float = 0.0  # per-step decay of a moving average of the weights, which is validated and kept; 0: off
+    minutes: float = 0.0  # wall-clock budget: train until it is spent, the lr on a cosine over it; 0: by epochs
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -98,14 +98,20 @@ def fit(
     """Train with AdamW and gradient clipping; stop early on validation loss and restore the
     best weights. With ``cfg.ema`` the weights validated and restored are an exponential moving
     average of the optimizer's (Polyak averaging: the noise of the last steps averages out).
-    The model must already be on ``cfg.device``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    With ``cfg.minutes`` training stops once that much wall-clock time has passed (at most
+    ``cfg.epochs`` epochs), the learning rate falling on a cosine over the budget; the epoch
+    under way when it runs out is cut short and validated. The model must already be on
+    ``cfg.device``."""
+    # fused: one kernel for the whole update on CUDA, where a small model's step is launch-bound
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=cfg.device.startswith("cuda"))
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
+    budget = Budget(opt, cfg.minutes * 60.0) if cfg.minutes > 0 else None
     plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience - 1)
-               if cfg.lr_patience else None)
+               if cfg.lr_patience and budget is None else None)
     result, best_state, stale = FitResult(), None, 0
-    averaged = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(cfg.ema)) if cfg.ema else None
-    after_step = averaged.update_parameters if averaged is not None else None
+    averaged = MovingAverage(model, cfg.ema) if cfg.ema else None
+    after_step = averaged.update if averaged is not None else None
     scored = averaged.module if averaged is not None else model  # the weights validated, kept and returned
     # disable=None: a bar only on a terminal, not in logs
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
@@ -113,7 +119,7 @@ def fit(
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt, after_step)
+        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt, after_step, budget)
         result.samples += n
         model.eval()
         scored.eval()
@@ -138,7 +144,7 @@ def fit(
             plateau.step(val_loss)
         if on_epoch is not None:
             on_epoch(stats, model)
-        if cfg.patience and stale >= cfg.patience:
+        if (cfg.patience and stale >= cfg.patience) or (budget is not None and budget.spent):
             break
     bar.close()
     if best_state is not None:
@@ -146,8 +152,53 @@ def fit(
     return result
 
 
-def _run_pass(model, batches, objective, cfg: TrainConfig, opt, after_step=None) -> tuple[float, int]:
-    """One pass over ``batches``; trains when an optimizer is given. Returns (mean loss, count)."""
+class MovingAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), kept in a copy
+    of the model: the first step copies the weights, every later one moves the average
+    ``1 - decay`` of the way towards them, in place, one fused operation for all tensors and
+    no host round trip (``swa_utils.AveragedModel`` reads a device counter every step)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module, self.decay, self.started = copy.deepcopy(model), decay, False
+        for m in self.module.modules():
+            if isinstance(m, nn.RNNBase):  # a deep copy's cuDNN weights are no longer one chunk:
+                m.flatten_parameters()  # compact them once here, not at every call (seen on an H200)
+        self.averaged = list(self.module.parameters())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = list(model.parameters())
+        if self.started:
+            torch._foreach_lerp_(self.averaged, current, 1.0 - self.decay)
+        else:
+            torch._foreach_copy_(self.averaged, current)
+            self.started = True
+
+
+class Budget:
+    """A wall-clock training budget: sets the learning rate on a cosine from its start value
+    down to ``floor`` times it as the budget is spent, and says when it is."""
+
+    def __init__(self, opt: torch.optim.Optimizer, seconds: float, floor: float = 0.1):
+        self.opt, self.seconds, self.floor = opt, seconds, floor
+        self.base = [g["lr"] for g in opt.param_groups]
+        self.start = time.perf_counter()
+        self.spent = False
+
+    def step(self) -> bool:
+        """After an optimizer step: update the learning rate; True once the budget is spent."""
+        frac = min((time.perf_counter() - self.start) / self.seconds, 1.0)
+        scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group, base in zip(self.opt.param_groups, self.base, strict=True):
+            group["lr"] = base * scale
+        self.spent = frac >= 1.0
+        return self.spent
+
+
+def _run_pass(model, batches, objective, cfg: TrainConfig, opt, after_step=None,
+              budget: Budget | None = None) -> tuple[float, int]:
+    """One pass over ``batches``; trains when an optimizer is given, until the budget (if any)
+    is spent. Returns (mean loss, count)."""
     reset = getattr(objective, "reset", None)
     if reset is not None:
         reset()
@@ -166,6 +217,8 @@ def _run_pass(model, batches, objective, cfg: TrainConfig, opt, after_step=None)
                 after_step(model)
         total += loss.detach().float() * n
         count += n
+        if budget is not None and budget.step():
+            break
     return (total.item() / count if count else math.nan), count
 
 

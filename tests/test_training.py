@@ -1,6 +1,7 @@
 """The training loop: fixed-seed regression, reproducibility, early stopping, NaN handling."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from rnn_models import synthetic
 from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import NonFiniteLossError, TrainConfig, fit, tensor_batches
+from rnn_models.training import Budget, NonFiniteLossError, TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
 
 
@@ -105,3 +106,29 @@ def test_samples_per_second_is_reported():
     _, result = _train(epochs=2)
     assert result.samples == 2 * len(_data()[0])
     assert result.train_seconds > 0 and math.isfinite(result.samples_per_second)
+
+
+
+def test_a_time_budget_ends_training_mid_epoch():
+    x_tr, y_tr, x_va, y_va = _data()
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(cell="lstm", input_size=1, hidden_size=8, horizon=2))
+
+    def slow_batches(g):  # 15 batches of >= 20 ms each: one epoch outlasts the 0.1 s budget
+        for b in tensor_batches(x_tr, y_tr, batch_size=16, generator=g):
+            time.sleep(0.02)
+            yield b
+
+    cfg = TrainConfig(epochs=50, lr=1e-2, patience=0, progress=False, minutes=0.1 / 60)
+    result = fit(model, slow_batches, lambda: tensor_batches(x_va, y_va, batch_size=64), mse_objective, cfg)
+    assert len(result.history) == 1 and result.samples < len(x_tr)  # cut short, then validated
+    assert math.isfinite(result.best_val_loss) and result.best_epoch == 1
+
+
+def test_the_budget_sets_a_cosine_learning_rate_over_its_time():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+    budget = Budget(opt, seconds=100.0, floor=0.1)
+    for frac, scale in ((0.0, 1.0), (0.5, 0.55), (1.0, 0.1)):
+        budget.start = time.perf_counter() - frac * 100.0
+        assert budget.step() is (frac == 1.0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * scale, rel=1e-3)
