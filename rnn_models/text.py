@@ -71,10 +71,11 @@ def random_batches(data: torch.Tensor, batch_size: int, num_steps: int,
     """(X, Y) pairs of shape (B, T): windows at a random offset, in random order."""
     offset = int(torch.randint(num_steps, (1,), generator=generator))
     n = (len(data) - 1 - offset) // num_steps
-    starts = offset + num_steps * torch.randperm(n, generator=generator)  # (n,)
-    steps = torch.arange(num_steps)
+    # drawn on the CPU generator (same order on any device), moved once per pass, not per batch
+    starts = (offset + num_steps * torch.randperm(n, generator=generator)).to(data.device)  # (n,)
+    steps = torch.arange(num_steps, device=data.device)
     for i in range(0, n, batch_size):
-        idx = (starts[i : i + batch_size, None] + steps[None, :]).to(data.device)  # (B, T)
+        idx = starts[i : i + batch_size, None] + steps[None, :]  # (B, T)
         yield data[idx], data[idx + 1]
 
 
