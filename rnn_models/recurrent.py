@@ -67,6 +67,12 @@ class Recurrent(nn.Module):
 
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         # x (B, T, I) -> out (B, T, dirs*H), state (layers*dirs, B, H) [x2 for LSTM]
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # CUDA autocast runs cuDNN's RNNs in float16 whatever dtype it was asked for (ATen's
+            # AutocastRNN.cpp), and float16 gradients underflow without loss scaling: the
+            # recurrence runs in float32 (TF32 matmuls), the layers around it in bf16
+            with torch.autocast("cuda", enabled=False):
+                return self.rnn(x.float(), state)
         return self.rnn(x, state)
 
 
@@ -125,6 +131,9 @@ class CharLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, width) if cfg.input == "embedding" else None
         self.encoder = Recurrent(RecurrentConfig(**{**_recurrent_fields(cfg), "input_size": width}))
+        # dropout on the last layer's output too, not only between layers (Zaremba et al., 2014):
+        # a one-layer char LM on a small corpus otherwise overfits within a few epochs
+        self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.encoder.output_size, cfg.vocab_size)
 
     def forward(self, idx: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
@@ -134,7 +143,7 @@ class CharLM(nn.Module):
         else:
             x = nn.functional.one_hot(idx, self.cfg.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
         out, state = self.encoder(x, state)  # (B, T, H)
-        return self.head(out), state
+        return self.head(self.drop(out)), state
 
     @torch.no_grad()
     def generate(self, prefix: torch.Tensor, max_new: int, temperature: float = 1.0,

@@ -170,7 +170,7 @@ class CharLMFlowConfig:
     cell: str = option("lstm", "recurrent cell", tuple(CELLS))
     hidden_size: int = option(256, "hidden units per layer")
     num_layers: int = option(1, "stacked recurrent layers")
-    dropout: float = option(0.0, "dropout between stacked layers")
+    dropout: float = option(0.0, "dropout between stacked layers and on the last layer's output")
     # --- training
     epochs: int = option(20, "maximum epochs")
     lr: float = option(2e-3, "AdamW learning rate")
