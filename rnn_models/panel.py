@@ -1,0 +1,117 @@
+"""Many series in one tensor, and their windows gathered lazily by index arithmetic: the data
+of a global model, one network trained on windows from every series.
+
+A :class:`Panel` holds every series end to end in one flat tensor with each series' offset
+and length. :class:`PanelWindows` numbers every (series, origin) window whose targets lie in
+a chosen part of each series and gathers a batch of them where the panel lives: memory grows
+with the data, not with data x lookback, and on a GPU no batch crosses from the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from rnn_models.transforms import EPS
+
+
+@dataclass
+class Panel:
+    values: torch.Tensor  # (N,) every series end to end
+    offsets: torch.Tensor  # (S,) int64: where each series starts in ``values``
+    lengths: torch.Tensor  # (S,) int64
+    ids: list[str]
+
+    @classmethod
+    def from_series(cls, series: Sequence[np.ndarray], ids: Sequence[str] | None = None,
+                    device: str | torch.device = "cpu") -> Panel:
+        lengths = np.array([len(s) for s in series], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        values = np.concatenate([np.asarray(s, dtype=np.float32) for s in series]) if len(series) else np.zeros(0)
+        ids = list(ids) if ids is not None else [str(i) for i in range(len(series))]
+        if len(ids) != len(series):
+            raise ValueError(f"{len(ids)} ids for {len(series)} series")
+        return cls(torch.from_numpy(values.astype(np.float32)).to(device), torch.from_numpy(offsets).to(device),
+                   torch.from_numpy(lengths).to(device), ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device: str | torch.device) -> Panel:
+        return Panel(self.values.to(device), self.offsets.to(device), self.lengths.to(device), self.ids)
+
+
+class PanelWindows:
+    """Every window of ``lookback`` inputs and ``horizon`` targets, of every series, whose
+    targets lie in rows [start[i], end[i]) of series i (inputs may reach back before start:
+    that is history, not leakage), every ``stride``-th origin. Window k is found by a binary
+    search over the per-series counts, never stored."""
+
+    def __init__(self, panel: Panel, lookback: int, horizon: int, start: np.ndarray, end: np.ndarray,
+                 stride: int = 1):
+        self.panel, self.lookback, self.horizon, self.stride = panel, lookback, horizon, stride
+        start, end = np.asarray(start, dtype=np.int64), np.asarray(end, dtype=np.int64)
+        first = np.maximum(start, lookback)  # the first origin with a full input window
+        counts = np.maximum((end - horizon - first) // stride + 1, 0)  # (S,) windows per series
+        dev = panel.device
+        self.counts = torch.from_numpy(counts).to(dev)
+        self.ends = torch.from_numpy(np.cumsum(counts)).to(dev)  # (S,) one past each series' last window id
+        self.first = torch.from_numpy(first).to(dev)
+        self.total = int(counts.sum())
+        self.steps = torch.arange(-lookback, horizon, device=dev)  # (L+H,) offsets around an origin
+
+    def __len__(self) -> int:
+        return self.total
+
+    def locate(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window ids (B,) -> (series (B,), origin row within that series (B,))."""
+        series = torch.searchsorted(self.ends, index, right=True)  # (B,)
+        within = index - (self.ends[series] - self.counts[series])  # k-th window of its series
+        return series, self.first[series] + within * self.stride
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window ids (B,) on the panel's device -> inputs (B, L) and targets (B, H)."""
+        series, origin = self.locate(index)
+        rows = (self.panel.offsets[series] + origin)[:, None] + self.steps[None, :]  # (B, L+H)
+        w = self.panel.values[rows]
+        return w[:, : self.lookback], w[:, self.lookback :]
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets) batches, shuffled when a generator is given (drawn on the CPU, so
+        the order is the same on any device, and moved once per pass, not per batch)."""
+        dev = self.panel.device
+        order = (torch.randperm(self.total, generator=generator).to(dev) if generator is not None
+                 else torch.arange(self.total, device=dev))
+        for i in range(0, self.total, batch_size):
+            yield self.gather(order[i : i + batch_size])
+
+
+def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "last"):
+    """The torch twin of :class:`rnn_models.transforms.WindowNorm` for one feature: windows
+    x (B, L) centred on their last value (or mean) and divided by their own spread, targets
+    y (B, H) likewise. Returns (x', y' or None, (c, s)), c and s (B, 1), so that y = y' * s + c."""
+    c = x[:, -1:] if center == "last" else x.mean(dim=1, keepdim=True)  # (B, 1)
+    s = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)  # (B, 1)
+    return (x - c) / s, (None if y is None else (y - c) / s), (c, s)
+
+
+class PanelObjective:
+    """The training loop's objective on panel windows: each window normalised by itself, so
+    series of any scale train together; mean squared error in those units."""
+
+    def __init__(self, center: str = "last"):
+        self.center = center
+
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        x, y = batch  # (B, L), (B, H) in original units
+        xn, yn, _ = window_norm(x, y, self.center)
+        return nn.functional.mse_loss(model(xn[..., None]).float(), yn), len(x)
