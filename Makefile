@@ -18,7 +18,7 @@ PREFECT_PORT ?= 4200
 # only `deploy` talks to the long-running server; `run` and `test` start temporary ones
 API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
-.PHONY: run charlm test bench install clean serve-model ui models server deploy tracking-server
+.PHONY: run charlm test bench gpu-check install clean serve-model ui models server deploy tracking-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -44,6 +44,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_charlm.py
 	$(PY) benchmarks/bench_serving.py
 	$(PY) benchmarks/bench_sweep.py
+
+# CUDA tests + GPU benchmarks into one report (gpu-report.md); needs only PyTorch, so no install
+# step: on a GPU box without the venv it uses python3. On a machine without CUDA it runs nothing.
+gpu-check:
+	scripts/gpu-check.sh $(REPORT)
 
 # A Prefect server (SQLite in ~/.prefect, analytics off); its UI is http://127.0.0.1:4200
 server: $(STAMP)
