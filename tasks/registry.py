@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -137,18 +138,31 @@ class ChampionScore:
 
 
 def promotion_decision(challenger: float, champion: ChampionScore, metric: str) -> tuple[bool, str]:
-    """Promote when there is no champion, or when the challenger scores lower on the same data."""
+    """Promote when there is no champion, or when the challenger scores lower on the same data;
+    a tie (equal to rounding) keeps the champion."""
     if champion.version is None:
         return True, "no champion yet"
     if champion.score is None:
         return False, f"kept champion v{champion.version}: {champion.error}"
     if not np.isfinite(challenger):
         return False, f"kept champion v{champion.version}: challenger {metric} is {challenger}"
+    if math.isclose(challenger, champion.score, rel_tol=1e-9, abs_tol=1e-12):
+        return False, (f"kept champion v{champion.version}: the challenger's {metric} {challenger:.4g} ties it "
+                       "on the same test data")
+    ours, theirs = distinct(challenger, champion.score)
     if challenger < champion.score:
-        return True, (f"{metric} {challenger:.4g} beats champion v{champion.version}'s {champion.score:.4g} "
-                      "on the same test data")
-    return False, (f"kept champion v{champion.version}: its {metric} {champion.score:.4g} is not worse than "
-                   f"the challenger's {challenger:.4g} on the same test data")
+        return True, f"{metric} {ours} beats champion v{champion.version}'s {theirs} on the same test data"
+    return False, (f"kept champion v{champion.version}: its {metric} {theirs} is better than "
+                   f"the challenger's {ours} on the same test data")
+
+
+def distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with 4 significant digits, or as many more as it takes to tell them apart."""
+    for digits in range(4, 13):
+        fa, fb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if fa != fb:
+            break
+    return fa, fb
 
 
 @contextlib.contextmanager
@@ -189,12 +203,12 @@ def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_e
     check refuses int64 for a double column, but a history of 70, 80, 90 is a fair input; the
     model itself converts and checks the values.
     """
-    with warnings.catch_warnings():  # "integer column" hint: `step` is an integer on purpose
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        # the "integer column" hint, at inference and again when the example runs: `step` is an integer on purpose
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         signature = infer_signature(input_example, output_example, params=params)
-    if lenient_inputs:
-        signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns])
-    with tempfile.TemporaryDirectory() as tmp:
+        if lenient_inputs:
+            signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns])
         artifacts = artifacts_dir_writer(tmp)
         info = mlflow.pyfunc.log_model(
             name="model",
