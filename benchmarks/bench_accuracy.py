@@ -79,7 +79,7 @@ def run_rnnflow(job: tuple) -> tuple[str, str, int, float, float, str]:
     except DataError as e:  # log of a series with values <= 0
         return series_name, variant, seed, float("nan"), 0.0, f"not applicable: {e}"
     note = selection.choice if selection else ""
-    bt = backtest.fn(series, split, windows.test_origins, trained.pipeline(), "rnnflow")
+    bt = backtest(series, split, windows.test_origins, trained.pipeline(), "rnnflow")
     return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note
 
 
@@ -106,7 +106,7 @@ def run_classical(series_name: str, data_seed: int = 0, arima: bool = True) -> t
 
     cfg = config(series_name, "plain z-scored", data_seed)
     series = read_series(cfg)
-    split = split_series.fn(series, cfg)
+    split = split_series(series, cfg)
     origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
     y = series.features[:, 0].astype(np.float64)
     m, H = series.season_length, cfg.horizon

@@ -9,12 +9,10 @@ import sys
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cli import config_flow, registration_note, run_from_command_line
+from flows.steps import fetch_data, load_corpus, register_charlm, train_charlm
+from tasks import data, text
 from tasks.config import CharLMFlowConfig
-from tasks.data import fetch_data
-from tasks.register import register_charlm
 from tasks.registry import CHAMPION, check_tracking_server
-from tasks.text import load_corpus
-from tasks.training import train_charlm
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
 
@@ -28,7 +26,8 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
     corpus = load_corpus(path, sha256, cfg)
 
     # --- transform
-    trained = train_charlm(corpus, cfg)
+    trained = train_charlm(corpus, cfg, on_samples=lambda epoch, texts: publish_samples(cfg.registered_name, epoch,
+                                                                                        texts))
 
     # --- load
     reg = register_charlm(cfg, corpus, trained)
@@ -49,8 +48,23 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
             "report": report, "train_seconds": fit.train_seconds, "device": trained.device}
 
 
+def publish_samples(name: str, epoch: int, texts: dict[str, str]) -> None:
+    """The samples as a Prefect artifact (one key, a new version each time), to watch in the UI."""
+    body = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in texts.items())
+    create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{body}", key=f"{name}-samples".lower(),
+                             description=f"samples after epoch {epoch}" if epoch else "samples of the final model")
+
+
+def check_input(cfg: CharLMFlowConfig) -> None:
+    """What can be checked without training, before Prefect starts: the tracking server answers,
+    the corpus is a readable UTF-8 file, long enough for the split."""
+    check_tracking_server()
+    text.load_corpus(*data.fetch_data(cfg.corpus, cfg.sha256, hand_over=True), cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_from_command_line(CharLMFlowConfig, charlm_flow, argv, "python -m flows.charlm", DESCRIPTION)
+    return run_from_command_line(CharLMFlowConfig, charlm_flow, argv, "python -m flows.charlm", DESCRIPTION,
+                                 check=check_input)
 
 
 if __name__ == "__main__":

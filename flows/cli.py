@@ -1,15 +1,41 @@
-"""One config dataclass -> a Prefect flow's flat parameters and a command line, in one place."""
+"""One config dataclass -> a Prefect flow's flat parameters and a command line, in one place;
+and how a user's mistake reads: one line, no traceback, in the terminal and in a flow run's log."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, asdict, fields
 
 from prefect import flow
+
+from rnn_models.training import NonFiniteLossError
+from tasks.config import ConfigError
+from tasks.data import DataError
+from tasks.registry import TrackingUnavailable
+
+# A user's mistake (a bad file, column, value, URL, checksum, corpus or parameter, training that
+# diverged, an unreachable tracking server): reported as one line naming it, never a traceback.
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable)
+
+
+class UserErrorsInOneLine(logging.Filter):
+    """On Prefect's flow- and task-run loggers: a record carrying a user error keeps its message
+    and loses the traceback (in the terminal and in the run's log in the UI); a bug keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.msg, record.args = f"error: {record.exc_info[1]}", ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    logging.getLogger(_name).addFilter(UserErrorsInOneLine())
 
 
 def config_flow(cls, name: str, description: str):
@@ -71,18 +97,17 @@ def as_params(cfg) -> dict:
     return asdict(cfg)
 
 
-def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str) -> int:
-    """Parse options into ``cls``, run the flow, print its report and where the model went.
+def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
+                          check: Callable | None = None) -> int:
+    """Parse options into ``cls``, check the input with ``check(cfg)`` (what needs no training:
+    before Prefect starts its server), run the flow, print its report and where the model went.
     Bad input ends with one line naming the culprit and exit status 1, not a traceback."""
-    from rnn_models.training import NonFiniteLossError
-    from tasks.config import ConfigError
-    from tasks.data import DataError
-    from tasks.registry import TrackingUnavailable
-
     cfg = parse_config(cls, argv, prog, description)
     try:
+        if check is not None:
+            check(cfg)
         result = flow_fn(**as_params(cfg))
-    except (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print()

@@ -92,32 +92,32 @@ def cmd_compare(args) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.models", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered models, versions, aliases and key metrics").set_defaults(fn=cmd_list)
+    sub.add_parser("list", help="registered models, versions, aliases and key metrics").set_defaults(command=cmd_list)
     s = sub.add_parser("show", help="one version: params, metrics, source run, data hash")
     s.add_argument("name")
     s.add_argument("ref", nargs="?", default=CHAMPION, help="version number or alias (default: champion)")
-    s.set_defaults(fn=cmd_show)
+    s.set_defaults(command=cmd_show)
     s = sub.add_parser("promote", help="make a version the champion if it is better on the champion's data")
     s.add_argument("name")
     s.add_argument("version")
     s.add_argument("--force", action="store_true", help="promote even if it is not better")
-    s.set_defaults(fn=cmd_promote)
+    s.set_defaults(command=cmd_promote)
     s = sub.add_parser("rollback", help="move champion back to the previous champion")
     s.add_argument("name")
-    s.set_defaults(fn=cmd_rollback)
+    s.set_defaults(command=cmd_rollback)
     s = sub.add_parser("compare", help="score two versions again on the same data")
     s.add_argument("name")
     s.add_argument("a")
     s.add_argument("b")
     s.add_argument("--on", default="", help="whose data to score on (default: the first version's)")
-    s.set_defaults(fn=cmd_compare)
+    s.set_defaults(command=cmd_compare)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        print(args.fn(args))
+        print(args.command(args))
     except RegistryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,14 +26,20 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.cli import registration_note
+from flows.steps import (
+    backtest,
+    plot_backtest,
+    register_forecaster,
+    run_trial,
+    score_champion,
+    split_by_id,
+    split_series,
+)
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import DataError, read_series
-from tasks.evaluation import backtest, plot_backtest
-from tasks.features import split_series
-from tasks.register import register_forecaster, score_champion
 from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server, client, ensure_experiment
-from tasks.sweep import build_grid, results_markdown, run_trial, split_by_id, split_grid, trained_from
+from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):

@@ -8,15 +8,13 @@ import tempfile
 
 from prefect.artifacts import create_markdown_artifact
 
+from flows import steps
 from flows.cli import config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig
-from tasks.data import SERIES_SUFFIXES, fetch_data, generate_series, load_series
-from tasks.evaluation import backtest, plot_backtest
-from tasks.features import scale_and_window, split_series
-from tasks.register import register_forecaster, score_champion
+from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
+from tasks.features import split_series
 from tasks.registry import CHAMPION, check_tracking_server
-from tasks.selection import choose_settings
-from tasks.training import train_forecaster
+from tasks.selection import train_directly
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
 
@@ -27,26 +25,21 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
 
     # --- extract
     if cfg.source == "file":
-        path, sha256 = fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
-        series = load_series(path, sha256, cfg)
+        path, sha256 = steps.fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
+        series = steps.load_series(path, sha256, cfg)
     else:
-        series = generate_series(cfg)
+        series = steps.generate_series(cfg)
 
-    # --- transform
-    selection = None
-    if cfg.auto:  # settles the transform options on the validation part, before the real training
-        cfg, selection = choose_settings(series, cfg)
-    split = split_series(series, cfg)
-    windows = scale_and_window(series, split, cfg)
-    trained = train_forecaster(series, windows, cfg, selection.trained if selection else None)
+    # --- transform: with --auto the transform options are settled on the validation part first
+    cfg, selection, split, windows, trained = train_directly(series, cfg, steps)
     label = cfg.label
-    bt = backtest(series, split, windows.test_origins, trained.pipeline(), label)
+    bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
 
     # --- load
-    champion = score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
+    champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
     with tempfile.TemporaryDirectory() as tmp:
-        plots = plot_backtest(series, bt, trained.fit, label, tmp)
-        reg = register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
+        plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
+        reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
 
     name = cfg.registered_name
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
@@ -60,9 +53,18 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
             "train_seconds": trained.train_seconds, "device": trained.device}
 
 
+def check_input(cfg: TimeSeriesConfig) -> None:
+    """What can be checked without training, before Prefect starts: the tracking server answers,
+    the data reads and parses, its columns exist, it is long enough for the split and transforms."""
+    check_tracking_server()
+    if cfg.source == "file":
+        series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
+        split_series(series, cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_from_command_line(TimeSeriesConfig, timeseries_flow, argv, "python -m flows.timeseries",
-                                 DESCRIPTION)
+                                 DESCRIPTION, check=check_input)
 
 
 if __name__ == "__main__":

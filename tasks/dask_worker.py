@@ -21,7 +21,7 @@ def dask_setup(worker) -> None:
     # one tiny training through the trial's own code: lazy imports, torch's first passes
     cfg = TimeSeriesConfig(length=120, lookback=8, hidden_size=4, epochs=1, auto=False, ensemble=1,
                            device="cpu")
-    train_directly(generate_series.fn(cfg), cfg)
+    train_directly(generate_series(cfg), cfg)
     try:
         client().search_experiments(max_results=1)  # opens (and for SQLite, migrates) the store
     except Exception as e:  # an unreachable store is reported by the flow, not here

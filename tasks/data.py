@@ -14,16 +14,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from rnn_models import synthetic
 from tasks import run_logger
 from tasks.config import TimeSeriesConfig
-
-# Cached by what goes in (a file's sha256, the config) and the task's code: a scheduled run
-# whose data and config did not change reuses the persisted result instead of redoing the work.
-CONTENT = INPUTS + TASK_SOURCE
 
 
 class DataError(ValueError):
@@ -52,7 +46,6 @@ class Series:
 # ---------------------------------------------------------------- synthetic
 
 
-@task(name="generate-series", cache_policy=CONTENT, persist_result=True)
 def generate_series(cfg: TimeSeriesConfig) -> Series:
     period = 40
     if cfg.source == "sine":
@@ -101,48 +94,62 @@ def download_dir() -> Path:
     return Path(os.environ.get("RNNFLOW_DOWNLOADS", Path.cwd() / "data" / "downloads"))
 
 
-@task(
-    name="fetch-data",
-    retries=3,
-    retry_delay_seconds=[1, 2, 4],
-    retry_condition_fn=lambda task, run, state: isinstance(state.data, TransientDataError),
-)
-def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = ()) -> tuple[str, str]:
+_handed_over: dict[tuple, tuple[str, str]] = {}  # downloads made by a run's pre-flight check
+
+
+def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = (), hand_over: bool = False
+               ) -> tuple[str, str]:
     """Make ``location`` (a path or http(s) URL) a verified local file; returns (path, sha256).
 
     A download goes to a temporary file and is moved into place only once complete and
-    matching ``sha256``, so nothing half-written is ever read.
+    matching ``sha256``, so nothing half-written is ever read. ``hand_over``: keep the
+    download for the next call with the same arguments (a run's pre-flight check, then the
+    run), which takes it instead of downloading again.
     """
+    key = (location, sha256, tuple(suffixes))
+    if not hand_over and key in _handed_over and Path(_handed_over[key][0]).is_file():
+        return _handed_over.pop(key)
     if _is_url(location):
-        name = Path(urlparse(location).path).name or "download"
-        dest_dir = download_dir()
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=30) as resp:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-            digest = sha256_file(Path(tmp))
-            _check_sha(location, digest, sha256)
-            path = dest_dir / f"{digest[:12]}-{name}"
-            os.replace(tmp, path)
-        except urllib.error.HTTPError as e:
-            raise _wrap(e, DataError(f"{location}: HTTP {e.code} {e.reason}")) from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise _wrap(e, DataError(f"{location}: cannot download ({reason})")) from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        path, digest = _download(location, sha256)
     else:
         path = Path(location).expanduser()
+        if path.is_dir():
+            raise DataError(f"{location}: is a directory, not a file")
         if not path.is_file():
             raise DataError(f"{location}: no such file")
         digest = sha256_file(path)
         _check_sha(location, digest, sha256)
     if suffixes and path.suffix.lower() not in suffixes:
         raise DataError(f"{location}: unsupported file type {path.suffix!r}; expected one of {', '.join(suffixes)}")
+    if hand_over and _is_url(location):
+        _handed_over[key] = (str(path), digest)
     return str(path), digest
+
+
+def _download(location: str, sha256: str) -> tuple[Path, str]:
+    """Download into the downloads folder through a temporary file, renamed once complete and
+    verified; the temporary file never outlives the call."""
+    name = Path(urlparse(location).path).name or "download"
+    dest_dir = download_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=30) as resp:
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+        digest = sha256_file(Path(tmp))
+        _check_sha(location, digest, sha256)
+        path = dest_dir / f"{digest[:12]}-{name}"
+        os.replace(tmp, path)
+        return path, digest
+    except urllib.error.HTTPError as e:
+        raise _wrap(e, DataError(f"{location}: HTTP {e.code} {e.reason}")) from e
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        reason = getattr(e, "reason", e)
+        raise _wrap(e, DataError(f"{location}: cannot download ({reason})")) from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _wrap(original: BaseException, err: DataError) -> DataError:
@@ -157,19 +164,44 @@ def _check_sha(location: str, actual: str, expected: str) -> None:
 SERIES_SUFFIXES = (".csv", ".parquet", ".pq")
 
 
-@task(name="load-series", cache_policy=CONTENT, persist_result=True)
 def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
     """Read, check and regularise a series file (see module docstring)."""
-    logger = run_logger()
     label = cfg.data or path
+    df = _read_table(path, label)
+    time_col, value_col, covs = _pick_columns(df, cfg, label)
+    out = pd.DataFrame({c: _numeric(df[c], c, label) for c in [value_col, *covs]})
+    freq, season = None, 1
+    if time_col:
+        times = _times(df[time_col], time_col, label)
+        out.insert(0, time_col, times)
+        out = out.sort_values(time_col, kind="stable")
+        dup = out[time_col].duplicated()
+        if dup.any():
+            raise DataError(f"{label}: column {time_col!r} repeats the time {out[time_col][dup].iloc[0]}")
+        out, freq = _regularise(out, time_col, label)
+        season = _season_for(freq)
+    else:
+        time_col = "step"
+        out.insert(0, time_col, np.arange(len(out)))
+    out = _fill_gaps(out, [value_col, *covs], time_col, cfg.max_gap, label, run_logger())
+    return Series(out.reset_index(drop=True), value_col, covs, time_col, label, sha256, freq,
+                  cfg.season_length or season)
+
+
+def _read_table(path: str, label: str) -> pd.DataFrame:
     try:
         df = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     except Exception as e:  # pandas raises many types for malformed files
         raise DataError(f"{label}: cannot be read as a table ({type(e).__name__}: {e})") from e
     if df.empty:
         raise DataError(f"{label}: has no rows")
-    columns = [str(c) for c in df.columns]
-    df.columns = columns
+    df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _pick_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, list[str]]:
+    """(time column or '', value column, covariate columns): as the config names them, else guessed."""
+    columns = list(df.columns)
 
     def need(col: str, what: str) -> str:
         if col not in columns:
@@ -190,24 +222,7 @@ def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
         value_col = candidates[0]
     if value_col in covs:
         raise DataError(f"{label}: column {value_col!r} is both the value and a covariate")
-
-    out = pd.DataFrame({c: _numeric(df[c], c, label) for c in [value_col, *covs]})
-    freq, season = None, 1
-    if time_col:
-        times = _times(df[time_col], time_col, label)
-        out.insert(0, time_col, times)
-        out = out.sort_values(time_col, kind="stable")
-        dup = out[time_col].duplicated()
-        if dup.any():
-            raise DataError(f"{label}: column {time_col!r} repeats the time {out[time_col][dup].iloc[0]}")
-        out, freq = _regularise(out, time_col, label)
-        season = _season_for(freq)
-    else:
-        time_col = "step"
-        out.insert(0, time_col, np.arange(len(out)))
-    out = _fill_gaps(out, [value_col, *covs], time_col, cfg.max_gap, label, logger)
-    return Series(out.reset_index(drop=True), value_col, covs, time_col, label, sha256, freq,
-                  cfg.season_length or season)
+    return time_col, value_col, covs
 
 
 def _mostly_numeric(s: pd.Series) -> bool:
@@ -237,6 +252,8 @@ def _numeric(s: pd.Series, col: str, label: str) -> pd.Series:
         raise DataError(f"{label}: column {col!r} has a non-numeric value {s.iloc[row]!r} at row {row + 1}")
     if np.isinf(values.to_numpy(dtype=float)).any():
         raise DataError(f"{label}: column {col!r} holds an infinite value")
+    if values.isna().all():
+        raise DataError(f"{label}: column {col!r} holds no values (every cell is empty)")
     return values.astype(float)
 
 
@@ -311,9 +328,8 @@ def _fill_gaps(df: pd.DataFrame, cols: list[str], time_col: str, max_gap: int, l
 
 
 def read_series(cfg: TimeSeriesConfig) -> Series:
-    """The config's series, fetched or generated by direct calls rather than task runs: where a
-    sweep trial runs, or when a registered version's data is rebuilt (a path or URL travels,
-    not the data)."""
+    """The config's series, fetched or generated: where a sweep trial runs, or when a registered
+    version's data is rebuilt (a path or URL travels, not the data)."""
     if cfg.source == "file":
-        return load_series.fn(*fetch_data.fn(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-    return generate_series.fn(cfg)
+        return load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+    return generate_series(cfg)

@@ -13,8 +13,6 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models import metrics
 from rnn_models.forecasting import ForecastPipeline
@@ -76,7 +74,6 @@ def history_windows(series: Series, origins: np.ndarray, lookback: int) -> np.nd
     return series.features[steps]
 
 
-@task(name="backtest", cache_policy=NO_CACHE)
 def backtest(series: Series, split: Split, origins: np.ndarray, pipeline: ForecastPipeline, label: str) -> Backtest:
     """The pipeline's forecasts, and each ensemble member's beside them, against the baselines."""
     forecast, each = pipeline.predict(history_windows(series, origins, pipeline.lookback), members=True)
@@ -138,7 +135,6 @@ def plot_losses(fit: FitResult, path: Path) -> Path:
     return path
 
 
-@task(name="plot-backtest", cache_policy=NO_CACHE)
 def plot_backtest(series: Series, bt: Backtest, fit: FitResult, label: str, directory: str) -> list[str]:
     d = Path(directory)
     return [str(plot_forecast(series, bt, label, d / "forecast.png")), str(plot_losses(fit, d / "loss.png"))]

@@ -6,9 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
-from prefect.utilities.hashing import hash_objects
 
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Transform, WindowNorm
 from rnn_models.windows import Split, make_windows, window_origins
@@ -28,15 +25,6 @@ class Windows:
     y_val: np.ndarray
     val_origins: np.ndarray  # (N_val,) indices of the first forecast step
     test_origins: np.ndarray  # (N_test,)
-
-
-def _by_series_content(ctx, params: dict) -> str:
-    # a Series is keyed by its data's sha256 (it is what the config made of that data);
-    # hashing the DataFrame itself proved unstable from one flow run to the next
-    return hash_objects(params["series"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
-
-
-SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
 
 
 def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
@@ -73,7 +61,6 @@ def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
                           f"a lookback of at least {chain.consumes + max(lag, 2)} is needed")
 
 
-@task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)
 def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
     """Chronological train/validation/test boundaries, refusing a series too short for them
     or one the transforms cannot take."""
@@ -90,7 +77,6 @@ def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
     return split
 
 
-@task(name="scale-and-window", cache_policy=SERIES_CONTENT, persist_result=True)
 def scale_and_window(series: Series, split: Split, cfg: TimeSeriesConfig) -> Windows:
     """Raw windows of the training and validation parts, through the transform chain fitted
     on the training rows only."""

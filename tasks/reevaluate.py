@@ -57,7 +57,7 @@ def evaluation_data(version) -> EvalData:
         series = read_series(cfg)
         return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, series=series)
     cfg = config_from_params(CharLMFlowConfig, params)
-    corpus = load_corpus.fn(*fetch_data.fn(cfg.corpus, cfg.sha256), cfg)
+    corpus = load_corpus(*fetch_data(cfg.corpus, cfg.sha256), cfg)
     return EvalData(kind, f"validation text of {corpus.source} (v{version.version}'s data)", cfg,
                     val_text=corpus.val_text)
 
@@ -76,7 +76,7 @@ def score(version, data: EvalData) -> float:
     uri = f"models:/{version.name}/{version.version}"
     if data.kind == "forecaster":
         cfg, series = data.cfg, data.series
-        split = split_series.fn(series, cfg)
+        split = split_series(series, cfg)
         origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
         return backtest_registered(uri, series, split, origins, cfg.horizon)
     lm = mlflow.pyfunc.load_model(uri).unwrap_python_model()

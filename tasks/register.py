@@ -9,8 +9,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models.text import save_charlm
 from rnn_models.windows import Split
@@ -32,7 +30,6 @@ from tasks.text import Corpus
 from tasks.training import Trained, TrainedLM
 
 
-@task(name="score-champion", cache_policy=NO_CACHE)
 def score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
     """Backtest the current champion, as loaded from the registry, on the challenger's test data."""
     current = champion_version(name)
@@ -46,55 +43,58 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
                              f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
 
 
-@task(name="register-forecaster", cache_policy=NO_CACHE)
 def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, trained: Trained, bt: Backtest,
                         label: str, champion: ChampionScore, plots: list[str],
                         selection: Selection | None = None) -> Registration:
-    name, fit, pipeline = cfg.registered_name, trained.fit, trained.pipeline()
+    """Log the run (params, curves, backtest, data, plots, --auto's choice), register the model
+    from code and apply the champion gate; nothing is left registered if any of it fails."""
+    name, pipeline, mase = cfg.registered_name, trained.pipeline(), bt.scores[label]["mase"]
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
-        mlflow.log_params(cfg.to_params())
-        mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length,
-                           "frequency": series.freq or "", "resolved_value_column": series.value_column,
-                           "rows": len(series.frame)})
-        log_history(fit.history)
-        mlflow.log_params({"transforms": pipeline.chain.describe(), "member_cells": ",".join(cfg.member_cells),
-                           "quantile_levels": ",".join(map(str, pipeline.quantiles))})
-        mlflow.log_metrics({"train_seconds": trained.train_seconds,
-                            "train_samples_per_second": fit.samples_per_second,
-                            "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
-        # test_mase for the model, test_member2_mase for its members, naive_mase for the baselines
-        prefix = {m: m.replace(label, "test", 1).replace("-", "_") for m in bt.scores}
-        for model, scores in bt.scores.items():
-            mlflow.log_metrics({f"{prefix[model]}_{k}": v for k, v in scores.items()})
-        for model, scores in bt.intervals.items():
-            mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
+        log_forecaster_run(cfg, series, trained, bt, label, plots, selection)
         if champion.score is not None:
             mlflow.log_metric("champion_test_mase", champion.score)
-        dataset = mlflow.data.from_pandas(series.frame, source=_source(series.source), name=name,
-                                          targets=series.value_column, digest=series.sha256[:16])
-        mlflow.log_input(dataset, context="training")
-        for p in plots:
-            mlflow.log_artifact(p, "plots")
-        mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
-        if selection is not None:
-            mlflow.log_param("auto_choice", selection.choice)
-            mlflow.log_metrics({f"auto_val_mase_{k.replace(' + ', '_').replace(' ', '_').replace('-', '_')}": v
-                                for k, v in selection.scores.items() if math.isfinite(v)})
-            mlflow.log_text(selection.markdown(), "auto.md")
-
         cols = [series.value_column, *series.covariate_columns]
         example = series.frame[cols].iloc[: pipeline.lookback].astype("float64").reset_index(drop=True)
         output = pipeline.to_frame(pipeline.predict(example.to_numpy()[None])[0])
         created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
-        return finish_registration(
-            name, created["version"], bt.scores[label]["mase"], champion, "test MASE",
-            {"kind": "forecaster", "test_mase": f"{bt.scores[label]['mase']:.6g}", "data_sha256": series.sha256,
-             "source": series.source, "cell": ",".join(sorted(set(cfg.member_cells))),
-             "lookback": str(cfg.lookback), "horizon": str(cfg.horizon),
-             "ensemble": str(cfg.ensemble), "quantiles": ",".join(map(str, pipeline.quantiles)),
-             "transforms": pipeline.chain.describe()},
-            rescore=lambda: score_champion.fn(name, series, split, bt.origins, cfg.horizon),
-        )
+        tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": series.sha256,
+                "source": series.source, "cell": ",".join(sorted(set(cfg.member_cells))),
+                "lookback": str(cfg.lookback), "horizon": str(cfg.horizon), "ensemble": str(cfg.ensemble),
+                "quantiles": ",".join(map(str, pipeline.quantiles)), "transforms": pipeline.chain.describe()}
+        return finish_registration(name, created["version"], mase, champion, "test MASE", tags,
+                                   rescore=lambda: score_champion(name, series, split, bt.origins, cfg.horizon))
+
+
+def log_forecaster_run(cfg: TimeSeriesConfig, series: Series, trained: Trained, bt: Backtest, label: str,
+                       plots: list[str], selection: Selection | None) -> None:
+    """Everything the active MLflow run records about a trained forecaster, but the model."""
+    fit, pipeline = trained.fit, trained.pipeline()
+    mlflow.log_params(cfg.to_params())
+    mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length,
+                       "frequency": series.freq or "", "resolved_value_column": series.value_column,
+                       "rows": len(series.frame), "transforms": pipeline.chain.describe(),
+                       "member_cells": ",".join(cfg.member_cells),
+                       "quantile_levels": ",".join(map(str, pipeline.quantiles))})
+    log_history(fit.history)
+    mlflow.log_metrics({"train_seconds": trained.train_seconds, "train_samples_per_second": fit.samples_per_second,
+                        "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
+    # test_mase for the model, test_member2_mase for its members, naive_mase for the baselines
+    prefix = {m: m.replace(label, "test", 1).replace("-", "_") for m in bt.scores}
+    for model, scores in bt.scores.items():
+        mlflow.log_metrics({f"{prefix[model]}_{k}": v for k, v in scores.items()})
+    for model, scores in bt.intervals.items():
+        mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
+    mlflow.log_input(mlflow.data.from_pandas(series.frame, source=_source(series.source), name=cfg.registered_name,
+                                             targets=series.value_column, digest=series.sha256[:16]),
+                     context="training")
+    for p in plots:
+        mlflow.log_artifact(p, "plots")
+    mlflow.log_text(bt.markdown(f"{cfg.registered_name} backtest"), "backtest.md")
+    if selection is not None:
+        mlflow.log_param("auto_choice", selection.choice)
+        mlflow.log_metrics({f"auto_val_mase_{k.replace(' + ', '_').replace(' ', '_').replace('-', '_')}": v
+                            for k, v in selection.scores.items() if math.isfinite(v)})
+        mlflow.log_text(selection.markdown(), "auto.md")
 
 
 def _source(s: str) -> str | None:
@@ -122,7 +122,6 @@ def score_charlm_champion(name: str, corpus: Corpus) -> ChampionScore:
     return ChampionScore(str(current.version), float(tags["val_bpc"]))
 
 
-@task(name="register-charlm", cache_policy=NO_CACHE)
 def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -> Registration:
     name = cfg.registered_name
     champion = score_charlm_champion(name, corpus)

@@ -11,10 +11,9 @@ from the end of the training part, and the chosen settings are then trained on t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
@@ -74,7 +73,6 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, CANDIDATES[candidate], strict=True)))
 
 
-@task(name="choose-settings", cache_policy=NO_CACHE)
 def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesConfig, Selection]:
     """The config with the transform settings of the candidate with the best validation MASE."""
     logger = run_logger()
@@ -82,7 +80,7 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
     for name in CANDIDATES:
         trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
-            own = split_series.fn(series, trial)
+            own = split_series(series, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
             scores[name], reasons[name] = float("nan"), str(e).removeprefix(f"{series.source}: ")
             continue
@@ -94,8 +92,8 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
                        f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
                        f"flow's split.")
             logger.info("--auto: %s", widened)
-        windows = scale_and_window.fn(series, split, trial)
-        trained[name] = train_forecaster.fn(series, windows, trial)
+        windows = scale_and_window(series, split, trial)
+        trained[name] = train_forecaster(series, windows, trial)
         pipeline = trained[name].pipeline()
         forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
         bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
@@ -109,14 +107,20 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
     return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
 
 
-def train_directly(series: Series, cfg: TimeSeriesConfig):
-    """The time-series flow's transform and training steps as plain calls, not task runs (for
-    sweep trials and benchmarks): returns (settled config, selection or None, split, windows,
-    trained)."""
+def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None):
+    """The time-series pipeline's transform and training steps, written once: returns (settled
+    config, selection or None, split, windows, trained). ``steps`` holds the four step
+    functions: by default this package's plain ones (sweep trials, the Dask warm-up, tests,
+    benchmarks); the flow passes ``flows.steps``, the same functions as Prefect tasks."""
+    s = steps or PLAIN_STEPS
     selection = None
     if cfg.auto:
-        cfg, selection = choose_settings.fn(series, cfg)
-    split = split_series.fn(series, cfg)
-    windows = scale_and_window.fn(series, split, cfg)
-    trained = train_forecaster.fn(series, windows, cfg, selection.trained if selection else None)
+        cfg, selection = s.choose_settings(series, cfg)
+    split = s.split_series(series, cfg)
+    windows = s.scale_and_window(series, split, cfg)
+    trained = s.train_forecaster(series, windows, cfg, selection.trained if selection else None)
     return cfg, selection, split, windows, trained
+
+
+PLAIN_STEPS = SimpleNamespace(choose_settings=choose_settings, split_series=split_series,
+                              scale_and_window=scale_and_window, train_forecaster=train_forecaster)

@@ -17,8 +17,6 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models import checkpoint
 from rnn_models.forecasting import ForecastPipeline
@@ -80,7 +78,6 @@ class TrialResult:
     fit: FitResult  # per-epoch numbers only
 
 
-@task(name="sweep-trial", cache_policy=NO_CACHE)
 def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experiment_id: str) -> TrialResult:
     torch.set_num_threads(1)  # one core per trial: trials in parallel beat threads fighting
     t0 = time.perf_counter()
@@ -89,7 +86,7 @@ def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experimen
     cfg, _, split, windows, trained = train_directly(series, cfg)
     label = cfg.label
     pipeline = trained.pipeline()
-    bt = backtest.fn(series, split, windows.test_origins, pipeline, label)
+    bt = backtest(series, split, windows.test_origins, pipeline, label)
     c = client()
     run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
                        tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index)})
@@ -122,10 +119,9 @@ def results_markdown(results: list[TrialResult], best: TrialResult) -> str:
     return "\n".join([head, "|" + "---|" * (len(keys) + 4), *rows])
 
 
-@task(name="split-by-id", cache_policy=NO_CACHE, retries=0)
 def split_by_id(data: str, sha256: str, id_column: str, out_dir: str) -> dict[str, str]:
     """One CSV per series of a long-format file, in ``out_dir``: {series id: path}."""
-    path, _ = fetch_data.fn(data, sha256, SERIES_SUFFIXES)
+    path, _ = fetch_data(data, sha256, SERIES_SUFFIXES)
     frame = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
     if id_column not in frame.columns:
         raise DataError(f"{data}: no id column {id_column!r}; the columns are {[str(c) for c in frame.columns]}")

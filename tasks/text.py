@@ -6,8 +6,6 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models.text import Vocab, normalize
 from tasks.config import CharLMFlowConfig
@@ -28,7 +26,6 @@ class Corpus:
     val_text: str  # kept as text: another model reads it through its own vocabulary
 
 
-@task(name="load-corpus", cache_policy=NO_CACHE)
 def load_corpus(path: str, sha256: str, cfg: CharLMFlowConfig) -> Corpus:
     label = cfg.corpus
     raw = open(path, "rb").read()

@@ -1,16 +1,14 @@
-"""Training as a Prefect task: device choice, seeding, and the lean loop from ``rnn_models``."""
+"""The training steps: device choice, seeding, and the lean loop from ``rnn_models``."""
 
 from __future__ import annotations
 
 import functools
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from rnn_models.forecasting import ForecastPipeline, PinballObjective, mse_objective
 from rnn_models.generation import complete
@@ -62,50 +60,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too; CPU kernels are deterministic, so same seed, same weights
 
 
-@task(name="train-forecaster", cache_policy=NO_CACHE)
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None) -> Trained:
     """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i).
     ``first``: member 1 already trained on these windows with this config (--auto's choice)."""
-    logger = run_logger()
-    device = resolve_device(cfg.device)
-    quantiles = cfg.quantile_levels
-    objective = PinballObjective(quantiles) if quantiles else mse_objective
+    logger, device = run_logger(), resolve_device(cfg.device)
     # the whole data set lives on the device; batches are index slices, not a DataLoader
-    x_tr, y_tr = (torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train))
-    x_va, y_va = (torch.from_numpy(a).to(device) for a in (windows.x_val, windows.y_val))
+    data = [torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val)]
     members, fits = [], []
     for i, cell in enumerate(cfg.member_cells):
-        seed = cfg.seed + i
         who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
         if i == 0 and first is not None:
             logger.info("%s%s trained by --auto, kept", who, cell)
-            members.append(first.forecaster.members[0])
-            fits.append(first.fit)
-            continue
-        model_cfg = ForecasterConfig(cell=cell, input_size=windows.x_train.shape[2], hidden_size=cfg.hidden_size,
-                                     num_layers=cfg.num_layers, dropout=cfg.dropout,
-                                     bidirectional=cfg.bidirectional, horizon=cfg.horizon, quantiles=quantiles)
-        with init_lock():
-            seed_everything(seed)
-            model = Forecaster(model_cfg).to(device)
-        tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                           patience=cfg.patience, lr_patience=cfg.lr_patience, ema=cfg.ema, device=device, seed=seed)
-        logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(x_tr), len(x_va))
-        result = fit(
-            model,
-            lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-            lambda: tensor_batches(x_va, y_va, batch_size=4096),
-            objective,
-            tcfg,
-        )
-        logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who, result.best_epoch,
-                    len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
+            model, result = first.forecaster.members[0], first.fit
+        else:
+            logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(data[0]),
+                        len(data[2]))
+            model, result = train_member(cell, cfg, cfg.seed + i, device, *data)
+            logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who,
+                        result.best_epoch, len(result.history), result.best_val_loss, result.train_seconds,
+                        result.samples_per_second)
         members.append(model.cpu())
         fits.append(result)
     meta = {"lookback": cfg.lookback, "value_column": series.value_column,
             "covariate_columns": series.covariate_columns, "frequency": series.freq,
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
     return Trained(ForecastPipeline(members, windows.chain, meta), fits, device)
+
+
+def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr, y_tr, x_va, y_va
+                 ) -> tuple[Forecaster, FitResult]:
+    """One network of the config's shape with ``cell``, trained on device-resident windows."""
+    model_cfg = ForecasterConfig(cell=cell, input_size=x_tr.shape[2], hidden_size=cfg.hidden_size,
+                                 num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional,
+                                 horizon=cfg.horizon, quantiles=cfg.quantile_levels)
+    with init_lock():
+        seed_everything(seed)
+        model = Forecaster(model_cfg).to(device)
+    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
+                       patience=cfg.patience, lr_patience=cfg.lr_patience, ema=cfg.ema, device=device, seed=seed)
+    objective = PinballObjective(cfg.quantile_levels) if cfg.quantile_levels else mse_objective
+    result = fit(model, lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
+                 lambda: tensor_batches(x_va, y_va, batch_size=4096), objective, tcfg)
+    return model, result
 
 
 # ---------------------------------------------------------------- character language model
@@ -125,30 +121,28 @@ class TrainedLM:
         return model.eval()
 
 
-@task(name="train-charlm", cache_policy=NO_CACHE)
-def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
-    logger = run_logger()
-    device = resolve_device(cfg.device)
+SampleHook = Callable[[int, dict[str, str]], None]  # (epoch, {prefix: text}); epoch 0: the final model
+
+
+def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook | None = None) -> TrainedLM:
+    """Train the config's char LM; every ``--sample-every`` epochs (and at the end, as epoch 0)
+    continue the prompts and hand the texts to ``on_samples``."""
+    logger, device = run_logger(), resolve_device(cfg.device)
     model_cfg = CharLMConfig(cell=cfg.cell, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                              dropout=cfg.dropout, vocab_size=len(corpus.vocab), input=cfg.input,
                              embedding_dim=cfg.embedding_dim)
     with init_lock():
         seed_everything(cfg.seed)
         model = CharLM(model_cfg).to(device)
-    train = torch.from_numpy(corpus.train).to(device)
-    val = torch.from_numpy(corpus.val).to(device)
+    train, val = torch.from_numpy(corpus.train).to(device), torch.from_numpy(corpus.val).to(device)
     sample = random_batches if cfg.sampling == "random" else sequential_batches
     val_batch = val_batch_size(len(val), cfg.batch_size, cfg.num_steps)
     samples: dict[int, dict[str, str]] = {}
-    name = cfg.registered_name
 
     def take_samples(epoch: int, m) -> None:
-        m.eval()
-        samples[epoch] = {p: complete(m, corpus.vocab, normalize(p, cfg.lower, cfg.letters_only), cfg.sample_chars,
-                                      cfg.temperature, cfg.top_k, seed=cfg.seed + i) for i, p in enumerate(cfg.prompts)}
-        body = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in samples[epoch].items())
-        create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{body}", key=f"{name}-samples".lower(),
-                                 description=f"samples after epoch {epoch}")
+        samples[epoch] = continue_prompts(m, corpus, cfg)
+        if on_samples is not None:
+            on_samples(epoch, samples[epoch])
 
     def on_epoch(stats, m) -> None:
         logger.info("epoch %d: train %.4f, val %.4f nats/char (%.3f bits/char), %.1f s", stats.epoch,
@@ -158,17 +152,20 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig) -> TrainedLM:
 
     logger.info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
                 cfg.cell, device, len(train), len(val), len(corpus.vocab))
-    result = fit(
-        model,
-        lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
-        lambda: sequential_batches(val, val_batch, cfg.num_steps),
-        LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
-        TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                    patience=cfg.patience, device=device, seed=cfg.seed),
-        on_epoch=on_epoch,
-    )
+    result = fit(model, lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
+                 lambda: sequential_batches(val, val_batch, cfg.num_steps),
+                 LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
+                 TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
+                             patience=cfg.patience, device=device, seed=cfg.seed), on_epoch=on_epoch)
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainedLM(state, asdict(model_cfg), result, device, samples)
+
+
+def continue_prompts(model: CharLM, corpus: Corpus, cfg: CharLMFlowConfig) -> dict[str, str]:
+    """Each prompt, read as the corpus was, continued by ``model`` with the config's sampling."""
+    model.eval()
+    return {p: complete(model, corpus.vocab, normalize(p, cfg.lower, cfg.letters_only), cfg.sample_chars,
+                        cfg.temperature, cfg.top_k, seed=cfg.seed + i) for i, p in enumerate(cfg.prompts)}

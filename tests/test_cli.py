@@ -1,8 +1,12 @@
 """The command line: generated from the config dataclass, errors that name the option."""
 
+import logging
+import os
 import subprocess
 import sys
 from dataclasses import fields
+
+import pytest
 
 from tasks.config import TimeSeriesConfig, flag
 
@@ -25,3 +29,50 @@ def test_bad_option_value_exits_2_naming_it():
     assert out.returncode == 2 and "--horizon must be at least 1, got 0" in out.stderr
     out = _cli("--cell", "tcn")
     assert out.returncode == 2 and "invalid choice: 'tcn'" in out.stderr
+
+
+def _run(module, *args, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=180,
+                          env=env)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("flows.timeseries", ["--source", "file", "--data", "{tmp}/nope.csv"], "{tmp}/nope.csv: no such file"),
+    ("flows.timeseries", ["--source", "file", "--data", "{tmp}/air.csv", "--value-column", "sales"],
+     "{tmp}/air.csv: no value column 'sales'; the columns are ['Month', 'Passengers']"),
+    ("flows.timeseries", ["--source", "file", "--data", "{tmp}/air.csv", "--lookback", "200"],
+     "{tmp}/air.csv: the series has 144 rows, too short for --lookback 200"),
+    ("flows.timeseries", ["--source", "file", "--data", "http://127.0.0.1:9/x.csv"],
+     "http://127.0.0.1:9/x.csv: cannot download"),
+    ("flows.charlm", ["--data", "{tmp}/latin1.txt"], "{tmp}/latin1.txt: not UTF-8 text: byte 0xe9 at offset 3"),
+    ("flows.charlm", ["--data", "{tmp}"], "{tmp}: is a directory, not a file"),
+])
+def test_bad_input_is_one_error_line_before_prefect_starts(shared_data, tmp_path, module, args, message):
+    (tmp_path / "air.csv").write_bytes((shared_data / "airline-passengers.csv").read_bytes())
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin-1") * 500)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    out = _run(module, *(a.format(tmp=tmp_path) for a in args), env=env)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: " + message.format(tmp=tmp_path)), out.stderr
+    assert "Traceback" not in out.stderr and "temporary server" not in out.stderr  # Prefect never started
+    assert not (tmp_path / "mlflow.db").exists()  # nothing registered, no store even created
+
+
+def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(tmp_path, caplog, mlflow_store):
+    from flows.timeseries import timeseries_flow
+    from tasks.data import DataError
+
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]  # they do not propagate
+    for lg in loggers:
+        lg.addHandler(caplog.handler)
+    try:
+        with pytest.raises(DataError, match="no such file"):
+            timeseries_flow(source="file", data=str(tmp_path / "gone.csv"))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(caplog.handler)
+    runs = [r for r in caplog.records if r.name.startswith(("prefect.flow_runs", "prefect.task_runs"))]
+    assert any(r.getMessage() == f"error: {tmp_path / 'gone.csv'}: no such file" for r in runs)
+    assert not [r for r in runs if r.exc_info or "Traceback" in r.getMessage()]

@@ -127,9 +127,9 @@ PLAIN = dict(auto=False, ensemble=1)  # one network on z-scored levels, no trans
 
 def _test_mase(**options) -> float:
     cfg = TimeSeriesConfig(**{**TREND, **options})
-    series = generate_series.fn(cfg)
+    series = generate_series(cfg)
     cfg, _, split, windows, trained = train_directly(series, cfg)
-    return backtest.fn(series, split, windows.test_origins, trained.pipeline(), "m").scores["m"]["mase"]
+    return backtest(series, split, windows.test_origins, trained.pipeline(), "m").scores["m"]["mase"]
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_defaults_forecast_a_trend_that_a_plain_z_scored_model_cannot():
 
 def test_the_default_ensemble_keeps_the_network_auto_chose_as_its_first_member():
     cfg = TimeSeriesConfig(source="sine", length=400, lookback=12, horizon=2, hidden_size=8, epochs=2, device="cpu")
-    series = generate_series.fn(cfg)
+    series = generate_series(cfg)
     cfg, selection, _, _, trained = train_directly(series, cfg)
     members = trained.pipeline().members
     assert cfg.ensemble == 3 and len(members) == 3 and len(trained.fits) == 3
@@ -164,7 +164,7 @@ def test_auto_chooses_on_a_wider_validation_window_when_the_series_is_short():
     assert selection_split(Split(1200, 840, 960), cfg) == Split(1200, 840, 960)  # enough origins: as is
     assert selection_split(Split(80, 50, 64), cfg) == Split(80, 50, 64)  # too short to widen: as is
 
-    series = generate_series.fn(cfg)
+    series = generate_series(cfg)
     settled, selection, used, _, trained = train_directly(series, cfg)
     assert used == split  # the model itself trains on the flow's split
     assert f"scored on {MIN_ORIGINS} origins in rows {wide.train_end}..{wide.val_end - 1}" in selection.markdown()

@@ -1,0 +1,54 @@
+"""The pipeline's steps as Prefect tasks, for the flows to compose. Each wraps a plain function
+of ``tasks/`` with a name, retries where it does I/O, and a cache policy, and nothing more:
+the logic stays callable without Prefect (sweep trials, re-scoring, tests and benchmarks call
+the plain functions), so it is written once."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+from tasks import data, evaluation, features, register, selection, sweep, text, training
+
+# Cached by what goes in (a file's sha256, the config) and the step's code: a scheduled run
+# whose data and config did not change reuses the persisted result instead of redoing the work.
+CONTENT = INPUTS + TASK_SOURCE
+
+
+def _by_series_content(ctx, params: dict) -> str:
+    # a Series is keyed by its data's sha256 (it is what the config made of that data);
+    # hashing the DataFrame itself proved unstable from one flow run to the next
+    return hash_objects(params["series"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
+
+
+SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
+
+
+def _transient(task, run, state) -> bool:
+    return isinstance(state.data, data.TransientDataError)  # network trouble, 5xx, 429: not a bad checksum
+
+
+# --- extract
+fetch_data = task(name="fetch-data", retries=3, retry_delay_seconds=[1, 2, 4],
+                  retry_condition_fn=_transient)(data.fetch_data)
+generate_series = task(name="generate-series", cache_policy=CONTENT, persist_result=True)(data.generate_series)
+load_series = task(name="load-series", cache_policy=CONTENT, persist_result=True)(data.load_series)
+split_by_id = task(name="split-by-id", cache_policy=NO_CACHE)(sweep.split_by_id)
+load_corpus = task(name="load-corpus", cache_policy=NO_CACHE)(text.load_corpus)
+
+# --- transform
+choose_settings = task(name="choose-settings", cache_policy=NO_CACHE)(selection.choose_settings)
+split_series = task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)(features.split_series)
+scale_and_window = task(name="scale-and-window", cache_policy=SERIES_CONTENT,
+                        persist_result=True)(features.scale_and_window)
+train_forecaster = task(name="train-forecaster", cache_policy=NO_CACHE)(training.train_forecaster)
+train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(training.train_charlm)
+run_trial = task(name="sweep-trial", cache_policy=NO_CACHE)(sweep.run_trial)
+backtest = task(name="backtest", cache_policy=NO_CACHE)(evaluation.backtest)
+plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plot_backtest)
+
+# --- load
+score_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_champion)
+register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_forecaster)
+register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(register.register_charlm)
