@@ -9,12 +9,12 @@ import logging
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, fields
 
 from prefect import flow
 
 from rnn_models.training import NonFiniteLossError
-from tasks.config import ConfigError
+from tasks.config import ConfigError, parse_value
 from tasks.data import DataError
 from tasks.registry import TrackingUnavailable
 
@@ -78,9 +78,20 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         else:
-            p.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+            p.add_argument(flag, type=_converter(kind, f.name), default=default, choices=f.metadata.get("choices"),
                            metavar=None if f.metadata.get("choices") else f.name.upper(), help=helptext)
     return p
+
+
+def _converter(kind: type, name: str):
+    def convert(raw: str):
+        try:
+            return parse_value(kind, raw, name)
+        except ConfigError as e:  # argparse prints this message as it is
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"--{name.replace('_', '-')}: ")) from None
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def parse_config(cls, argv: list[str] | None, prog: str, description: str):
@@ -93,10 +104,6 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str):
         parser.error(str(e))
 
 
-def as_params(cfg) -> dict:
-    return asdict(cfg)
-
-
 def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
                           check: Callable | None = None) -> int:
     """Parse options into ``cls``, check the input with ``check(cfg)`` (what needs no training:
@@ -106,7 +113,7 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
     try:
         if check is not None:
             check(cfg)
-        result = flow_fn(**as_params(cfg))
+        result = flow_fn(**cfg.to_params())
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -242,3 +242,31 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
+
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_value(kind: type, raw, name: str):
+    """A config field's value from its text: the one rule for the command line, sweep grids and
+    the params an MLflow run logged. Booleans read true/false, yes/no or 1/0 in any case, and
+    nothing else; other kinds are their own constructor (int("7"), float("3e-3"), str)."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        key = str(raw).strip().lower()
+        if key not in BOOLEANS:
+            raise ConfigError(f"{flag(name)}: {raw!r} is not a boolean; use true or false")
+        return BOOLEANS[key]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{flag(name)}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def project(cls, cfg, **overrides):
+    """``cls`` (a lower layer's config: model, training) from the fields of the flow config
+    ``cfg`` that it shares by name, plus ``overrides``: the flow config is the one place a
+    value is set, and nothing is copied field by field."""
+    shared = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
+    return cls(**{**{k: getattr(cfg, k) for k in shared}, **overrides})
+

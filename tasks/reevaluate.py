@@ -12,7 +12,7 @@ import torch
 
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split, window_origins
-from tasks.config import CharLMFlowConfig, TimeSeriesConfig
+from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
 from tasks.data import Series, fetch_data, read_series
 from tasks.evaluation import forecast_with, run_backtest
 from tasks.features import split_series
@@ -34,12 +34,7 @@ class EvalData:
 def config_from_params(cls, params: dict[str, str]):
     """Rebuild a flow config from the string params an MLflow run logged."""
     hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields(cls):
-        if f.name in params:
-            raw, kind = params[f.name], hints[f.name]
-            values[f.name] = raw == "True" if kind is bool else kind(raw)
-    return cls(**values)
+    return cls(**{f.name: parse_value(hints[f.name], params[f.name], f.name) for f in fields(cls) if f.name in params})
 
 
 def kind_of(version) -> str:

@@ -21,7 +21,7 @@ import torch
 from rnn_models import checkpoint
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
-from tasks.config import ConfigError, TimeSeriesConfig, flag
+from tasks.config import ConfigError, TimeSeriesConfig, flag, parse_value
 from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, read_series
 from tasks.evaluation import backtest
 from tasks.registry import client, log_history
@@ -45,12 +45,7 @@ def build_grid(options: dict[str, str], samples: int = 0, seed: int = 0) -> list
         parts = [raw] if f.name in NOT_SWEPT else [p.strip() for p in raw.split(",")]
         if not [p for p in parts if p] and raw != "":
             raise ConfigError(f"{flag(f.name)}: the grid has no values")
-        kind = hints[f.name]
-        try:
-            axes[f.name] = [p.lower() in ("1", "true", "yes") if kind is bool else kind(p)
-                            for p in parts if p or raw == ""]
-        except ValueError as e:
-            raise ConfigError(f"{flag(f.name)}: {e}") from None
+        axes[f.name] = [parse_value(hints[f.name], p, f.name) for p in parts if p or raw == ""]
     names = list(axes)
     grid = [dict(zip(names, values, strict=True)) for values in itertools.product(*axes.values())]
     if samples and samples < len(grid):

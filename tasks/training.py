@@ -6,7 +6,7 @@ import functools
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +16,7 @@ from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterCon
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
 from tasks import run_logger
-from tasks.config import CharLMFlowConfig, TimeSeriesConfig
+from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
 from tasks.data import Series
 from tasks.features import Windows
 from tasks.text import Corpus
@@ -90,14 +90,11 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr, y_tr, x_va, y_va
                  ) -> tuple[Forecaster, FitResult]:
     """One network of the config's shape with ``cell``, trained on device-resident windows."""
-    model_cfg = ForecasterConfig(cell=cell, input_size=x_tr.shape[2], hidden_size=cfg.hidden_size,
-                                 num_layers=cfg.num_layers, dropout=cfg.dropout, bidirectional=cfg.bidirectional,
-                                 horizon=cfg.horizon, quantiles=cfg.quantile_levels)
+    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=x_tr.shape[2], quantiles=cfg.quantile_levels)
     with init_lock():
         seed_everything(seed)
         model = Forecaster(model_cfg).to(device)
-    tcfg = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                       patience=cfg.patience, lr_patience=cfg.lr_patience, ema=cfg.ema, device=device, seed=seed)
+    tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     objective = PinballObjective(cfg.quantile_levels) if cfg.quantile_levels else mse_objective
     result = fit(model, lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
                  lambda: tensor_batches(x_va, y_va, batch_size=4096), objective, tcfg)
@@ -128,9 +125,7 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
     """Train the config's char LM; every ``--sample-every`` epochs (and at the end, as epoch 0)
     continue the prompts and hand the texts to ``on_samples``."""
     logger, device = run_logger(), resolve_device(cfg.device)
-    model_cfg = CharLMConfig(cell=cfg.cell, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                             dropout=cfg.dropout, vocab_size=len(corpus.vocab), input=cfg.input,
-                             embedding_dim=cfg.embedding_dim)
+    model_cfg = project(CharLMConfig, cfg, vocab_size=len(corpus.vocab))
     with init_lock():
         seed_everything(cfg.seed)
         model = CharLM(model_cfg).to(device)
@@ -155,13 +150,12 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
     result = fit(model, lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
                  lambda: sequential_batches(val, val_batch, cfg.num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
-                 TrainConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip,
-                             patience=cfg.patience, device=device, seed=cfg.seed), on_epoch=on_epoch)
+                 project(TrainConfig, cfg, device=device), on_epoch=on_epoch)
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return TrainedLM(state, asdict(model_cfg), result, device, samples)
+    return TrainedLM(state, model.config_dict(), result, device, samples)
 
 
 def continue_prompts(model: CharLM, corpus: Corpus, cfg: CharLMFlowConfig) -> dict[str, str]:

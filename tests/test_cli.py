@@ -76,3 +76,23 @@ def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(tmp_path, 
     runs = [r for r in caplog.records if r.name.startswith(("prefect.flow_runs", "prefect.task_runs"))]
     assert any(r.getMessage() == f"error: {tmp_path / 'gone.csv'}: no such file" for r in runs)
     assert not [r for r in runs if r.exc_info or "Traceback" in r.getMessage()]
+
+
+@pytest.mark.parametrize("raw, value", [("true", True), ("True", True), ("YES", True), ("1", True),
+                                        ("false", False), ("False", False), ("no", False), ("0", False)])
+def test_one_rule_reads_booleans_everywhere(raw, value):
+    from tasks.config import parse_value
+
+    assert parse_value(bool, raw, "auto") is value
+
+
+def test_a_value_that_is_not_a_boolean_is_refused_not_read_as_false():
+    from tasks.config import ConfigError, parse_value
+    from tasks.reevaluate import config_from_params
+    from tasks.sweep import build_grid
+
+    with pytest.raises(ConfigError, match="--auto: 'maybe' is not a boolean; use true or false"):
+        parse_value(bool, "maybe", "auto")
+    with pytest.raises(ConfigError, match="--auto: 'nein' is not a boolean"):
+        build_grid({"auto": "true,nein"})
+    assert config_from_params(TimeSeriesConfig, {"auto": "False", "epochs": "7"}).auto is False  # as MLflow logs it

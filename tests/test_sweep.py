@@ -20,7 +20,7 @@ def test_grid_is_the_product_and_samples_draw_from_it():
 
 @pytest.mark.parametrize("options, message", [
     ({"cell": "lstm,tcn"}, r"--cell: 'tcn' is not one of"),
-    ({"hidden_size": "16,big"}, r"--hidden-size: invalid literal for int\(\) with base 10: 'big'"),
+    ({"hidden_size": "16,big"}, r"--hidden-size: 'big' is not a valid int"),
     ({"cell": ","}, r"--cell: the grid has no values"),
     ({"horizon": "1,0"}, r"--horizon must be at least 1, got 0"),
 ])
