@@ -37,6 +37,18 @@ charlm: $(STAMP)
 test: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
+# on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
+SLOW_TESTS := cli deployments flow_charlm flow_timeseries models_cli serving sweep tracking_server ui
+.PHONY: test-fast readme-images
+test-fast: $(STAMP)
+	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
+		$(SLOW_TESTS:%=--ignore=tests/test_%.py) $(PYTEST_ARGS)
+
+# Refresh the README's MLflow UI screenshots, docs/img/*.png, or ARGS=DIR (needs chromium, chromium-driver)
+readme-images: $(STAMP)
+	PREFECT_LOGGING_LEVEL=WARNING $(PY) scripts/readme-images.py $(ARGS)
+
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_accuracy.py

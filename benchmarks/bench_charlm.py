@@ -38,6 +38,7 @@ Run:  cd /work/main && .venv/bin/python benchmarks/bench_charlm.py [--steps 150 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import statistics
@@ -104,6 +105,19 @@ class PlainLM(nn.Module):
         return self.head(out), state
 
 
+def plain_step(model, opt, x, y, state, precision=contextlib.nullcontext):
+    """One step of the plain loop: forward (state carried in, detached out), cross-entropy,
+    backward, clipping, AdamW. Returns (loss, state)."""
+    with precision():
+        logits, state = model(x, state)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return loss.detach(), tuple(s.detach() for s in state)
+
+
 def run_plain(args, vocab_size: int, train, val, steps: int) -> tuple[float, float]:
     torch.manual_seed(SEED)
     model = PlainLM(vocab_size, args.embedding, args.hidden, args.layers)
@@ -118,15 +132,8 @@ def run_plain(args, vocab_size: int, train, val, steps: int) -> tuple[float, flo
     model.train()
     state, total = None, torch.zeros(())
     for k in range(steps):
-        x, y = xs[:, k * T : (k + 1) * T], ys[:, k * T : (k + 1) * T]
-        logits, state = model(x, state)
-        state = tuple(s.detach() for s in state)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        total += loss.detach()
+        loss, state = plain_step(model, opt, xs[:, k * T : (k + 1) * T], ys[:, k * T : (k + 1) * T], state)
+        total += loss
     model.eval()
     with torch.no_grad():  # the same one-batch validation pass as rnnflow's fit() above
         vx = val[: B * T].view(B, T)

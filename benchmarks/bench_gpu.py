@@ -45,6 +45,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runs from a bare checkout on a GPU box, without installing
 
+from bench_charlm import plain_step  # noqa: E402  (benchmarks/ is on the path when run as a script)
+
 from rnn_models.panel import Panel, PanelObjective, PanelWindows  # noqa: E402
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig, Recurrent, RecurrentConfig  # noqa: E402
 from rnn_models.text import LanguageModelLoss, Vocab, sequential_batches, val_batch_size  # noqa: E402
@@ -147,16 +149,9 @@ def charlm_plain(vocab, train, val, layers, hidden, emb, batch, steps_t, n_steps
         state, total = None, torch.zeros((), device=device)
         model.train()
         for t in range(0, n_steps * steps_t, steps_t):
-            with autocast(device):
-                logits, state = model(xs[:, t : t + steps_t], state)
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                   ys[:, t : t + steps_t].reshape(-1))
-            state = tuple(s.detach() for s in state)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            opt.step()
-            total += loss.detach()
+            loss, state = plain_step(model, opt, xs[:, t : t + steps_t], ys[:, t : t + steps_t], state,
+                                     lambda: autocast(device))
+            total += loss
         model.eval()
         with torch.no_grad(), autocast(device):
             logits, _ = model(vx)

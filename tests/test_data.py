@@ -1,6 +1,7 @@
 """Task tests for ingestion: files, URLs over real local HTTP, checksums and bad data."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -71,17 +72,22 @@ def test_missing_file_and_wrong_type(tmp_path):
         fetch_data(str(tmp_path / "x.txt"), "", SERIES_SUFFIXES)
 
 
-def test_url_download_with_checksum(http_root, shared_data, tmp_path):
+def test_url_download_with_checksum(http_root, shared_data, tmp_path, monkeypatch):
     root, base = http_root
+    downloads = tmp_path / "downloads"
+    monkeypatch.setenv("RNNFLOW_DOWNLOADS", str(downloads))  # where fetch_data puts what it downloads
     body = (shared_data / "airline-passengers.csv").read_bytes()
     (root / "air.csv").write_bytes(body)
     sha = hashlib.sha256(body).hexdigest()
     path, got = fetch_data(f"{base}/air.csv", sha, SERIES_SUFFIXES)
     assert got == sha and open(path, "rb").read() == body
+    assert Path(path).parent == downloads
     with pytest.raises(DataError, match=rf"air\.csv: sha256 is {sha}, expected 0{{64}}"):
         fetch_data(f"{base}/air.csv", "0" * 64, SERIES_SUFFIXES)
-    leftovers = [p.name for p in (tmp_path / "downloads").iterdir()] if (tmp_path / "downloads").exists() else []
-    assert not any(n.startswith(".part-") for n in leftovers)  # nothing half-written is left
+    with pytest.raises(DataError, match=r"gone\.csv: HTTP 404"):
+        fetch_data(f"{base}/gone.csv", "", SERIES_SUFFIXES)
+    # the verified file alone: neither the refused download nor the failed one left a .part- file
+    assert sorted(p.name for p in downloads.iterdir()) == [Path(path).name]
 
 
 def test_url_errors_are_clear(http_root, mlflow_store):

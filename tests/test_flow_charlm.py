@@ -8,10 +8,13 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.charlm import charlm_flow
+from rnn_models.generation import complete
+from rnn_models.text import load_charlm
 from tasks.config import ConfigError
 from tasks.data import DataError
 
@@ -53,17 +56,21 @@ def test_flow_registers_a_charlm_that_continues_a_prefix(slice_corpus, mlflow_st
     assert out["text"][1].startswith("The Time Machine")  # the user's prefix comes back as given
     again = model.predict(frame, params={"max_new_chars": 40, "temperature": 0.7, "seed": 3})
     assert again["text"].tolist() == out["text"].tolist()  # a seed makes it reproducible
-    greedy = model.predict(frame[:1], params={"max_new_chars": 20, "temperature": 0.0})
-    assert greedy["text"][0] == model.predict(frame[:1], params={"max_new_chars": 20, "temperature": 0.0})["text"][0]
-    with pytest.raises(Exception, match="prefix must be a non-empty string"):
+    greedy = model.predict(frame[:1], params={"max_new_chars": 20, "temperature": 0.0})["text"][0]
+    assert greedy == model.predict(frame[:1], params={"max_new_chars": 20, "temperature": 0.0, "seed": 5})["text"][0]
+    assert greedy != out["text"][0][:len(greedy)]  # the seeded sample at 0.7 is not the greedy text
+    local = Path(mlflow.artifacts.download_artifacts("models:/timemachine-charlm/1"))
+    files = {p.name: p for p in local.rglob("*") if p.is_file()}
+    # the same weights outside MLflow, decoded greedily by the plain PyTorch code, give the same text
+    net, vocab, _ = load_charlm(files["weights.safetensors"], files["vocab.json"], files["config.json"])
+    assert greedy == complete(net, vocab, "time traveller", 20, temperature=0)
+    with pytest.raises(MlflowException, match=r"row 0: prefix must be a non-empty string, got ''"):
         model.predict(pd.DataFrame({"prefix": [""]}))
     with caplog.at_level("WARNING", logger="rnnflow.charlm"):
         odd = model.predict(pd.DataFrame({"prefix": ["time \u2603"]}), params={"max_new_chars": 5})
     assert odd["text"][0].startswith("time \u2603") and "read as <unk>" in caplog.text
 
-    local = Path(mlflow.artifacts.download_artifacts("models:/timemachine-charlm/1"))
-    files = {p.name for p in local.rglob("*") if p.is_file()}
-    assert {"weights.safetensors", "vocab.json", "config.json"} <= files
+    assert {"weights.safetensors", "vocab.json", "config.json"} <= set(files)
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".pickle"))]
 
     with get_client(sync_client=True) as pc:

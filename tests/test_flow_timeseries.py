@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -81,7 +82,7 @@ def test_served_model_reproduces_the_flow_backtest(mlflow_store):
 
     result = run(horizon=3)
     cfg = TimeSeriesConfig(**{**TINY, "horizon": 3})
-    series = generate_series.fn(cfg)
+    series = generate_series(cfg)
     split = Split.by_fraction(len(series.frame), cfg.val_size, cfg.test_size, 3)
     origins = window_origins(*split.part("test"), cfg.lookback, 3)
     model = mlflow.pyfunc.load_model(result["model_uri"])
@@ -125,8 +126,9 @@ def test_sin_cos_model_needs_its_covariate(mlflow_store):
     t = np.arange(50)
     frame = pd.DataFrame({"cos": np.cos(2 * np.pi * t / 40), "sin": np.sin(2 * np.pi * t / 40)})
     assert len(model.predict(frame)) == 1
-    with pytest.raises(Exception, match="sin"):
-        model.predict(frame[["cos"]])
+    with pytest.raises(MlflowException, match=r"Model is missing inputs \['sin'\]\.") as refused:
+        model.predict(frame[["cos"]])  # the signature, cos and sin both required, refuses it
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_quantile_ensemble_serves_ordered_quantiles_and_logs_members(mlflow_store):

@@ -1,5 +1,5 @@
 """The MLflow UI in a real headless Chromium: the run's metrics and the champion alias show.
-Screenshots go to docs/img/ for the README."""
+Screenshots go to the test's temporary folder; `make readme-images` refreshes docs/img/."""
 
 import shutil
 from pathlib import Path
@@ -12,7 +12,6 @@ from tests.serving import tracking_ui
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
 
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(DRIVER).exists()),
@@ -37,24 +36,40 @@ def browser(tmp_path):
         driver.quit()
 
 
-def _wait_for(driver, *texts, timeout=60):
+def _page_text(driver, *texts, timeout=60) -> str:
+    """The page's visible text once every one of ``texts`` shows in it (the UI renders late)."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, timeout).until(lambda d: all(t in d.page_source for t in texts))
+    def shown(d):
+        body = d.find_element(By.TAG_NAME, "body").text
+        return body if all(t in body for t in texts) else False
+
+    try:
+        return WebDriverWait(driver, timeout).until(shown)
+    except TimeoutException:
+        body = driver.find_element(By.TAG_NAME, "body").text
+        missing = [t for t in texts if t not in body]
+        raise AssertionError(f"{driver.current_url}: {missing} not shown within {timeout} s; "
+                             f"the page reads: {body[:1500]!r}") from None
 
 
 def test_ui_shows_run_metrics_and_champion(mlflow_store, tmp_path, browser):
     result = timeseries_flow(length=600, lookback=12, hidden_size=16, epochs=3, device="cpu")
     c = MlflowClient(mlflow_store, mlflow_store)
     exp = c.get_experiment_by_name("timeseries-forecasting")
-    mase = c.get_run(result["run_id"]).data.metrics["test_mase"]
-    IMG.mkdir(parents=True, exist_ok=True)
+    run = c.get_run(result["run_id"])
+    mase = run.data.metrics["test_mase"]
     with tracking_ui(mlflow_store, str(tmp_path / "ui-artifacts")) as base:
         browser.get(f"{base}/#/experiments/{exp.experiment_id}/runs/{result['run_id']}")
-        _wait_for(browser, "test_mase", f"{mase:.3f}"[:4])
-        browser.save_screenshot(str(IMG / "mlflow-run.png"))
+        text = _page_text(browser, "test_mase", run.info.run_name)
+        assert f"test_mase\n{str(mase)[:5]}" in text  # the metric's value beside its name
+        browser.save_screenshot(str(tmp_path / "mlflow-run.png"))
 
         browser.get(f"{base}/#/models/sine-forecaster")
-        _wait_for(browser, "sine-forecaster", "champion")
-        browser.save_screenshot(str(IMG / "mlflow-model.png"))
-    assert (IMG / "mlflow-run.png").stat().st_size > 10_000
+        text = _page_text(browser, "sine-forecaster", "Version 1", "@ champion")  # the alias badge
+        assert "Version 2" not in text and text.index("Version 1") < text.index("@ champion")
+        browser.save_screenshot(str(tmp_path / "mlflow-model.png"))
+    assert (tmp_path / "mlflow-run.png").stat().st_size > 10_000
+    assert (tmp_path / "mlflow-model.png").stat().st_size > 10_000
