@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, fields
 
 from prefect import flow
+from prefect.states import Failed
 
 from rnn_models.training import NonFiniteLossError
 from tasks.config import ConfigError, parse_value
@@ -24,12 +25,12 @@ USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable)
 
 
 class UserErrorsInOneLine(logging.Filter):
-    """On Prefect's flow- and task-run loggers: a record carrying a user error keeps its message
-    and loses the traceback (in the terminal and in the run's log in the UI); a bug keeps it."""
+    """On Prefect's flow- and task-run loggers: a record carrying a user error (a failed try of
+    a download, say) keeps its one-line message and loses the traceback, in the terminal and in
+    the run's log in the UI; a bug keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
-            record.msg, record.args = f"error: {record.exc_info[1]}", ()
             record.exc_info = record.exc_text = None
         return True
 
@@ -43,13 +44,17 @@ def config_flow(cls, name: str, description: str):
     ``prefect deployment run NAME --param epochs=5`` and the UI's run form set one field at a time.
 
     The config is built (and validated) inside the flow run, so a bad value fails the run
-    before any task starts.
+    before any task starts. A user error fails the run with ``error: <what is wrong>`` as its
+    state message and no traceback in its log; a bug still raises with its traceback.
     """
     hints = typing.get_type_hints(cls)
 
     def decorate(body: Callable):
         def run(**params):
-            return body(cls(**params))
+            try:
+                return body(cls(**params))
+            except USER_ERRORS as e:  # a caller of the flow still gets ``e`` raised from the state
+                return Failed(message=f"error: {e}", data=e)
 
         run.__signature__ = inspect.Signature([
             inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])

@@ -31,6 +31,9 @@ def test_bad_option_value_exits_2_naming_it():
     assert out.returncode == 2 and "invalid choice: 'tcn'" in out.stderr
 
 
+DEAD_URL = "http://127.0.0.1:9/x.csv"  # nothing listens on port 9 (discard)
+
+
 def _run(module, *args, env=None):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=180,
                           env=env)
@@ -60,7 +63,8 @@ def test_bad_input_is_one_error_line_before_prefect_starts(shared_data, tmp_path
     assert not (tmp_path / "mlflow.db").exists()  # nothing registered, no store even created
 
 
-def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(tmp_path, caplog, mlflow_store):
+def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(caplog, mlflow_store):
+    """A dead URL: the download is retried (Prefect logs each failure), then the run fails."""
     from flows.timeseries import timeseries_flow
     from tasks.data import DataError
 
@@ -68,14 +72,18 @@ def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(tmp_path, 
     for lg in loggers:
         lg.addHandler(caplog.handler)
     try:
-        with pytest.raises(DataError, match="no such file"):
-            timeseries_flow(source="file", data=str(tmp_path / "gone.csv"))
+        state = timeseries_flow(source="file", data=DEAD_URL, return_state=True)
+        with pytest.raises(DataError, match="cannot download"):
+            state.result()
     finally:
         for lg in loggers:
             lg.removeHandler(caplog.handler)
     runs = [r for r in caplog.records if r.name.startswith(("prefect.flow_runs", "prefect.task_runs"))]
-    assert any(r.getMessage() == f"error: {tmp_path / 'gone.csv'}: no such file" for r in runs)
+    message = f"error: {DEAD_URL}: cannot download ([Errno 111] Connection refused)"
+    assert any("Retries are exhausted" in r.getMessage() for r in runs)
+    assert any(f"Failed({message!r})" in r.getMessage() for r in runs)
     assert not [r for r in runs if r.exc_info or "Traceback" in r.getMessage()]
+    assert state.is_failed() and state.message == message
 
 
 @pytest.mark.parametrize("raw, value", [("true", True), ("True", True), ("YES", True), ("1", True),
