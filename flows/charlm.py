@@ -9,28 +9,29 @@ import sys
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cli import config_flow, registration_note, run_from_command_line
-from flows.steps import fetch_data, load_corpus, register_charlm, train_charlm
 from tasks import data, text
 from tasks.config import CharLMFlowConfig
-from tasks.registry import CHAMPION, check_tracking_server
+from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
 
 
 @config_flow(CharLMFlowConfig, name="charlm-training", description=DESCRIPTION)
 def charlm_flow(cfg: CharLMFlowConfig) -> dict:
+    from flows import steps  # here, not at the top: the command line checks its input without importing MLflow
+
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
     # --- extract
-    path, sha256 = fetch_data(cfg.corpus, cfg.sha256)
-    corpus = load_corpus(path, sha256, cfg)
+    path, sha256 = steps.fetch_data(cfg.corpus, cfg.sha256)
+    corpus = steps.load_corpus(path, sha256, cfg)
 
     # --- transform
-    trained = train_charlm(corpus, cfg, on_samples=lambda epoch, texts: publish_samples(cfg.registered_name, epoch,
-                                                                                        texts))
+    trained = steps.train_charlm(corpus, cfg, on_samples=lambda epoch, texts: publish_samples(cfg.registered_name,
+                                                                                              epoch, texts))
 
     # --- load
-    reg = register_charlm(cfg, corpus, trained)
+    reg = steps.register_charlm(cfg, corpus, trained)
 
     name, fit = cfg.registered_name, trained.fit
     bpc = fit.best_val_loss / math.log(2)

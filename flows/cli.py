@@ -14,10 +14,10 @@ from dataclasses import MISSING, fields
 from prefect import flow
 from prefect.states import Failed
 
-from rnn_models.training import NonFiniteLossError
+from rnn_models import NonFiniteLossError
 from tasks.config import ConfigError, parse_value
 from tasks.data import DataError
-from tasks.registry import TrackingUnavailable
+from tasks.tracking import TrackingUnavailable
 
 # A user's mistake (a bad file, column, value, URL, checksum, corpus or parameter, training that
 # diverged, an unreachable tracking server): reported as one line naming it, never a traceback.

@@ -8,19 +8,21 @@ import tempfile
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows import steps
 from flows.cli import config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import split_series
-from tasks.registry import CHAMPION, check_tracking_server
-from tasks.selection import train_directly
+from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
 
 
 @config_flow(TimeSeriesConfig, name="timeseries-forecasting", description=DESCRIPTION)
 def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
+    # imported here, not at the top: the command line checks its input without importing torch and MLflow
+    from flows import steps
+    from tasks.selection import train_directly
+
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
     # --- extract

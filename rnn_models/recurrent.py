@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rnn_models import CELL_NAMES
 from rnn_models.cells import ElmanRNN
 from rnn_models.generation import sample_next
 
 CELLS: dict[str, type[nn.Module]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU, "elman": ElmanRNN}
+assert tuple(CELLS) == CELL_NAMES, "rnn_models.CELL_NAMES must list CELLS' keys"
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # LSTM carries (h, c); the rest carry h
 

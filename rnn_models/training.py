@@ -20,9 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss."""
+from rnn_models import NonFiniteLossError  # noqa: F401  (raised here; defined without torch for the CLI)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
 
-from rnn_models.recurrent import CELLS
+from rnn_models import CELL_NAMES
 
 
 class ConfigError(ValueError):
@@ -60,7 +60,7 @@ class TimeSeriesConfig:
     auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
                         "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
     # --- model
-    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    cell: str = option("lstm", "recurrent cell", CELL_NAMES)
     hidden_size: int = option(64, "hidden units per layer (and direction)")
     num_layers: int = option(1, "stacked recurrent layers")
     dropout: float = option(0.0, "dropout between stacked layers")
@@ -100,8 +100,8 @@ class TimeSeriesConfig:
             raise ConfigError(f"{flag(chosen[0])} {getattr(self, chosen[0])} is chosen by --auto (the default); "
                               f"add --no-auto to set it yourself")
         for cell in self.member_cells:
-            if cell not in CELLS:
-                raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELLS)}")
+            if cell not in CELL_NAMES:
+                raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
         self.quantile_levels  # noqa: B018 - parses, so a bad list stops here
 
     @property
@@ -167,7 +167,7 @@ class CharLMFlowConfig:
     # --- model
     input: str = option("embedding", "how characters enter the network", INPUTS)
     embedding_dim: int = option(64, "embedding width (with --input embedding)")
-    cell: str = option("lstm", "recurrent cell", tuple(CELLS))
+    cell: str = option("lstm", "recurrent cell", CELL_NAMES)
     hidden_size: int = option(256, "hidden units per layer")
     num_layers: int = option(1, "stacked recurrent layers")
     dropout: float = option(0.0, "dropout between stacked layers and on the last layer's output")

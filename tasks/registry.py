@@ -13,10 +13,8 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import tempfile
 import time
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,34 +30,14 @@ from mlflow.models import infer_signature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import rnn_models
+from tasks.tracking import CHAMPION, TrackingUnavailable, check_tracking_server, tracking_uri  # noqa: F401
 
-CHAMPION = "champion"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYFUNC_DIR = Path(__file__).resolve().parent / "pyfunc"
 CODE_PATHS = [str(Path(rnn_models.__file__).resolve().parent)]  # the models import only rnn_models
 
 
 # ---------------------------------------------------------------- the store
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store in ./mlruns."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlruns' / 'mlflow.db').resolve()}"
-
-
-class TrackingUnavailable(ConnectionError):
-    """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
-
-
-def check_tracking_server(timeout: float = 10.0) -> None:
-    """Fail before any training when a remote tracking server cannot be reached."""
-    uri = tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except OSError as e:
-        raise TrackingUnavailable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({e})") from None
 
 
 def _artifact_root(uri: str) -> str | None:
