@@ -24,6 +24,7 @@ from tasks.registry import (
     finish_registration,
     log_history,
     log_pyfunc,
+    no_integer_hint,
 )
 from tasks.selection import Selection
 from tasks.text import Corpus
@@ -84,9 +85,10 @@ def log_forecaster_run(cfg: TimeSeriesConfig, series: Series, trained: Trained, 
         mlflow.log_metrics({f"{prefix[model]}_{k}": v for k, v in scores.items()})
     for model, scores in bt.intervals.items():
         mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
-    mlflow.log_input(mlflow.data.from_pandas(series.frame, source=_source(series.source), name=cfg.registered_name,
-                                             targets=series.value_column, digest=series.sha256[:16]),
-                     context="training")
+    with no_integer_hint():
+        mlflow.log_input(mlflow.data.from_pandas(series.frame, source=_source(series.source),
+                                                 name=cfg.registered_name, targets=series.value_column,
+                                                 digest=series.sha256[:16]), context="training")
     for p in plots:
         mlflow.log_artifact(p, "plots")
     mlflow.log_text(bt.markdown(f"{cfg.registered_name} backtest"), "backtest.md")

@@ -26,7 +26,7 @@ def test_scores_equal_to_four_digits_are_shown_with_the_digits_that_differ():
                                        "0.71544 on the same test data")
 
 
-@pytest.mark.parametrize("challenger", [0.7154, 0.7154 * (1 + 1e-12)])
+@pytest.mark.parametrize("challenger", [0.7154, 0.7154 * (1 + 1e-12), 0.7154 * (1 - 3e-7)])
 def test_a_tie_keeps_the_champion_and_says_so(challenger):
     promoted, reason = promotion_decision(challenger, ChampionScore("2", 0.7154), METRIC)
     assert not promoted and reason == "kept champion v2: the challenger's test MASE 0.7154 ties it on the same test data"

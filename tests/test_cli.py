@@ -103,3 +103,20 @@ def test_a_value_that_is_not_a_boolean_is_refused_not_read_as_false():
     with pytest.raises(ConfigError, match="--auto: 'nein' is not a boolean"):
         build_grid({"auto": "true,nein"})
     assert config_from_params(TimeSeriesConfig, {"auto": "False", "epochs": "7"}).auto is False  # as MLflow logs it
+
+
+def test_a_successful_run_prints_the_report_and_no_noise(tmp_path):
+    """As a user runs it, twice (the second scores the champion it finds, loading it from the
+    registry): the report and where the model went, no ERROR line, no MLflow schema hint, no
+    download progress bars; the same seed and data give the same score, which keeps the champion."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "INFO"}
+    args = ["--length", "400", "--lookback", "12", "--hidden-size", "8", "--epochs", "2", "--ensemble", "1", "--no-auto"]
+    runs = [_run("flows.timeseries", *args, env=env) for _ in range(2)]
+    for out in runs:
+        assert out.returncode == 0, out.stderr[-2000:]
+        text = out.stdout + out.stderr
+        for noise in ("ERROR", "Traceback", "Hint: Inferred schema", "Downloading artifacts"):
+            assert noise not in text, noise
+    assert "registered models:/sine-forecaster/1" in runs[0].stdout and "Promoted to `champion`" in runs[0].stdout
+    assert "registered models:/sine-forecaster/2" in runs[1].stdout
+    assert "kept champion v1: the challenger's test MASE" in runs[1].stdout and "ties it" in runs[1].stdout
