@@ -9,29 +9,14 @@ Needs Chromium and its driver (Debian: apt-get install chromium chromium-driver)
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.serving starts the tracking UI
+sys.path.insert(0, str(ROOT))  # tests.serving starts the tracking UI and the browser
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-def browser(profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={profile}"):
-        opts.add_argument(flag)
-    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+from tests.serving import CHROMIUM, DRIVER, chrome  # noqa: E402
 
 
 def wait_for(driver, *texts, timeout=60) -> None:
@@ -57,7 +42,7 @@ def main(out: Path) -> None:
         result = timeseries_flow(length=600, lookback=12, hidden_size=16, epochs=3, device="cpu")
         exp = MlflowClient(store, store).get_experiment_by_name("timeseries-forecasting")
         out.mkdir(parents=True, exist_ok=True)
-        driver = browser(tmp / "chrome")
+        driver = chrome(tmp / "chrome")
         try:
             with tracking_ui(store, str(tmp / "ui-artifacts")) as base:
                 driver.get(f"{base}/#/experiments/{exp.experiment_id}/runs/{result['run_id']}")

@@ -1,17 +1,13 @@
 """The MLflow UI in a real headless Chromium: the run's metrics and the champion alias show.
 Screenshots go to the test's temporary folder; `make readme-images` refreshes docs/img/."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from flows.timeseries import timeseries_flow
-from tests.serving import tracking_ui
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+from tests.serving import CHROMIUM, DRIVER, chrome, tracking_ui
 
 pytestmark = pytest.mark.skipif(
     not (Path(CHROMIUM).exists() and Path(DRIVER).exists()),
@@ -20,16 +16,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+    pytest.importorskip("selenium.webdriver")
+    driver = chrome(tmp_path / "chrome")
     try:
         yield driver
     finally:
