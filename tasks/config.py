@@ -1,5 +1,8 @@
-"""The time-series flow's configuration: one dataclass that is at once the flow's parameters,
-the command line's options and the MLflow run's params."""
+"""The flows' configurations: for each flow one flat dataclass that is at once the flow's
+parameters (``--param epochs=5`` sets one field), the command line's options and the MLflow
+run's params. The lower layers' configs (``ForecasterConfig``, ``CharLMConfig``,
+``TrainConfig``) are projected from it by field name (``project``), and every text becomes a
+value through one function (``parse_value``)."""
 
 from __future__ import annotations
 
