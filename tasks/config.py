@@ -180,6 +180,8 @@ class CharLMFlowConfig:
     weight_decay: float = option(0.01, "AdamW decoupled weight decay")
     clip: float = option(1.0, "max gradient norm (0 = off); exploding gradients are the rule in char RNNs")
     patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
+    minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
+                            "rate falling on a cosine over them (0 = train by --epochs)")
     device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
     seed: int = option(0, "seed for weights, batching and samples: same seed, same result on CPU")
     # --- samples
@@ -197,6 +199,8 @@ class CharLMFlowConfig:
                      non_negative=("sample_every", "top_k"), fractions=("val_fraction",))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature must be 0 or more, got {self.temperature}")
+        if not (math.isfinite(self.minutes) and self.minutes >= 0):
+            raise ConfigError(f"--minutes must be 0 or more, got {self.minutes}")
         if not self.prompts:
             raise ConfigError("--prefixes holds no prompt; give at least one non-empty prefix")
 

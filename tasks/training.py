@@ -118,6 +118,7 @@ class TrainedLM:
         return model.eval()
 
 
+EPOCHS_UNBOUNDED = 1_000_000  # with --minutes the budget, not the epoch count, ends training
 SampleHook = Callable[[int, dict[str, str]], None]  # (epoch, {prefix: text}); epoch 0: the final model
 
 
@@ -150,7 +151,8 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
     result = fit(model, lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
                  lambda: sequential_batches(val, val_batch, cfg.num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
-                 project(TrainConfig, cfg, device=device), on_epoch=on_epoch)
+                 project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs),
+                 on_epoch=on_epoch)
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)

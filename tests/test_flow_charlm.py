@@ -145,3 +145,12 @@ def test_bad_input_is_refused_before_training(case, guarded, monkeypatch, http_r
     assert [str(v.version) for v in c.search_model_versions("name='guarded'")] == ["1"]
     assert str(c.get_model_version_by_alias("guarded", "champion").version) == "1"
     assert len(c.search_runs([c.get_experiment_by_name("charlm-training").experiment_id])) == 1
+
+
+def test_minutes_train_to_a_time_budget_whatever_the_epochs(slice_corpus, mlflow_store):
+    result = run(slice_corpus, minutes=0.1, epochs=2, sample_every=0)  # 6 s: far more than 2 tiny epochs
+    c = MlflowClient(mlflow_store, mlflow_store)
+    r = c.get_run(result["run_id"])
+    assert r.data.params["minutes"] == "0.1"
+    epochs = len(c.get_metric_history(r.info.run_id, "val_bpc"))
+    assert epochs > 2 and 5 <= result["train_seconds"] < 12  # the 6 s budget ended it (time between epochs aside)
