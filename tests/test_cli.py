@@ -79,10 +79,9 @@ def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(caplog, ml
         for lg in loggers:
             lg.removeHandler(caplog.handler)
     runs = [r for r in caplog.records if r.name.startswith(("prefect.flow_runs", "prefect.task_runs"))]
-    message = f"error: {DEAD_URL}: cannot download ([Errno 111] Connection refused)"
     assert any("Retries are exhausted" in r.getMessage() for r in runs)
     assert not [r for r in runs if r.exc_info or "Traceback" in r.getMessage()]
-    assert state.is_failed() and state.message == message
+    assert state.is_failed() and state.message.startswith(f"error: {DEAD_URL}: cannot download (")
 
 
 @pytest.mark.parametrize("raw, value", [("true", True), ("True", True), ("YES", True), ("1", True),
