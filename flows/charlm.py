@@ -35,7 +35,7 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
 
     name, fit = cfg.registered_name, trained.fit
     bpc = fit.best_val_loss / math.log(2)
-    samples = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in trained.samples[0].items())
+    samples = samples_markdown(trained.samples[0])
     report = (f"### {name} v{reg.version}\n\n"
               f"| validation loss (nats/char) | bits/char | perplexity | best epoch | tokens/s |\n"
               f"|---:|---:|---:|---:|---:|\n"
@@ -49,10 +49,13 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
             "report": report, "train_seconds": fit.train_seconds, "device": trained.device}
 
 
+def samples_markdown(texts: dict[str, str]) -> str:
+    return "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in texts.items())
+
+
 def publish_samples(name: str, epoch: int, texts: dict[str, str]) -> None:
     """The samples as a Prefect artifact (one key, a new version each time), to watch in the UI."""
-    body = "\n\n".join(f"**{p!r}** →\n\n```\n{t}\n```" for p, t in texts.items())
-    create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{body}", key=f"{name}-samples".lower(),
+    create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{samples_markdown(texts)}", key=f"{name}-samples".lower(),
                              description=f"samples after epoch {epoch}" if epoch else "samples of the final model")
 
 

@@ -11,7 +11,6 @@ import sys
 
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
 from tasks.registry import (
-    CHAMPION,
     RegistryError,
     champion_version,
     client,
@@ -19,6 +18,7 @@ from tasks.registry import (
     rollback_champion,
     set_champion,
 )
+from tasks.tracking import CHAMPION
 
 KEY_METRIC = {"forecaster": "test_mase", "charlm": "val_bpc"}
 

@@ -38,8 +38,9 @@ from flows.steps import (
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import DataError, read_series
-from tasks.registry import CHAMPION, TrackingUnavailable, check_tracking_server, client, ensure_experiment
+from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
+from tasks.tracking import CHAMPION, TrackingUnavailable, check_tracking_server
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):

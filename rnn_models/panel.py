@@ -31,11 +31,12 @@ class Panel:
                     device: str | torch.device = "cpu") -> Panel:
         lengths = np.array([len(s) for s in series], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        values = np.concatenate([np.asarray(s, dtype=np.float32) for s in series]) if len(series) else np.zeros(0)
+        values = (np.concatenate([np.asarray(s, dtype=np.float32) for s in series]) if len(series)
+                  else np.zeros(0, dtype=np.float32))
         ids = list(ids) if ids is not None else [str(i) for i in range(len(series))]
         if len(ids) != len(series):
             raise ValueError(f"{len(ids)} ids for {len(series)} series")
-        return cls(torch.from_numpy(values.astype(np.float32)).to(device), torch.from_numpy(offsets).to(device),
+        return cls(torch.from_numpy(values).to(device), torch.from_numpy(offsets).to(device),
                    torch.from_numpy(lengths).to(device), ids)
 
     def __len__(self) -> int:
@@ -44,9 +45,6 @@ class Panel:
     @property
     def device(self) -> torch.device:
         return self.values.device
-
-    def to(self, device: str | torch.device) -> Panel:
-        return Panel(self.values.to(device), self.offsets.to(device), self.lengths.to(device), self.ids)
 
 
 class PanelWindows:

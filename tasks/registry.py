@@ -30,7 +30,7 @@ from mlflow.models import infer_signature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import rnn_models
-from tasks.tracking import CHAMPION, TrackingUnavailable, check_tracking_server, tracking_uri  # noqa: F401
+from tasks.tracking import CHAMPION, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYFUNC_DIR = Path(__file__).resolve().parent / "pyfunc"
