@@ -75,17 +75,28 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--option`` per field of ``cls``, with its help and choices."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(cls)
+    hints, titles, groups = typing.get_type_hints(cls), _piece_titles(cls), {}
     for f in fields(cls):
+        title = titles.get(f.name) or "options"
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
         flag = "--" + f.name.replace("_", "-")
         kind, default = hints[f.name], f.default if f.default is not MISSING else None
         helptext = f.metadata.get("help", "") or " "
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         else:
-            p.add_argument(flag, type=_converter(kind, f.name), default=default, choices=f.metadata.get("choices"),
+            group.add_argument(flag, type=_converter(kind, f.name), default=default, choices=f.metadata.get("choices"),
                            metavar=None if f.metadata.get("choices") else f.name.upper(), help=helptext)
     return p
+
+
+def _piece_titles(cls) -> dict[str, str]:
+    """Each field's group in --help: the ``title`` of the config piece that first declares it."""
+    titles: dict[str, str] = {}
+    for piece in reversed(cls.__mro__):
+        for name in inspect.get_annotations(piece):
+            titles.setdefault(name, getattr(piece, "title", None))
+    return titles
 
 
 def _converter(kind: type, name: str):

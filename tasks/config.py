@@ -1,8 +1,11 @@
-"""The flows' configurations: for each flow one flat dataclass that is at once the flow's
-parameters (``--param epochs=5`` sets one field), the command line's options and the MLflow
-run's params. The lower layers' configs (``ForecasterConfig``, ``CharLMConfig``,
-``TrainConfig``) are projected from it by field name (``project``), and every text becomes a
-value through one function (``parse_value``)."""
+"""The flows' configurations. Each flow's config is composed of pieces (``ModelOptions``,
+``TrainingOptions``, the data options, ...) as dataclass bases, so it stays one flat set of
+fields that is at once the flow's parameters (``--param epochs=5`` sets one field), the
+command line's options (grouped by piece in ``--help``) and the MLflow run's params. The lower
+layers' configs (``ForecasterConfig``, ``CharLMConfig``, ``TrainConfig``) are projected from
+it by field name (``project``): nothing is copied field by field, and a field added to a piece
+reaches every flow that has it. Every text becomes a value through one function
+(``parse_value``)."""
 
 from __future__ import annotations
 
@@ -34,8 +37,34 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class TimeSeriesConfig:
-    # --- data
+class ModelOptions:
+    """The recurrent network either flow trains: projected onto ``ForecasterConfig`` or ``CharLMConfig``."""
+    title = "model"  # its group in --help (not a field: no annotation)
+    cell: str = option("lstm", "recurrent cell", CELL_NAMES)
+    hidden_size: int = option(64, "hidden units per layer (and direction)")
+    num_layers: int = option(1, "stacked recurrent layers")
+    dropout: float = option(0.0, "dropout between stacked layers")
+
+
+@dataclass
+class TrainingOptions:
+    """How either flow trains: projected onto ``rnn_models.training.TrainConfig`` (the batch size
+    goes to the batcher)."""
+    title = "training"  # its group in --help (not a field: no annotation)
+    epochs: int = option(40, "maximum epochs")
+    batch_size: int = option(32, "windows per gradient step")
+    lr: float = option(3e-3, "AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
+    clip: float = option(1.0, "max gradient norm; recurrent nets explode without it (0 = off)")
+    patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
+    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
+    seed: int = option(0, "seed for weights, shuffling, generated data and samples: same seed, same result on CPU")
+
+
+@dataclass
+class SeriesOptions:
+    """Where the series comes from and how its file is read."""
+    title = "data"  # its group in --help (not a field: no annotation)
     source: str = option("sine", "where the series comes from", SOURCES)
     data: str = option("", "CSV or Parquet file path or http(s) URL (with --source file)")
     sha256: str = option("", "expected sha256 of the --data file; the run stops if it differs")
@@ -44,7 +73,12 @@ class TimeSeriesConfig:
     covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
     max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
     length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic, trend-season)")
-    # --- windows
+
+
+@dataclass
+class WindowOptions:
+    """How the series is split, transformed and cut into windows."""
+    title = "windows and transforms"  # its group in --help (not a field: no annotation)
     lookback: int = option(24, "input window length L")
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
     stride: int = option(1, "step between training windows")
@@ -62,32 +96,40 @@ class TimeSeriesConfig:
     baseline: str = option("none", "the network learns the correction to this forecast", BASELINES)
     auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
                         "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
-    # --- model
-    cell: str = option("lstm", "recurrent cell", CELL_NAMES)
-    hidden_size: int = option(64, "hidden units per layer (and direction)")
-    num_layers: int = option(1, "stacked recurrent layers")
-    dropout: float = option(0.0, "dropout between stacked layers")
+
+
+@dataclass
+class ForecasterOptions(ModelOptions):
+    """The forecaster's own model options: quantiles and ensemble."""
     bidirectional: bool = option(False, "read the input window both ways")
     quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
                             "q<level> column each beside forecast (the median, always included)")
     ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
-    # --- training
-    epochs: int = option(40, "maximum epochs")
-    batch_size: int = option(32, "windows per gradient step")
-    lr: float = option(3e-3, "AdamW learning rate")
-    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
-    clip: float = option(1.0, "max gradient norm; recurrent nets on raw series explode without it (0 = off)")
-    patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
+
+
+@dataclass
+class ForecasterTraining(TrainingOptions):
+    """The forecaster's own training options: the moving average and the learning-rate plateau."""
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
-    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
-    seed: int = option(0, "seed for weights, shuffling and generated data: same seed, same result on CPU")
-    # --- registry
-    model_name: str = option("", "registered model name; default: <source or file name>-forecaster")
+
+
+@dataclass
+class RegistryOptions:
+    """Where the trained model is registered."""
+    title = "registry"  # its group in --help (not a field: no annotation)
+    model_name: str = option("", "registered model name; default: after the data, <source or file name>-forecaster "
+                             "or <corpus file name>-charlm")
     experiment: str = option("timeseries-forecasting", "MLflow experiment")
+
+
+# A dataclass takes its bases' fields in reverse order: these read data, windows, model, training, registry.
+@dataclass
+class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, WindowOptions, SeriesOptions):
+    """The time-series flow's parameters, options and MLflow params: composed of the pieces above."""
 
     def __post_init__(self):
         check_common(self, positive=("lookback", "horizon", "stride", "length", "ensemble"),
@@ -155,43 +197,54 @@ BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "timemachine.
 
 
 @dataclass
-class CharLMFlowConfig:
-    # --- corpus
+class CorpusOptions:
+    """Which text, and how it is cleaned and split."""
+    title = "corpus and batching"  # its group in --help (not a field: no annotation)
     data: str = option("", "UTF-8 text file or http(s) URL; default: H. G. Wells' The Time Machine in data/")
     sha256: str = option("", "expected sha256 of the corpus file; the run stops if it differs")
     lower: bool = option(True, "lower-case the corpus (and prompts)")
     letters_only: bool = option(False, "d2l-style clean-up: every run of non-letters becomes one space")
     val_fraction: float = option(0.1, "last part of the corpus held out for validation")
-    # --- batching
     sampling: str = option("sequential", "sequential carries the state across batches (truncated BPTT); "
                            "random draws independent windows", SAMPLINGS)
     num_steps: int = option(35, "characters per training sequence (BPTT length)")
-    batch_size: int = option(32, "sequences per gradient step")
-    # --- model
+
+
+@dataclass
+class CharModelOptions(ModelOptions):
+    """The char LM's model: wider by default, characters embedded."""
+    hidden_size: int = option(256, "hidden units per layer")
+    dropout: float = option(0.0, "dropout between stacked layers and on the last layer's output")
     input: str = option("embedding", "how characters enter the network", INPUTS)
     embedding_dim: int = option(64, "embedding width (with --input embedding)")
-    cell: str = option("lstm", "recurrent cell", CELL_NAMES)
-    hidden_size: int = option(256, "hidden units per layer")
-    num_layers: int = option(1, "stacked recurrent layers")
-    dropout: float = option(0.0, "dropout between stacked layers and on the last layer's output")
-    # --- training
+
+
+@dataclass
+class CharTraining(TrainingOptions):
+    """The char LM's training defaults, and the time budget."""
     epochs: int = option(20, "maximum epochs")
+    batch_size: int = option(32, "sequences per gradient step")
     lr: float = option(2e-3, "AdamW learning rate")
-    weight_decay: float = option(0.01, "AdamW decoupled weight decay")
-    clip: float = option(1.0, "max gradient norm (0 = off); exploding gradients are the rule in char RNNs")
     patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
     minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
                             "rate falling on a cosine over them (0 = train by --epochs)")
-    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
-    seed: int = option(0, "seed for weights, batching and samples: same seed, same result on CPU")
-    # --- samples
+
+
+@dataclass
+class SampleOptions:
+    """The samples shown while the model trains and logged with it."""
+    title = "samples"  # its group in --help (not a field: no annotation)
     prefixes: str = option("time traveller,the time machine", "comma-separated prompts sampled during training")
     sample_every: int = option(5, "epochs between samples (0 = only at the end)")
     sample_chars: int = option(120, "characters generated per sample")
     temperature: float = option(0.8, "sampling temperature for the samples (0 = greedy)")
     top_k: int = option(0, "sample from the k most likely characters only (0 = all)")
-    # --- registry
-    model_name: str = option("", "registered model name; default: <corpus file name>-charlm")
+
+
+# A dataclass takes its bases' fields in reverse order: corpus, model, training, samples, registry.
+@dataclass
+class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOptions, CorpusOptions):
+    """The char-LM flow's parameters, options and MLflow params: composed of the pieces above."""
     experiment: str = option("charlm-training", "MLflow experiment")
 
     def __post_init__(self):
