@@ -15,10 +15,12 @@ STORE    := sqlite:///$(CURDIR)/mlruns/mlflow.db
 VENV_PATH := PATH=$(CURDIR)/.venv/bin:$$PATH MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-$(STORE)}
 
 PREFECT_PORT ?= 4200
-# only `deploy` talks to the long-running server; `run` and `test` start temporary ones
+export PREFECT_SERVER_API_PORT ?= $(PREFECT_PORT)
+# `run`, `charlm` and the sweep use $PREFECT_API_URL if set, else one local server shared by every
+# run (flows/server.py starts it on first use, on this port, and leaves it up); `deploy` needs one
 API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
-.PHONY: run charlm test bench gpu-check install clean serve-model ui models server deploy tracking-server
+.PHONY: run charlm test bench gpu-check install clean serve-model ui models server server-stop deploy tracking-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -39,7 +41,7 @@ test: $(STAMP)
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
-SLOW_TESTS := cli deployments flow_charlm flow_timeseries models_cli serving sweep tracking_server ui
+SLOW_TESTS := cli deployments flow_charlm flow_timeseries models_cli reliability serving sweep tracking_server ui
 .PHONY: test-fast readme-images
 test-fast: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
@@ -62,9 +64,13 @@ bench: $(STAMP)
 gpu-check:
 	scripts/gpu-check.sh $(REPORT)
 
-# A Prefect server (SQLite in ~/.prefect, analytics off); its UI is http://127.0.0.1:4200
+# A Prefect server (SQLite in ~/.prefect, analytics off); its UI is http://127.0.0.1:4200.
+# The local server the command lines start in the background is the same one: server-stop stops it.
 server: $(STAMP)
 	PATH=$(CURDIR)/.venv/bin:$$PATH prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+server-stop: $(STAMP)
+	PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(PY) -m flows.server stop
 
 # Register and serve the retraining deployments against that server (keep it running)
 deploy: $(STAMP)

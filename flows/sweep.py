@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.cli import registration_note
+from flows.cli import USER_ERRORS, registration_note
+from flows.server import prefect_api
 from flows.steps import (
     backtest,
     plot_backtest,
@@ -37,10 +37,10 @@ from flows.steps import (
 )
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
-from tasks.data import DataError, read_series
+from tasks.data import read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
-from tasks.tracking import CHAMPION, TrackingUnavailable, check_tracking_server
+from tasks.tracking import CHAMPION, check_tracking_server
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):
@@ -166,38 +166,6 @@ def task_runner(kind: str, workers: int, address: str):
                                           "preload": ["tasks.dask_worker"]})
 
 
-@contextlib.contextmanager
-def shared_api(needed: bool):
-    """Without PREFECT_API_URL every Dask worker would start a temporary Prefect server of its
-    own (~10 s each); start one here and hand its address to the workers through the
-    environment they inherit."""
-    from prefect.settings import PREFECT_API_URL
-
-    if not needed or os.environ.get("PREFECT_API_URL"):
-        yield
-        return
-    if PREFECT_API_URL.value():  # a server this process already uses (a profile, a test harness)
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        try:
-            yield
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=120)
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        yield
-    finally:
-        from prefect.logging.handlers import APILogWorker
-
-        APILogWorker.drain_all(timeout=10)  # the run's last logs go to this server: send them before it stops
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
-
-
 def check_dask_address(address: str, timeout: float = 5.0) -> None:
     """Fail fast, before any trial, if an existing Dask scheduler cannot be reached."""
     import socket
@@ -239,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         runner = task_runner(sweep["task_runner"], sweep["workers"], sweep["dask_address"])
         if sweep["id_column"] and base["source"] != "file":
             raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
-        with shared_api(sweep["task_runner"] == "dask"):
+        with prefect_api():  # one server for the sweep and its Dask workers (they inherit its URL)
             if sweep["id_column"]:
                 result = many_series_flow.with_options(task_runner=runner)(base=base, grid=grid,
                                                                           id_column=sweep["id_column"])
             else:
                 result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid)
-    except (ConfigError, DataError, TrackingUnavailable) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(result["report"])

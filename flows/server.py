@@ -1,0 +1,162 @@
+"""The Prefect API that command-line runs talk to.
+
+With ``PREFECT_API_URL`` set, that server (it must answer). Without it, one local server shared
+by every run on this machine: the first run starts ``prefect server start`` in the background
+(the same server as ``make server``, UI included, on ``PREFECT_SERVER_API_HOST``/``_PORT``,
+default 127.0.0.1:4200), and later runs reuse it. Prefect's own default, a temporary server per
+process, costs each run ~18 s on a 2-core machine and fails under load past Prefect's 20 s
+start-up limit, so four runs started at once all crashed; a shared server is started once,
+under a file lock, with a generous limit, and survives Ctrl-C of the run that started it.
+
+    python -m flows.server status|start|stop
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+START_SECONDS = float(os.environ.get("RNNFLOW_PREFECT_START_SECONDS", "180"))
+
+
+class PrefectUnavailable(ConnectionError):
+    """No Prefect API can be reached or started: a user's setting or machine, not a bug."""
+
+
+def local_url() -> str:
+    api = get_current_settings().server.api
+    return f"http://{api.host}:{api.port}/api"
+
+
+def _home() -> Path:
+    home = Path(get_current_settings().home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def answers(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def ensure_server() -> tuple[str, bool]:
+    """The API URL to use, and whether this call started the server. Raises
+    ``PrefectUnavailable`` with what to do when none answers."""
+    url = PREFECT_API_URL.value()
+    if url:
+        if not answers(url):
+            raise PrefectUnavailable(f"PREFECT_API_URL {url}: the Prefect server does not answer; start it "
+                                     f"(make server) or unset PREFECT_API_URL to use a local one")
+        return url, False
+    url = local_url()
+    if answers(url):
+        return url, False
+    home = _home()
+    with open(home / "rnnflow-server.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one run starts it; the others wait here, then find it up
+        if answers(url):
+            return url, False
+        _start(url, home)
+    return url, True
+
+
+def _start(url: str, home: Path) -> None:
+    api = get_current_settings().server.api
+    log = home / "rnnflow-server.log"
+    with open(log, "ab") as out:
+        # a session of its own: Ctrl-C in the terminal of the run that started it does not stop it
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", str(api.host),
+                                 "--port", str(api.port)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    (home / "rnnflow-server.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        if answers(url, timeout=2.0):
+            return
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise PrefectUnavailable(f"the local Prefect server at {url} did not start (exit {proc.returncode}: "
+                                     f"{tail[0][:200]}); see {log}, or set PREFECT_API_URL to a running server")
+        time.sleep(0.25)
+    raise PrefectUnavailable(f"the local Prefect server at {url} did not answer within {START_SECONDS:.0f} s; see "
+                             f"{log}, raise RNNFLOW_PREFECT_START_SECONDS, or set PREFECT_API_URL")
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Run the body against the shared (or configured) server; the environment carries its URL
+    to child processes (Dask workers, say)."""
+    url, started = ensure_server()
+    if started:
+        print(f"started a local Prefect server at {url.removesuffix('/api')} (its UI); it stays up for later "
+              f"runs: `python -m flows.server stop` stops it", file=sys.stderr)
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
+
+
+def stop() -> bool:
+    """Stop the local server this module started; False if none was running."""
+    pid_file = _home() / "rnnflow-server.pid"
+    try:
+        pid = int(pid_file.read_text())
+        if b"prefect" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ProcessLookupError(pid)  # gone, and its pid taken by another process
+        os.killpg(pid, signal.SIGTERM)  # the server and the services it spawned
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return False
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            break
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = (argv if argv is not None else sys.argv[1:]) or ["status"]
+    if cmd[0] == "start":
+        try:
+            url, started = ensure_server()
+        except PrefectUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"{'started' if started else 'already up'}: {url}")
+    elif cmd[0] == "stop":
+        print("stopped" if stop() else "no local server started by rnnflow is running")
+    elif cmd[0] == "status":
+        url = PREFECT_API_URL.value() or local_url()
+        print(f"{url}: {'up' if answers(url) else 'down'}")
+        return 0 if answers(url) else 1
+    else:
+        print(f"error: unknown command {cmd[0]!r}; use status, start or stop", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
