@@ -101,6 +101,15 @@ class LanguageModelLoss:
     def reset(self) -> None:
         self.state = None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The carried state, for a checkpoint taken half-way through an epoch."""
+        if self.state is None:
+            return {}
+        return dict(zip(("h", "c"), self.state, strict=True)) if isinstance(self.state, tuple) else {"h": self.state}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = (state["h"], state["c"]) if "c" in state else state.get("h")
+
     def __call__(self, model, batch) -> tuple[torch.Tensor, int]:
         x, y = batch  # (B, T), (B, T)
         if self.state is not None and last_hidden(self.state).shape[1] != x.shape[0]:

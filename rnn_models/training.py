@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnn_models import NonFiniteLossError  # noqa: F401  (raised here; defined without torch for the CLI)
+from rnn_models import NonFiniteLossError  # raised here; defined without torch for the CLI
+from rnn_models.checkpoint import Checkpoint
 
 
 @dataclass
@@ -92,6 +93,7 @@ def fit(
     objective: Objective,
     cfg: TrainConfig,
     on_epoch: Callable[[EpochStats, nn.Module], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> FitResult:
     """Train with AdamW and gradient clipping; stop early on validation loss and restore the
     best weights. With ``cfg.ema`` the weights validated and restored are an exponential moving
@@ -99,55 +101,147 @@ def fit(
     With ``cfg.minutes`` training stops once that much wall-clock time has passed (at most
     ``cfg.epochs`` epochs), the learning rate falling on a cosine over the budget; the epoch
     under way when it runs out is cut short and validated. The model must already be on
-    ``cfg.device``."""
-    # fused: one kernel for the whole update on CUDA, where a small model's step is launch-bound
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=cfg.device.startswith("cuda"))
-    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
-    budget = Budget(opt, cfg.minutes * 60.0) if cfg.minutes > 0 else None
-    plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=cfg.lr_patience - 1)
-               if cfg.lr_patience and budget is None else None)
-    result, best_state, stale = FitResult(), None, 0
-    averaged = MovingAverage(model, cfg.ema) if cfg.ema else None
-    after_step = averaged.update if averaged is not None else None
-    scored = averaged.module if averaged is not None else model  # the weights validated, kept and returned
+    ``cfg.device``.
+
+    With ``checkpoint``, the whole state (weights, optimizer, moving average, best weights so
+    far, random-number generators, position in the epoch) is written after every epoch and
+    every ``checkpoint.every_seconds`` inside one; if the checkpoint exists, training resumes
+    from it and ends exactly where an uninterrupted run would (on the CPU)."""
+    run = TrainingRun(model, objective, cfg)
+    if checkpoint is not None and checkpoint.exists():
+        run.restore(*checkpoint.read())
     # disable=None: a bar only on a terminal, not in logs
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
-               disable=None if cfg.progress else True)
+    bar = tqdm(range(run.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
+               disable=None if cfg.progress and not run.finished else True)
     for epoch in bar:
+        if run.finished:
+            break
         t0 = time.perf_counter()
         model.train()
-        train_loss, n = _run_pass(model, train_batches(gen), objective, cfg, opt, after_step, budget)
-        result.samples += n
+        train_loss, n = _train_pass(run, train_batches(run.start_epoch()), checkpoint)
+        run.result.samples += n
         model.eval()
-        scored.eval()
+        run.scored.eval()
         with torch.no_grad():
-            val_loss, _ = _run_pass(scored, val_batches(), objective, cfg, None)
-        seconds = time.perf_counter() - t0
-        result.train_seconds += seconds
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise NonFiniteLossError(
-                f"epoch {epoch}: loss became {train_loss if not math.isfinite(train_loss) else val_loss}"
-                f" (lr={cfg.lr}, clip={cfg.clip}); try a lower --lr or a smaller --clip"
-            )
-        stats = EpochStats(epoch, train_loss, val_loss, seconds)
-        result.history.append(stats)
+            val_loss = _eval_pass(run.scored, val_batches(), objective, cfg)
+        stats = EpochStats(epoch, train_loss, val_loss, time.perf_counter() - t0)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        if val_loss < result.best_val_loss:
-            result.best_val_loss, result.best_epoch, stale = val_loss, epoch, 0
-            best_state = copy.deepcopy(scored.state_dict())
-        else:
-            stale += 1
-        if plateau is not None:
-            plateau.step(val_loss)
+        run.end_epoch(stats)
         if on_epoch is not None:
             on_epoch(stats, model)
-        if (cfg.patience and stale >= cfg.patience) or (budget is not None and budget.spent):
-            break
+        if checkpoint is not None:
+            checkpoint.write(*run.snapshot())
     bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return result
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    return run.result
+
+
+class TrainingRun:
+    """Everything a training run changes as it goes, and how it goes to and from a checkpoint."""
+
+    def __init__(self, model: nn.Module, objective: Objective, cfg: TrainConfig):
+        self.model, self.objective, self.cfg = model, objective, cfg
+        # fused: one kernel for the whole update on CUDA, where a small model's step is launch-bound
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     fused=cfg.device.startswith("cuda"))
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order, independent of the global RNG
+        self.budget = Budget(self.opt, cfg.minutes * 60.0) if cfg.minutes > 0 else None
+        self.plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.5, patience=cfg.lr_patience - 1)
+                        if cfg.lr_patience and self.budget is None else None)
+        self.averaged = MovingAverage(model, cfg.ema) if cfg.ema else None
+        self.scored = self.averaged.module if self.averaged is not None else model  # validated, kept, returned
+        self.result, self.best_state, self.stale = FitResult(), None, 0
+        self.epoch, self.finished = 0, False  # epochs done; stopped (early, by budget or at the last epoch)
+        self.step, self.partial = 0, (0.0, 0)  # batches done in the epoch under way, their summed loss and count
+        self.epoch_gen = self.gen.get_state()  # the shuffling generator as the epoch under way began
+
+    def start_epoch(self) -> torch.Generator:
+        """The generator the epoch's batches are drawn with: as the epoch began, even when it
+        resumes half-way (its first ``step`` batches are then drawn again and skipped)."""
+        if self.step == 0:
+            self.epoch_gen = self.gen.get_state()
+        else:
+            self.gen.set_state(self.epoch_gen)
+        return self.gen
+
+    def end_epoch(self, stats: EpochStats) -> None:
+        if not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss)):
+            bad = stats.train_loss if not math.isfinite(stats.train_loss) else stats.val_loss
+            raise NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} (lr={self.cfg.lr}, clip={self.cfg.clip});"
+                                     f" try a lower --lr or a smaller --clip")
+        self.result.history.append(stats)
+        self.result.train_seconds += stats.seconds
+        if stats.val_loss < self.result.best_val_loss:
+            self.result.best_val_loss, self.result.best_epoch, self.stale = stats.val_loss, stats.epoch, 0
+            self.best_state = copy.deepcopy(self.scored.state_dict())
+        else:
+            self.stale += 1
+        if self.plateau is not None:
+            self.plateau.step(stats.val_loss)
+        self.epoch, self.step, self.partial = stats.epoch, 0, (0.0, 0)
+        self.finished = (stats.epoch >= self.cfg.epochs or bool(self.cfg.patience and self.stale >= self.cfg.patience)
+                         or (self.budget is not None and self.budget.spent))
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able rest) of the whole state, for ``Checkpoint.write``."""
+        opt = self.opt.state_dict()
+        tensors = {**_prefixed("model.", self.model.state_dict()), **_prefixed("best.", self.best_state or {}),
+                   **{f"opt.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()},
+                   "rng.gen": self.gen.get_state(), "rng.epoch_gen": self.epoch_gen, "rng.torch": torch.get_rng_state()}
+        if self.averaged is not None:
+            tensors.update(_prefixed("ema.", self.averaged.module.state_dict()))
+        if torch.cuda.is_available() and self.cfg.device.startswith("cuda"):
+            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        tensors.update(_prefixed("objective.", getattr(self.objective, "state_dict", dict)()))
+        result = self.result
+        meta = {"epoch": self.epoch, "epochs": self.cfg.epochs, "step": self.step, "partial": self.partial,
+                "finished": self.finished, "stale": self.stale, "opt_groups": opt["param_groups"],
+                "ema_started": self.averaged.started if self.averaged is not None else False,
+                "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+                "budget_elapsed": self.budget.elapsed() if self.budget is not None else 0.0,
+                "history": [vars(s) for s in result.history], "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss, "train_seconds": result.train_seconds,
+                "samples": result.samples}
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Put the state of ``snapshot()`` back, the tensors onto the model's device."""
+        dev = self.cfg.device
+        self.model.load_state_dict(_unprefixed("model.", tensors))
+        self.best_state = {k: v.to(dev) for k, v in _unprefixed("best.", tensors).items()} or None
+        if self.averaged is not None:
+            self.averaged.module.load_state_dict(_unprefixed("ema.", tensors))
+            self.averaged.started = meta["ema_started"]
+        state: dict[int, dict] = {}
+        for key, value in _unprefixed("opt.", tensors).items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+        self.opt.load_state_dict({"state": state, "param_groups": meta["opt_groups"]})
+        self.gen.set_state(tensors["rng.gen"])
+        self.epoch_gen = tensors["rng.epoch_gen"]
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict({k: v.to(dev) for k, v in _unprefixed("objective.", tensors).items()})
+        if self.plateau is not None and meta["plateau"] is not None:
+            self.plateau.load_state_dict(meta["plateau"])
+        if self.budget is not None:
+            self.budget.resume(meta["budget_elapsed"])
+        self.epoch, self.step, self.partial = meta["epoch"], meta["step"], tuple(meta["partial"])
+        self.finished, self.stale = meta["finished"], meta["stale"]
+        self.result = FitResult([EpochStats(**s) for s in meta["history"]], meta["best_epoch"], meta["best_val_loss"],
+                                meta["train_seconds"], meta["samples"])
+
+
+def _prefixed(prefix: str, tensors: dict) -> dict:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class MovingAverage:
@@ -183,9 +277,16 @@ class Budget:
         self.start = time.perf_counter()
         self.spent = False
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def resume(self, elapsed: float) -> None:
+        """Go on from a checkpoint: ``elapsed`` seconds of the budget were spent before it."""
+        self.start = time.perf_counter() - elapsed
+
     def step(self) -> bool:
         """After an optimizer step: update the learning rate; True once the budget is spent."""
-        frac = min((time.perf_counter() - self.start) / self.seconds, 1.0)
+        frac = min(self.elapsed() / self.seconds, 1.0)
         scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, base in zip(self.opt.param_groups, self.base, strict=True):
             group["lr"] = base * scale
@@ -193,31 +294,51 @@ class Budget:
         return self.spent
 
 
-def _run_pass(model, batches, objective, cfg: TrainConfig, opt, after_step=None,
-              budget: Budget | None = None) -> tuple[float, int]:
-    """One pass over ``batches``; trains when an optimizer is given, until the budget (if any)
-    is spent. Returns (mean loss, count)."""
+def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoint | None) -> tuple[float, int]:
+    """One training pass (until the budget, if any, is spent); a resumed epoch skips the
+    batches it had done. Returns (mean loss, count)."""
+    model, objective, cfg, opt = run.model, run.objective, run.cfg, run.opt
+    reset = getattr(objective, "reset", None)
+    if reset is not None and run.step == 0:
+        reset()  # (resumed half-way, the objective's carried state came with the checkpoint)
+    total = torch.tensor(run.partial[0], device=cfg.device)  # summed on the device: no host sync per step
+    count = run.partial[1]
+    for k, batch in enumerate(batches):
+        if k < run.step:
+            continue
+        with autocast(cfg.device):
+            loss, n = objective(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        if run.averaged is not None:
+            run.averaged.update(model)
+        total += loss.detach().float() * n
+        count += n
+        spent = run.budget is not None and run.budget.step()
+        if checkpoint is not None and checkpoint.due() and not spent:
+            run.step, run.partial = k + 1, (total.item(), count)
+            checkpoint.write(*run.snapshot())
+        if spent:
+            break
+    return (total.item() / count if count else math.nan), count
+
+
+def _eval_pass(model: nn.Module, batches: Iterable[Batch], objective: Objective, cfg: TrainConfig) -> float:
+    """The mean loss over ``batches``, without gradients."""
     reset = getattr(objective, "reset", None)
     if reset is not None:
         reset()
-    total = torch.zeros((), device=cfg.device)  # summed on the device: no host sync per step
+    total = torch.zeros((), device=cfg.device)
     count = 0
     for batch in batches:
         with autocast(cfg.device):
             loss, n = objective(model, batch)
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            if after_step is not None:
-                after_step(model)
         total += loss.detach().float() * n
         count += n
-        if budget is not None and budget.step():
-            break
-    return (total.item() / count if count else math.nan), count
+    return total.item() / count if count else math.nan
 
 
 def tensor_batches(
