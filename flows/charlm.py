@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cli import config_flow, registration_note, run_from_command_line
 from tasks import data, text
-from tasks.config import CharLMFlowConfig
+from tasks.config import CharLMFlowConfig, checkpoint_dir
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
@@ -18,7 +19,9 @@ DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text c
 
 @config_flow(CharLMFlowConfig, name="charlm-training", description=DESCRIPTION)
 def charlm_flow(cfg: CharLMFlowConfig) -> dict:
-    from flows import steps  # here, not at the top: the command line checks its input without importing MLflow
+    # here, not at the top: the command line checks its input without importing MLflow and torch
+    from flows import steps
+    from tasks.training import remove_checkpoints
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
@@ -27,11 +30,13 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
     corpus = steps.load_corpus(path, sha256, cfg)
 
     # --- transform
-    trained = steps.train_charlm(corpus, cfg, on_samples=lambda epoch, texts: publish_samples(cfg.registered_name,
-                                                                                              epoch, texts))
+    checkpoints = checkpoint_dir(cfg, corpus.sha256)
+    trained = steps.train_charlm(corpus, cfg, lambda epoch, texts: publish_samples(cfg.registered_name, epoch, texts),
+                                 checkpoints)
 
     # --- load
     reg = steps.register_charlm(cfg, corpus, trained)
+    remove_checkpoints(checkpoints)
 
     name, fit = cfg.registered_name, trained.fit
     bpc = fit.best_val_loss / math.log(2)
@@ -59,11 +64,13 @@ def publish_samples(name: str, epoch: int, texts: dict[str, str]) -> None:
                              description=f"samples after epoch {epoch}" if epoch else "samples of the final model")
 
 
-def check_input(cfg: CharLMFlowConfig) -> None:
+def check_input(cfg: CharLMFlowConfig) -> Path:
     """What can be checked without training, before Prefect starts: the tracking server answers,
-    the corpus is a readable UTF-8 file, long enough for the split."""
+    the corpus is a readable UTF-8 file, long enough for the split. Returns the run's checkpoint
+    folder."""
     check_tracking_server()
-    text.load_corpus(*data.fetch_data(cfg.corpus, cfg.sha256, hand_over=True), cfg)
+    corpus = text.load_corpus(*data.fetch_data(cfg.corpus, cfg.sha256, hand_over=True), cfg)
+    return checkpoint_dir(cfg, corpus.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

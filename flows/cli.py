@@ -6,14 +6,17 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import signal
 import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed
 
+from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
 from tasks.config import ConfigError, parse_value
 from tasks.data import DataError
@@ -21,7 +24,7 @@ from tasks.tracking import TrackingUnavailable
 
 # A user's mistake (a bad file, column, value, URL, checksum, corpus or parameter, training that
 # diverged, an unreachable tracking server): reported as one line naming it, never a traceback.
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable)
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable, PrefectUnavailable)
 
 
 class UserErrorsInOneLine(logging.Filter):
@@ -120,19 +123,37 @@ def parse_config(cls, argv: list[str] | None, prog: str, description: str):
         parser.error(str(e))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a flow run (inside one, Prefect raises its TerminationSignal): unwinds the
+    run like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
-                          check: Callable | None = None) -> int:
-    """Parse options into ``cls``, check the input with ``check(cfg)`` (what needs no training:
-    before Prefect starts its server), run the flow, print its report and where the model went.
-    Bad input ends with one line naming the culprit and exit status 1, not a traceback."""
+                          check: Callable) -> int:
+    """Parse options into ``cls``, check the input with ``check(cfg)`` (what needs no training,
+    before Prefect starts; it returns the run's checkpoint folder), run the flow, print its
+    report and where the model went. Bad input ends with one line naming the culprit and exit
+    status 1, not a traceback; Ctrl-C and SIGTERM with one line saying where the checkpoint
+    is kept, and 130 or 143."""
     cfg = parse_config(cls, argv, prog, description)
+    signal.signal(signal.SIGTERM, _terminate)
+    checkpoints = None
     try:
-        if check is not None:
-            check(cfg)
-        result = flow_fn(**cfg.to_params())
+        checkpoints = check(cfg)
+        with prefect_api():
+            result = flow_fn(**cfg.to_params())
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        kept = (f"the training checkpoint is kept in {checkpoints}: run the same command to resume"
+                if checkpoints is not None and checkpoints.exists() else "no training checkpoint had been written")
+        print(f"interrupted: nothing registered; {kept}", file=sys.stderr)
+        return 130 if type(e) is KeyboardInterrupt else 143
     print()
     print(result["report"])
     print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
 from flows.cli import config_flow, registration_note, run_from_command_line
-from tasks.config import TimeSeriesConfig
+from tasks.config import TimeSeriesConfig, checkpoint_dir
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import split_series
 from tasks.tracking import CHAMPION, check_tracking_server
@@ -22,6 +23,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     # imported here, not at the top: the command line checks its input without importing torch and MLflow
     from flows import steps
     from tasks.selection import train_directly
+    from tasks.training import remove_checkpoints
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
@@ -33,7 +35,8 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
         series = steps.generate_series(cfg)
 
     # --- transform: with --auto the transform options are settled on the validation part first
-    cfg, selection, split, windows, trained = train_directly(series, cfg, steps)
+    checkpoints = checkpoint_dir(cfg, series.sha256 if cfg.source == "file" else "")
+    cfg, selection, split, windows, trained = train_directly(series, cfg, steps, checkpoints)
     label = cfg.label
     bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
 
@@ -42,6 +45,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
         reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
+    remove_checkpoints(checkpoints)
 
     name = cfg.registered_name
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
@@ -55,13 +59,16 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
             "train_seconds": trained.train_seconds, "device": trained.device}
 
 
-def check_input(cfg: TimeSeriesConfig) -> None:
+def check_input(cfg: TimeSeriesConfig) -> Path:
     """What can be checked without training, before Prefect starts: the tracking server answers,
-    the data reads and parses, its columns exist, it is long enough for the split and transforms."""
+    the data reads and parses, its columns exist, it is long enough for the split and transforms.
+    Returns the run's checkpoint folder."""
     check_tracking_server()
-    if cfg.source == "file":
-        series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
-        split_series(series, cfg)
+    if cfg.source != "file":
+        return checkpoint_dir(cfg, "")
+    series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
+    split_series(series, cfg)
+    return checkpoint_dir(cfg, series.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

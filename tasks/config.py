@@ -9,7 +9,10 @@ reaches every flow that has it. Every text becomes a value through one function
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -59,6 +62,10 @@ class TrainingOptions:
     patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
     device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
     seed: int = option(0, "seed for weights, shuffling, generated data and samples: same seed, same result on CPU")
+    resume: bool = option(True, "go on from the checkpoint an interrupted run of the same config and data left "
+                          "(checkpoints/ or $RNNFLOW_CHECKPOINTS); --no-resume starts afresh")
+    checkpoint_minutes: float = option(5.0, "write a checkpoint every this many minutes inside an epoch too, not only "
+                                       "at its end (0 = at epoch ends only)")
 
 
 @dataclass
@@ -292,6 +299,8 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
             raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
+        raise ConfigError(f"--checkpoint-minutes must be 0 or more, got {cfg.checkpoint_minutes}")
     for name in fractions:
         if not 0 < getattr(cfg, name) < 0.5:
             raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(cfg, name)}")
@@ -330,3 +339,16 @@ def project(cls, cfg, **overrides):
     shared = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
     return cls(**{**{k: getattr(cfg, k) for k in shared}, **overrides})
 
+
+NOT_IN_KEY = ("resume", "checkpoint_minutes")  # how a run goes, not what it trains
+
+
+def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
+    """Where a run's training checkpoints go: named after the model and keyed by all that decides
+    what is trained (the config, the data's sha256; '' for generated data, which the config
+    decides), so the same command resumes and any other starts afresh. Under ./checkpoints,
+    or $RNNFLOW_CHECKPOINTS."""
+    params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
+    key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
+    return root / f"{cfg.registered_name}-{key}"

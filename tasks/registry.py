@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -50,10 +51,23 @@ def _artifact_root(uri: str) -> str | None:
 def client() -> MlflowClient:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        _initialise_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)
+
+
+@functools.cache
+def _initialise_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a SQLite store's tables once, one process at a time: MLflow creates
+    them on first use, and runs started at once on a new store raced there (seen: SQLAlchemy's
+    CircularDependencyError in one of four runs)."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    (db.parent / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(db.parent / ".locks" / "init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        MlflowClient(uri, uri).search_experiments(max_results=1)  # the tracking store's tables
+        MlflowClient(uri, uri).search_registered_models(max_results=1)  # the registry's (the same file)
 
 
 def ensure_experiment(name: str) -> str:
@@ -157,8 +171,8 @@ def atomic_run(experiment: str, run_name: str, model_name: str) -> Iterator[dict
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
     try:
         yield created
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as e:  # Ctrl-C, SIGTERM (not Exceptions): KILLED, as MLflow's own runs mark them
+        mlflow.end_run(status="FAILED" if isinstance(e, Exception) else "KILLED")
         if created.get("version"):
             with contextlib.suppress(MlflowException):
                 c.delete_model_version(model_name, created["version"])

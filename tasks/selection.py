@@ -11,6 +11,7 @@ from the end of the training part, and the chosen settings are then trained on t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,8 +74,10 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, CANDIDATES[candidate], strict=True)))
 
 
-def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesConfig, Selection]:
-    """The config with the transform settings of the candidate with the best validation MASE."""
+def choose_settings(series: Series, cfg: TimeSeriesConfig,
+                    checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
+    """The config with the transform settings of the candidate with the best validation MASE.
+    ``checkpoints``: a folder for each candidate's training checkpoints."""
     logger = run_logger()
     scores, reasons, trained, widened = {}, {}, {}, ""
     for name in CANDIDATES:
@@ -93,7 +96,8 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
                        f"flow's split.")
             logger.info("--auto: %s", widened)
         windows = scale_and_window(series, split, trial)
-        trained[name] = train_forecaster(series, windows, trial)
+        trained[name] = train_forecaster(series, windows, trial,
+                                         checkpoints=checkpoints and checkpoints / name.replace(" ", "-"))
         pipeline = trained[name].pipeline()
         forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
         bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
@@ -107,18 +111,20 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig) -> tuple[TimeSeriesCo
     return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
 
 
-def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None):
+def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
     """The time-series pipeline's transform and training steps, written once: returns (settled
     config, selection or None, split, windows, trained). ``steps`` holds the four step
     functions: by default this package's plain ones (sweep trials, the Dask warm-up, tests,
-    benchmarks); the flow passes ``flows.steps``, the same functions as Prefect tasks."""
+    benchmarks); the flow passes ``flows.steps``, the same functions as Prefect tasks.
+    ``checkpoints``: the run's checkpoint folder (``training.checkpoint_dir``), or None."""
     s = steps or PLAIN_STEPS
     selection = None
     if cfg.auto:
-        cfg, selection = s.choose_settings(series, cfg)
+        cfg, selection = s.choose_settings(series, cfg, checkpoints and checkpoints / "auto")
     split = s.split_series(series, cfg)
     windows = s.scale_and_window(series, split, cfg)
-    trained = s.train_forecaster(series, windows, cfg, selection.trained if selection else None)
+    trained = s.train_forecaster(series, windows, cfg, selection.trained if selection else None,
+                                 checkpoints and checkpoints / "model")
     return cfg, selection, split, windows, trained
 
 

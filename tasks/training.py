@@ -1,15 +1,18 @@
-"""The training steps: device choice, seeding, and the lean loop from ``rnn_models``."""
+"""The training steps: device choice, seeding, checkpoints, and the lean loop from ``rnn_models``."""
 
 from __future__ import annotations
 
 import functools
 import math
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastPipeline, PinballObjective, mse_objective
 from rnn_models.generation import complete
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
@@ -60,9 +63,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too; CPU kernels are deterministic, so same seed, same weights
 
 
-def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None) -> Trained:
+def open_checkpoint(directory: Path | None, cfg: TimeSeriesConfig | CharLMFlowConfig, what: str
+                    ) -> Checkpoint | None:
+    """The checkpoint of one training in ``directory``: what an earlier attempt left is resumed
+    from (and said), or dropped with ``--no-resume``. None: no checkpoints."""
+    if directory is None:
+        return None
+    ckpt = Checkpoint(directory, cfg.checkpoint_minutes * 60)
+    if ckpt.exists() and not cfg.resume:
+        ckpt.remove()
+    elif ckpt.exists():
+        meta = ckpt.meta()
+        of = "" if meta["epochs"] >= EPOCHS_UNBOUNDED else f" of {meta['epochs']}"
+        within = f", {meta['step']} batches into epoch {meta['epoch'] + 1}" if meta["step"] else ""
+        done = "already trained" if meta["finished"] else f"resuming from epoch {meta['epoch']}{of}{within}"
+        run_logger().info("%s%s (checkpoint %s)", what, done, ckpt.directory)
+    return ckpt
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """Once the model is registered its checkpoints have served: the run's folder goes."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
+                     checkpoints: Path | None = None) -> Trained:
     """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i).
-    ``first``: member 1 already trained on these windows with this config (--auto's choice)."""
+    ``first``: member 1 already trained on these windows with this config (--auto's choice).
+    ``checkpoints``: a folder for each member's checkpoint (member-1, ...), resumed from if there."""
     logger, device = run_logger(), resolve_device(cfg.device)
     # the whole data set lives on the device; batches are index slices, not a DataLoader
     data = [torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val)]
@@ -75,7 +103,8 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
         else:
             logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(data[0]),
                         len(data[2]))
-            model, result = train_member(cell, cfg, cfg.seed + i, device, *data)
+            ckpt = open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, who)
+            model, result = train_member(cell, cfg, cfg.seed + i, device, *data, checkpoint=ckpt)
             logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who,
                         result.best_epoch, len(result.history), result.best_val_loss, result.train_seconds,
                         result.samples_per_second)
@@ -87,8 +116,8 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
     return Trained(ForecastPipeline(members, windows.chain, meta), fits, device)
 
 
-def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr, y_tr, x_va, y_va
-                 ) -> tuple[Forecaster, FitResult]:
+def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr, y_tr, x_va, y_va,
+                 checkpoint: Checkpoint | None = None) -> tuple[Forecaster, FitResult]:
     """One network of the config's shape with ``cell``, trained on device-resident windows."""
     model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=x_tr.shape[2], quantiles=cfg.quantile_levels)
     with init_lock():
@@ -97,7 +126,7 @@ def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr,
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     objective = PinballObjective(cfg.quantile_levels) if cfg.quantile_levels else mse_objective
     result = fit(model, lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                 lambda: tensor_batches(x_va, y_va, batch_size=4096), objective, tcfg)
+                 lambda: tensor_batches(x_va, y_va, batch_size=4096), objective, tcfg, checkpoint=checkpoint)
     return model, result
 
 
@@ -122,9 +151,11 @@ EPOCHS_UNBOUNDED = 1_000_000  # with --minutes the budget, not the epoch count, 
 SampleHook = Callable[[int, dict[str, str]], None]  # (epoch, {prefix: text}); epoch 0: the final model
 
 
-def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook | None = None) -> TrainedLM:
+def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook | None = None,
+                 checkpoints: Path | None = None) -> TrainedLM:
     """Train the config's char LM; every ``--sample-every`` epochs (and at the end, as epoch 0)
-    continue the prompts and hand the texts to ``on_samples``."""
+    continue the prompts and hand the texts to ``on_samples``. ``checkpoints``: a folder for
+    the run's checkpoint, resumed from if there."""
     logger, device = run_logger(), resolve_device(cfg.device)
     model_cfg = project(CharLMConfig, cfg, vocab_size=len(corpus.vocab))
     with init_lock():
@@ -152,7 +183,7 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
                  lambda: sequential_batches(val, val_batch, cfg.num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
                  project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs),
-                 on_epoch=on_epoch)
+                 on_epoch=on_epoch, checkpoint=open_checkpoint(checkpoints, cfg, ""))
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -41,12 +44,27 @@ def prefect_test_fixture(tmp_path_factory):
             yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def local_prefect_server(tmp_path_factory):
+    """Command lines run in subprocesses share one local Prefect server (``flows.server``): for
+    the tests, a private one (its own home and port, not the user's 4200), stopped at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_API_PORT"] = str(port)
+    os.environ.setdefault("RNNFLOW_CHECKPOINTS", str(tmp_path_factory.mktemp("checkpoints")))
+    yield
+    subprocess.run([sys.executable, "-m", "flows.server", "stop"], capture_output=True, timeout=60)
+
+
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite tracking store and registry in a temp dir; returns its URI."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("RNNFLOW_DOWNLOADS", str(tmp_path / "downloads"))
+    monkeypatch.setenv("RNNFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
     return uri
 
 

@@ -1,0 +1,136 @@
+"""Runs that survive, over real processes: several command lines at once on a busy machine,
+``kill -9`` then the same command again, Ctrl-C and SIGTERM mid-training."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+
+def start(module: str, *args: str, env: dict, out: Path) -> subprocess.Popen:
+    """A command line in a process group of its own (so a signal reaches it as a terminal's
+    Ctrl-C would), SIGINT at its default even where the test runner ignores it."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=open(out, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(out: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(pattern, out.read_text()):
+            return
+        assert proc.poll() is None, f"exited {proc.returncode} before {pattern!r}:\n{out.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{out.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            "RNNFLOW_CHECKPOINTS": str(tmp_path / "checkpoints"), "PREFECT_LOGGING_LEVEL": "INFO"}
+
+
+@pytest.fixture
+def corpus(tmp_path, shared_data) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return path
+
+
+CHARLM = ("--hidden-size", "48", "--embedding-dim", "16", "--num-steps", "20", "--sample-every", "0",
+          "--sample-chars", "20", "--patience", "0")
+
+
+def best_val_losses(uri: str, name: str) -> dict[int, float]:
+    c = MlflowClient(uri, uri)
+    return {int(v.version): c.get_run(v.run_id).data.metrics["best_val_loss"]
+            for v in c.search_model_versions(f"name='{name}'")}
+
+
+def test_kill_9_then_the_same_command_resumes_and_ends_like_an_uninterrupted_run(env, corpus, tmp_path):
+    args = ("--data", str(corpus), "--epochs", "8", *CHARLM)
+    out = tmp_path / "killed.log"
+    proc = start("flows.charlm", *args, env=env, out=out)
+    wait_for(out, r"epoch 3: train", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    again = subprocess.run([sys.executable, "-m", "flows.charlm", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed_at = int(re.search(r"resuming from epoch (\d+) of 8", again.stdout + again.stderr).group(1))
+    assert 3 <= resumed_at < 8
+    assert not list((tmp_path / "checkpoints").glob("*/*")), "the checkpoint outlived the registration"
+
+    fresh = subprocess.run([sys.executable, "-m", "flows.charlm", *args, "--no-resume"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "resuming" not in fresh.stdout + fresh.stderr
+    losses = best_val_losses(env["MLFLOW_TRACKING_URI"], "corpus-charlm")
+    assert losses[1] == pytest.approx(losses[2], abs=1e-6)  # resumed == uninterrupted, same seed
+    runs = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [e.experiment_id for e in MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]  # the killed attempt left no RUNNING run
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_the_run_within_seconds(env, corpus, tmp_path, sig, status):
+    out = tmp_path / "run.log"
+    proc = start("flows.charlm", "--data", str(corpus), "--epochs", "200", *CHARLM, env=env, out=out)
+    wait_for(out, r"epoch 2: train", proc)
+    os.killpg(proc.pid, sig)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=30) == status, out.read_text()[-3000:]
+    assert time.monotonic() - t0 < 15
+    text = out.read_text()
+    assert "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted: nothing registered; the training checkpoint is kept in "), last
+    kept = Path(last.split(" kept in ")[1].split(":")[0])
+    assert (kept / "checkpoint.safetensors").is_file()
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).search_registered_models() == []
+
+
+def test_four_command_lines_at_once_on_a_busy_machine_each_register_and_the_best_is_champion(env, tmp_path):
+    """No PREFECT_API_URL and no server yet: the four race to start the shared local one; and
+    on a new SQLite store, to create its tables. A CPU-burning process runs beside them."""
+    t = np.arange(300)
+    values = np.sin(2 * np.pi * t / 12) * 10 + 50 + np.random.default_rng(0).normal(0, 1, 300)
+    data = tmp_path / "series.csv"
+    pd.DataFrame({"date": pd.date_range("2000-01-01", periods=300, freq="D"), "value": values}).to_csv(data,
+                                                                                                       index=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_API_PORT": str(port)}
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        procs = [start("flows.timeseries", "--source", "file", "--data", str(data), "--no-auto", "--ensemble", "1",
+                       "--epochs", "3", "--hidden-size", "16", "--seed", str(i), env=env, out=tmp_path / f"{i}.log")
+                 for i in range(4)]
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        burner.kill()
+        subprocess.run([sys.executable, "-m", "flows.server", "stop"], env=env, capture_output=True, timeout=60)
+    logs = [(tmp_path / f"{i}.log").read_text() for i in range(4)]
+    assert codes == [0, 0, 0, 0], "\n\n".join(log[-2000:] for log in logs)
+    assert not [log for log in logs if "Traceback" in log or "database is locked" in log]
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+    versions = c.search_model_versions("name='series-forecaster'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
+    best = min(versions, key=lambda v: float(v.tags["test_mase"]))
+    assert c.get_model_version_by_alias("series-forecaster", "champion").version == best.version
