@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import config_flow, registration_note, run_from_command_line
+from flows.cli import config_flow, kept_if_unregistered, registration_note, run_from_command_line
 from tasks import data, text
-from tasks.config import CharLMFlowConfig, checkpoint_dir
+from tasks.config import CharLMFlowConfig, checkpoint_dir, save_run
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
@@ -31,11 +31,13 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
 
     # --- transform
     checkpoints = checkpoint_dir(cfg, corpus.sha256)
+    save_run(checkpoints, "charlm", cfg, corpus.sha256)
     trained = steps.train_charlm(corpus, cfg, lambda epoch, texts: publish_samples(cfg.registered_name, epoch, texts),
                                  checkpoints)
 
     # --- load
-    reg = steps.register_charlm(cfg, corpus, trained)
+    with kept_if_unregistered(checkpoints):
+        reg = steps.register_charlm(cfg, corpus, trained)
     remove_checkpoints(checkpoints)
 
     name, fit = cfg.registered_name, trained.fit

@@ -4,6 +4,7 @@ and how a user's mistake reads: one line, no traceback, in the terminal and in a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import signal
@@ -11,6 +12,7 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from prefect import flow
 from prefect.exceptions import TerminationSignal
@@ -139,7 +141,11 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
     report and where the model went. Bad input ends with one line naming the culprit and exit
     status 1, not a traceback; Ctrl-C and SIGTERM with one line saying where the checkpoint
     is kept, and 130 or 143."""
-    cfg = parse_config(cls, argv, prog, description)
+    return run_config(parse_config(cls, argv, prog, description), flow_fn, check)
+
+
+def run_config(cfg, flow_fn, check: Callable) -> int:
+    """``run_from_command_line`` once the config is parsed (``flows.models register`` starts here)."""
     signal.signal(signal.SIGTERM, _terminate)
     checkpoints = None
     try:
@@ -151,7 +157,8 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
         return 1
     except (KeyboardInterrupt, TerminationSignal) as e:
         kept = (f"the training checkpoint is kept in {checkpoints}: run the same command to resume"
-                if checkpoints is not None and checkpoints.exists() else "no training checkpoint had been written")
+                if checkpoints is not None and any(checkpoints.rglob("*.safetensors"))
+                else "no training checkpoint had been written")
         print(f"interrupted: nothing registered; {kept}", file=sys.stderr)
         return 130 if type(e) is KeyboardInterrupt else 143
     print()
@@ -159,6 +166,17 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
     print(f"\nregistered {result['model_uri']} (trained on {result['device']} in {result['train_seconds']:.1f} s)")
     print(f"champion: {result['champion_uri']}")
     return 0
+
+
+@contextlib.contextmanager
+def kept_if_unregistered(checkpoints: Path):
+    """Around a flow's registration: if the tracking server stays away, the one-line error says
+    where the trained model is kept and how to register it later (nothing trained is lost)."""
+    try:
+        yield
+    except TrackingUnavailable as e:
+        raise TrackingUnavailable(f"{e}; the trained model is kept in {checkpoints}: once the server answers, "
+                                  f"`python -m flows.models register {checkpoints}` registers it") from None
 
 
 def registration_note(name: str, reg) -> str:

@@ -1,13 +1,15 @@
-"""Manage registered models: ``python -m flows.models list|show|promote|rollback|compare``.
+"""Manage registered models: ``python -m flows.models list|show|promote|rollback|compare|register``.
 
 promote and compare score the versions again, side by side on the same data (the champion's
-evaluation data for promote), rather than trusting numbers from different test sets.
+evaluation data for promote), rather than trusting numbers from different test sets. register
+finishes a run whose tracking server went away after training, from the folder it kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
 from tasks.registry import (
@@ -89,6 +91,40 @@ def cmd_compare(args) -> str:
     return f"on {data.description}:\n" + _table(rows, ["version", "aliases", "kind", METRIC[data.kind]])
 
 
+def cmd_register(args) -> int:
+    """Register the model trained in a kept checkpoint folder: the run is finished by its own
+    flow, which resumes from the folder's finished checkpoints (nothing is trained again),
+    backtests, and applies the same champion gate; the folder goes once it is registered."""
+    import importlib
+
+    from flows.cli import run_config
+    from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, checkpoint_dir, load_run
+
+    folder = Path(args.path).resolve()
+    try:
+        flow, params, data_sha256 = load_run(folder)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg = {"timeseries": TimeSeriesConfig, "charlm": CharLMFlowConfig}[flow](
+        **{**params, "resume": True, **({"model_name": args.name} if args.name else {})})
+    target = checkpoint_dir(cfg, data_sha256)  # the folder a run of this name looks in
+    if target != folder:
+        if target.exists():
+            print(f"error: {target} exists already; remove it or register under another --name", file=sys.stderr)
+            return 1
+        folder.rename(target)
+    module = importlib.import_module(f"flows.{flow}")
+
+    def check(cfg):
+        if module.check_input(cfg) != target:
+            raise ConfigError(f"{folder}: the data it was trained on (sha256 {data_sha256[:12] or 'generated'}) has "
+                              f"changed since, so the model would be trained again; run the flow instead")
+        return target
+
+    return run_config(cfg, getattr(module, f"{flow}_flow"), check)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.models", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,11 +147,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--on", default="", help="whose data to score on (default: the first version's)")
     s.set_defaults(command=cmd_compare)
+    s = sub.add_parser("register", help="register the model a run kept on disk when the tracking server was away")
+    s.add_argument("path", help="the checkpoint folder the run named")
+    s.add_argument("--name", default="", help="registered model name (default: the run's)")
+    s.set_defaults(command=cmd_register)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command is cmd_register:
+        return cmd_register(args)
     try:
         print(args.command(args))
     except RegistryError as e:

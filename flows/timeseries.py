@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import config_flow, registration_note, run_from_command_line
-from tasks.config import TimeSeriesConfig, checkpoint_dir
+from flows.cli import config_flow, kept_if_unregistered, registration_note, run_from_command_line
+from tasks.config import TimeSeriesConfig, checkpoint_dir, save_run
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import split_series
 from tasks.tracking import CHAMPION, check_tracking_server
@@ -35,14 +35,17 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
         series = steps.generate_series(cfg)
 
     # --- transform: with --auto the transform options are settled on the validation part first
-    checkpoints = checkpoint_dir(cfg, series.sha256 if cfg.source == "file" else "")
+    data_sha256 = series.sha256 if cfg.source == "file" else ""
+    checkpoints = checkpoint_dir(cfg, data_sha256)
+    save_run(checkpoints, "timeseries", cfg, data_sha256)
     cfg, selection, split, windows, trained = train_directly(series, cfg, steps, checkpoints)
     label = cfg.label
     bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
 
     # --- load
-    champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon)
-    with tempfile.TemporaryDirectory() as tmp:
+    with kept_if_unregistered(checkpoints), tempfile.TemporaryDirectory() as tmp:
+        champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon,
+                                        cfg.registry_retry_minutes)
         plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
         reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
     remove_checkpoints(checkpoints)

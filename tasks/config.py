@@ -131,6 +131,9 @@ class RegistryOptions:
     model_name: str = option("", "registered model name; default: after the data, <source or file name>-forecaster "
                              "or <corpus file name>-charlm")
     experiment: str = option("timeseries-forecasting", "MLflow experiment")
+    registry_retry_minutes: float = option(2.0, "how long to keep retrying, with back-off, a tracking server that "
+                                           "stops answering after training; then the trained model is kept on disk "
+                                           "for `python -m flows.models register`")
 
 
 # A dataclass takes its bases' fields in reverse order: these read data, windows, model, training, registry.
@@ -299,8 +302,9 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
             raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if not (math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
-        raise ConfigError(f"--checkpoint-minutes must be 0 or more, got {cfg.checkpoint_minutes}")
+    for name in ("checkpoint_minutes", "registry_retry_minutes"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
     for name in fractions:
         if not 0 < getattr(cfg, name) < 0.5:
             raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(cfg, name)}")
@@ -340,7 +344,8 @@ def project(cls, cfg, **overrides):
     return cls(**{**{k: getattr(cfg, k) for k in shared}, **overrides})
 
 
-NOT_IN_KEY = ("resume", "checkpoint_minutes")  # how a run goes, not what it trains
+# how a run goes and where its model is registered, not what it trains
+NOT_IN_KEY = ("resume", "checkpoint_minutes", "registry_retry_minutes", "model_name", "experiment")
 
 
 def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
@@ -352,3 +357,24 @@ def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -
     key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
     return root / f"{cfg.registered_name}-{key}"
+
+
+RUN_FILE = "run.json"
+
+
+def save_run(directory: Path, flow: str, cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> None:
+    """What a checkpoint folder was trained for (the flow, its config, the data's sha256), so
+    ``python -m flows.models register FOLDER`` can finish the run later."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"flow": flow, "params": cfg.to_params(), "data_sha256": data_sha256}, indent=2))
+    os.replace(tmp, directory / RUN_FILE)
+
+
+def load_run(directory: Path) -> tuple[str, dict, str]:
+    """(flow, params, data sha256) of a checkpoint folder; ``ConfigError`` if it is not one."""
+    try:
+        run = json.loads((directory / RUN_FILE).read_text())
+        return run["flow"], run["params"], run["data_sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{directory}: not a checkpoint folder of rnnflow (no readable {RUN_FILE}: {e})") from None

@@ -25,14 +25,23 @@ from tasks.registry import (
     log_history,
     log_pyfunc,
     no_integer_hint,
+    unreachable,
+    with_retries,
 )
 from tasks.selection import Selection
 from tasks.text import Corpus
 from tasks.training import Trained, TrainedLM
 
 
-def score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
-    """Backtest the current champion, as loaded from the registry, on the challenger's test data."""
+def score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int,
+                   retry_minutes: float = 0.0) -> ChampionScore:
+    """Backtest the current champion, as loaded from the registry, on the challenger's test data
+    (retrying for ``retry_minutes`` while the tracking server does not answer)."""
+    return with_retries(lambda: _score_champion(name, series, split, origins, horizon), retry_minutes,
+                        "scoring the champion")
+
+
+def _score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
     current = champion_version(name)
     if current is None:
         return ChampionScore(None)
@@ -40,6 +49,8 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
         return ChampionScore(str(current.version),
                              backtest_registered(f"models:/{name}/{current.version}", series, split, origins, horizon))
     except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
+        if unreachable(e):
+            raise
         return ChampionScore(str(current.version), None,
                              f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
 
@@ -48,7 +59,15 @@ def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, tra
                         label: str, champion: ChampionScore, plots: list[str],
                         selection: Selection | None = None) -> Registration:
     """Log the run (params, curves, backtest, data, plots, --auto's choice), register the model
-    from code and apply the champion gate; nothing is left registered if any of it fails."""
+    from code and apply the champion gate; nothing is left registered if any of it fails. While
+    the tracking server does not answer, all of it is tried again for --registry-retry-minutes."""
+    return with_retries(lambda: _register_forecaster(cfg, series, split, trained, bt, label, champion, plots,
+                                                     selection), cfg.registry_retry_minutes, "registering the model")
+
+
+def _register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, trained: Trained, bt: Backtest,
+                         label: str, champion: ChampionScore, plots: list[str],
+                         selection: Selection | None) -> Registration:
     name, pipeline, mase = cfg.registered_name, trained.pipeline(), bt.scores[label]["mase"]
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
         log_forecaster_run(cfg, series, trained, bt, label, plots, selection)
@@ -125,6 +144,13 @@ def score_charlm_champion(name: str, corpus: Corpus) -> ChampionScore:
 
 
 def register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -> Registration:
+    """Score the champion, log the run, register the model and apply the champion gate, all of
+    it tried again for --registry-retry-minutes while the tracking server does not answer."""
+    return with_retries(lambda: _register_charlm(cfg, corpus, trained), cfg.registry_retry_minutes,
+                        "registering the model")
+
+
+def _register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) -> Registration:
     name = cfg.registered_name
     champion = score_charlm_champion(name, corpus)
     fit = trained.fit

@@ -31,7 +31,8 @@ from mlflow.models import infer_signature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import rnn_models
-from tasks.tracking import CHAMPION, tracking_uri
+from tasks import run_logger
+from tasks.tracking import CHAMPION, TrackingUnavailable, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYFUNC_DIR = Path(__file__).resolve().parent / "pyfunc"
@@ -166,19 +167,72 @@ def atomic_run(experiment: str, run_name: str, model_name: str) -> Iterator[dict
     The body records a registered version in the yielded dict under ``"version"``.
     """
     c = client()
+    _clean_up_orphans(c)
     exp_id = ensure_experiment(experiment)
     created: dict = {}
     run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
     try:
         yield created
     except BaseException as e:  # Ctrl-C, SIGTERM (not Exceptions): KILLED, as MLflow's own runs mark them
-        mlflow.end_run(status="FAILED" if isinstance(e, Exception) else "KILLED")
-        if created.get("version"):
-            with contextlib.suppress(MlflowException):
-                c.delete_model_version(model_name, created["version"])
-        c.delete_run(run.info.run_id)
+        status = "FAILED" if isinstance(e, Exception) else "KILLED"
+        with contextlib.suppress(Exception):  # the run leaves MLflow's stack first, even if the server is away
+            mlflow.end_run(status=status)
+        _ORPHANS.append((run.info.run_id, status, model_name, created.get("version")))
+        _clean_up_orphans(c)
         raise
     mlflow.end_run()
+
+
+# Runs (and versions) that a failed registration could not remove, the tracking server being
+# away: removed by the next registration of this process that reaches it, not left RUNNING.
+_ORPHANS: list[tuple[str, str, str, str | None]] = []
+
+
+def _clean_up_orphans(c: MlflowClient) -> None:
+    for orphan in list(_ORPHANS):
+        run_id, status, model_name, version = orphan
+        try:
+            if version:
+                with contextlib.suppress(RestException):  # already gone
+                    c.delete_model_version(model_name, version)
+            c.set_terminated(run_id, status)
+            c.delete_run(run_id)
+        except Exception as e:  # noqa: BLE001 - any failure here leaves it for the next try
+            if not unreachable(e):
+                raise
+            return
+        _ORPHANS.remove(orphan)
+
+
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "ConnectionError", "Read timed out",
+               "too many 5", "Connection aborted", "RemoteDisconnected")
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` says the tracking server did not answer (refused, timed out, 5xx), as
+    opposed to answering no."""
+    return isinstance(e, (ConnectionError, TimeoutError)) or (
+        isinstance(e, MlflowException) and any(s in str(e) for s in UNREACHABLE))
+
+
+def with_retries(fn: Callable[[], object], minutes: float, what: str):
+    """``fn()``, tried again with back-off (2, 4, ... 30 s) for up to ``minutes`` while the
+    tracking server does not answer; then ``TrackingUnavailable`` in one line."""
+    deadline, delay = time.monotonic() + minutes * 60, 2.0
+    while True:
+        try:
+            return fn()
+        except Exception as e:
+            if not unreachable(e):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(f"MLFLOW_TRACKING_URI {tracking_uri()}: the tracking server did not answer "
+                                          f"for {minutes:g} min ({what}): {str(e)[:160]}") from None
+            run_logger().warning("%s: the tracking server does not answer; trying again in %.0f s (for %.0f s more)",
+                                 what, min(delay, left), left)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
 
 
 def log_history(history) -> None:

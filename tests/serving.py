@@ -37,6 +37,30 @@ def served(model_uri: str, tracking_uri: str, timeout: float = 120.0):
     yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/ping", timeout)
 
 
+@contextlib.contextmanager
+def rnnflow_served(name: str, tracking_uri: str, workers: int = 2, timeout: float = 120.0):
+    """``python -m flows.serve NAME`` (what ``make serve-model`` runs) on a free port; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", name, "--port", str(port), "--workers", str(workers)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/ping", timeout)
+
+
+def post(base: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    """POST raw ``body`` to /invocations; returns (HTTP status, decoded JSON body or {"raw": text})."""
+    req = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"{}")
+    except ValueError:
+        return status, {"raw": raw.decode(errors="replace")}
+
+
 def _until_ready(proc: subprocess.Popen, base: str, probe: str, timeout: float):
     """Wait for ``base + probe`` to answer 200, yield ``base``, then stop the process group."""
     try:
@@ -73,9 +97,10 @@ def invoke(base: str, payload: dict) -> tuple[int, dict]:
 
 
 @contextlib.contextmanager
-def tracking_ui(tracking_uri: str, artifacts_root: str, timeout: float = 120.0):
-    """A lean ``mlflow server`` (one worker, background jobs off) on a free port; yields its URL."""
-    port = free_port()
+def tracking_ui(tracking_uri: str, artifacts_root: str, timeout: float = 120.0, port: int = 0):
+    """A lean ``mlflow server`` (one worker, background jobs off) on ``port`` (default: a free
+    one); yields its URL."""
+    port = port or free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
