@@ -83,11 +83,13 @@ tracking-server: $(STAMP)
 models: $(STAMP)
 	$(PY) -m flows.models list
 
-# REST scoring server for NAME@champion: make serve-model NAME=sine-forecaster [PORT=5001]
+# REST scoring server for NAME@champion: make serve-model NAME=sine-forecaster [PORT=5001] [WORKERS=2]
+# (MLflow's scoring app and request format, uvicorn workers, a 5 MB body limit: python -m flows.serve)
+WORKERS ?= 2
 serve-model: $(STAMP)
-	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001]"; exit 2; }
-	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(PY) -m mlflow models serve \
-		-m "models:/$(NAME)@champion" --env-manager local -h 127.0.0.1 -p $(PORT)
+	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001] [WORKERS=2]"; exit 2; }
+	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(PY) -m flows.serve "$(NAME)" --port $(PORT) \
+		--workers $(WORKERS)
 
 # The MLflow UI on the project's store, lean enough for a laptop: one worker, no job runners
 ui: $(STAMP)

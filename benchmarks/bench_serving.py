@@ -1,11 +1,13 @@
 """Latency of a one-series forecast from a registered model: over HTTP (``mlflow models serve``)
-and in process (``mlflow.pyfunc.load_model(...).predict``), in one run.
+and in process (``mlflow.pyfunc.load_model(...).predict``), in one run; then under load:
+``--clients`` client processes at once against ``python -m flows.serve`` (``make serve-model``)
+with ``--workers`` workers.
 
-    .venv/bin/python benchmarks/bench_serving.py [--requests 500]
+    .venv/bin/python benchmarks/bench_serving.py [--requests 500] [--clients 8] [--load-requests 800] [--workers 2]
 
 It trains and registers a small sine forecaster (the flow's defaults: an ensemble of three
-LSTMs, hidden 64, L=24, H=1) in a temporary store first. Requests are sequential, one at a
-time, from one client on the same machine.
+LSTMs, hidden 64, L=24, H=1) in a temporary store first. The sequential requests come one at a
+time from one client on the same machine.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from tests.serving import invoke, served  # noqa: E402
+from tests.serving import invoke, rnnflow_served, served  # noqa: E402
+
+
+def client(base: str, payload: dict, n: int) -> tuple[list[float], int]:
+    """One client process: ``n`` requests one after another; (latencies in ms, errors)."""
+    times, errors = [], 0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        status, _ = invoke(base, payload)
+        times.append(1000 * (time.perf_counter() - t0))
+        errors += status != 200
+    return times, errors
 
 
 def percentiles(samples_ms: list[float]) -> str:
@@ -36,6 +50,9 @@ def percentiles(samples_ms: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--load-requests", type=int, default=800, help="requests over all clients under load")
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-serving-")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -67,10 +84,23 @@ def main() -> None:
             if i >= 20:
                 remote.append(1000 * (time.perf_counter() - t0))
 
+    with rnnflow_served("sine-forecaster", uri, workers=args.workers) as base:
+        client(base, payload, 20)  # warm-up of both workers
+        with ProcessPoolExecutor(args.clients) as pool:
+            t0 = time.perf_counter()
+            results = list(pool.map(client, [base] * args.clients, [payload] * args.clients,
+                                    [args.load_requests // args.clients] * args.clients))
+            wall = time.perf_counter() - t0
+    loaded = [t for times, _ in results for t in times]
+    errors = sum(e for _, e in results)
+
     print(f"one-series forecast (48 rows of history, L=24, H=1), {args.requests} sequential requests each")
     print(f"  HTTP  /invocations : {percentiles(remote)}")
     print(f"  in process predict : {percentiles(local)}")
     print(f"  HTTP / in-process p50 = {np.median(remote) / np.median(local):.1f}x")
+    print(f"under load: {args.clients} client processes at once, {len(loaded)} requests, python -m flows.serve with "
+          f"{args.workers} workers")
+    print(f"  HTTP  /invocations : {percentiles(loaded)}   errors {errors}   {len(loaded) / wall:.0f} requests/s")
 
 
 if __name__ == "__main__":

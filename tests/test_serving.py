@@ -1,11 +1,14 @@
 """Registered models served over real HTTP by ``mlflow models serve``."""
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 from flows.charlm import charlm_flow
 from flows.timeseries import timeseries_flow
-from tests.serving import invoke, served
+from tests.serving import invoke, post, rnnflow_served, served
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +60,36 @@ def test_charlm_over_http_with_params(store):
         assert invoke(base, payload)[1] == body  # seeded: the same text again
         status, body = invoke(base, {"dataframe_split": {"columns": ["prefix"], "data": [[""]]}})
         assert 400 <= status < 500 and "non-empty" in body["message"]
+
+
+def test_every_bad_request_answers_4xx_naming_it_and_the_server_goes_on(store):
+    """``python -m flows.serve`` (``make serve-model``) with two workers: each bad request gets a
+    4xx whose message names the problem; then a good request still gets its forecast."""
+    good = json.dumps({"dataframe_split": {"columns": ["value"], "data": [[v] for v in np.sin(np.arange(30.0))]}})
+    frame = lambda rows: json.dumps({"dataframe_split": {"columns": ["value"], "data": rows}})  # noqa: E731
+    bad = {  # case: (body, content type, a word the message must hold)
+        "invalid JSON": (b'{"dataframe_split": {"columns": ["value"], "data": [[1.0], [2.0', "application/json",
+                         "json"),
+        "wrong column": (json.dumps({"dataframe_split": {"columns": ["other"], "data": [[1.0]] * 20}}),
+                         "application/json", "missing"),
+        "text values": (frame([["x"]] * 20), "application/json", "numeric"),
+        "NaN values": (frame([[1.0]] * 10 + [[float("nan")]] * 10), "application/json", "missing or infinite"),
+        "empty frame": (frame([]), "application/json", "rows"),
+        "too short a history": (frame([[1.0]] * 5), "application/json", "at least 12 rows"),
+        "wrong content type": (good, "text/plain", "content type"),
+        "10 MB body": (frame([[1.0]] * 1_200_000), "application/json", "limit"),
+    }
+    with rnnflow_served("sine-forecaster", store, workers=2) as base:
+        wrong = {}
+        for case, (body, content_type, word) in bad.items():
+            status, answer = post(base, body if isinstance(body, bytes) else body.encode(), content_type)
+            message = str(answer.get("message", answer))
+            if not (400 <= status < 500 and word.lower() in message.lower() and "Traceback" not in message):
+                wrong[case] = (status, message[-400:])
+        assert not wrong, wrong
+        status, answer = post(base, good.encode())
+        assert status == 200 and len(answer["predictions"]) == 3, answer
+
+        with ThreadPoolExecutor(8) as pool:  # 8 clients at once, 20 requests each: all answered
+            codes = list(pool.map(lambda _: post(base, good.encode())[0], range(160)))
+        assert codes == [200] * 160
