@@ -5,11 +5,13 @@ the plain functions), so it is written once."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from tasks import data, evaluation, features, register, selection, sweep, text, training
+from tasks import data, evaluation, features, register, registry, selection, sweep, text, training
 
 # Cached by what goes in (a file's sha256, the config) and the step's code: a scheduled run
 # whose data and config did not change reuses the persisted result instead of redoing the work.
@@ -52,3 +54,27 @@ plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plo
 score_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_champion)
 register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_forecaster)
 register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(register.register_charlm)
+
+
+@contextlib.contextmanager
+def champion_gate_lock(model_name: str, timeout_seconds: float = 600):
+    """The champion gate's lock for runs on several machines sharing a tracking server: a
+    Prefect global concurrency limit of one slot named after the model, on the Prefect server
+    they share (created on first use; its lease lapses if the holder dies)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = f"rnnflow-champion-{model_name}"
+    with get_client(sync_client=True) as c:
+        try:
+            c.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it a moment ago
+                c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield
+
+
+registry.shared_champion_lock = champion_gate_lock

@@ -312,10 +312,24 @@ def finish_registration(model_name: str, version: str, challenger: float, champi
                         run_url(info.experiment_id, info.run_id))
 
 
+# A lock that every machine sharing a tracking server takes at the champion gate, by model name:
+# set by ``flows`` (a Prefect global concurrency limit on the Prefect server they share), since
+# this layer does not import Prefect. Without it, a file lock serialises the runs of one machine.
+shared_champion_lock: Callable[[str], contextlib.AbstractContextManager] | None = None
+
+
 @contextlib.contextmanager
 def champion_lock(name: str):
-    """Serialise champion moves for ``name`` among processes on this machine (a file lock
-    beside a SQLite store, or in the temp dir for a tracking server)."""
+    """Serialise champion moves for ``name``: among the processes of this machine with a file
+    lock (beside a SQLite store, or in the temp dir for a tracking server), and for a tracking
+    server also among machines, with ``shared_champion_lock`` when one is set."""
+    shared = shared_champion_lock if shared_champion_lock and not tracking_uri().startswith("sqlite:") else None
+    with _file_lock(name), (shared(name) if shared else contextlib.nullcontext()):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(name: str):
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).parent / ".locks"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,12 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+
+from tests.serving import free_port, tracking_ui
 
 pytestmark = pytest.mark.slow
 
@@ -134,3 +138,71 @@ def test_four_command_lines_at_once_on_a_busy_machine_each_register_and_the_best
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     best = min(versions, key=lambda v: float(v.tags["test_mase"]))
     assert c.get_model_version_by_alias("series-forecaster", "champion").version == best.version
+
+
+def test_a_tracking_server_gone_after_training_keeps_the_model_for_register_later(env, tmp_path):
+    """The server stops once training has started: the run retries for --registry-retry-minutes,
+    then fails in one line naming the kept folder; `flows.models register FOLDER --name` registers
+    it once the server is back, without training again, through the same champion gate."""
+    store, artifacts, port = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), free_port()
+    env = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    args = ("--length", "400", "--no-auto", "--ensemble", "1", "--epochs", "30", "--patience", "0",
+            "--hidden-size", "16", "--registry-retry-minutes", "0.1")
+    out = tmp_path / "run.log"
+    with tracking_ui(store, artifacts, port=port):
+        proc = start("flows.timeseries", *args, env=env, out=out)
+        wait_for(out, r"training lstm on cpu", proc)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=300) == 1, out.read_text()[-3000:]
+    text = out.read_text()
+    assert "does not answer; trying again in" in text and "Traceback" not in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: MLFLOW_TRACKING_URI") and "did not answer for 0.1 min" in last, last
+    kept = Path(re.search(r"the trained model is kept in (\S+):", last).group(1))
+    assert list(kept.rglob("checkpoint.safetensors")), "the trained model was not kept"
+    assert time.monotonic() - t0 < 120
+
+    with tracking_ui(store, artifacts, port=port):
+        later = subprocess.run([sys.executable, "-m", "flows.models", "register", str(kept), "--name", "kept"],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert later.returncode == 0, later.stdout[-3000:] + later.stderr[-3000:]
+        assert "already trained" in later.stdout + later.stderr and "epoch 1:" not in later.stdout + later.stderr
+        c = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+        assert c.get_model_version_by_alias("kept", "champion").version == "1"
+        runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+        assert [r.info.status for r in runs] == ["FINISHED"]
+    assert not kept.exists() and not list((tmp_path / "checkpoints").glob("*/*.safetensors"))
+
+
+def test_runs_on_two_machines_sharing_a_tracking_server_end_on_the_better_champion(env, tmp_path):
+    """Two processes with their own working and temp folders (two machines' worth: no file lock
+    in common) race for one tracking server's champion, twice; the gate's lock is a Prefect
+    global concurrency limit on the Prefect server they share, and champion ends on the best."""
+    store, port = f"sqlite:///{tmp_path / 'server.db'}", free_port()
+    t = np.arange(300)
+    data = tmp_path / "shared.csv"
+    pd.DataFrame({"date": pd.date_range("2000-01-01", periods=300, freq="D"),
+                  "value": np.sin(2 * np.pi * t / 12) * 10 + 50 + np.random.default_rng(1).normal(0, 1, 300)}
+                 ).to_csv(data, index=False)
+    with tracking_ui(store, str(tmp_path / "artifacts"), port=port) as base:
+        for round_ in range(2):
+            procs = []
+            for machine in ("a", "b"):
+                home = tmp_path / f"{machine}{round_}"
+                (home / "tmp").mkdir(parents=True)
+                menv = {**env, "MLFLOW_TRACKING_URI": base, "TMPDIR": str(home / "tmp"),
+                        "RNNFLOW_CHECKPOINTS": str(home / "checkpoints")}
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "flows.timeseries", "--source", "file", "--data", str(data), "--no-auto",
+                     "--ensemble", "1", "--epochs", "3", "--hidden-size", "16", "--seed", str(2 * round_ + (machine == "b"))],
+                    cwd=home, env=menv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            outs = [p.communicate(timeout=300)[0] for p in procs]
+            assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+        c = MlflowClient(base, base)
+        versions = c.search_model_versions("name='shared-forecaster'")
+        assert len(versions) == 4
+        best = min(versions, key=lambda v: float(v.tags["test_mase"]))
+        assert c.get_model_version_by_alias("shared-forecaster", "champion").version == best.version
+    api = f"http://127.0.0.1:{os.environ['PREFECT_SERVER_API_PORT']}/api"
+    with urllib.request.urlopen(f"{api}/v2/concurrency_limits/rnnflow-champion-shared-forecaster") as r:
+        assert json.loads(r.read())["limit"] == 1  # the gate took the shared lock
