@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import socket
 import sys
 import tempfile
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MODEL_PATH = "RNNFLOW_SERVE_MODEL_PATH"
 MAX_BODY = "RNNFLOW_SERVE_MAX_BODY_BYTES"
@@ -25,8 +27,12 @@ def create_app():
     """The uvicorn factory each worker calls: MLflow's scoring app for the downloaded model,
     behind the body-size limit."""
     import mlflow.pyfunc
+    import torch
     from mlflow.pyfunc import scoring_server
 
+    # one thread per worker: a one-series forecast is too small to split, and two workers each
+    # spreading over every core fight for them (p99 under 8 clients: see docs/BENCHMARKS.md)
+    torch.set_num_threads(1)
     return BodyLimit(scoring_server.init(mlflow.pyfunc.load_model(os.environ[MODEL_PATH])),
                      int(os.environ.get(MAX_BODY, 5 * 2**20)))
 
@@ -83,6 +89,19 @@ class _TooLarge(Exception):
     pass
 
 
+class NoDelayH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with Nagle's algorithm off on every connection. With ``--workers``
+    uvicorn binds the socket itself and asyncio then leaves TCP_NODELAY off (uvicorn issue
+    #3149): each keep-alive request after the first waited ~40 ms for a delayed ACK (measured
+    here: 50 ms against 7 ms with one worker)."""
+
+    def connection_made(self, transport):
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
     ap.add_argument("name", help="registered model name")
@@ -112,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, MODEL_PATH: path, MAX_BODY: str(int(args.max_body_mb * 2**20))}
         print(f"serving {uri} on http://{args.host}:{args.port}/invocations with {args.workers} worker(s)",
               file=sys.stderr)
-        try:
-            return subprocess.call([sys.executable, "-m", "uvicorn", "--factory", "flows.serve:create_app",
-                                    "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
-                                    "--log-level", "warning", "--no-access-log"], env=env)
-        except KeyboardInterrupt:
-            return 130
+        os.environ.update(env)  # the workers inherit it
+        import uvicorn
+
+        uvicorn.run("flows.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                    http="flows.serve:NoDelayH11Protocol", log_level="warning", access_log=False)
+    return 0
 
 
 if __name__ == "__main__":
