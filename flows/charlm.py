@@ -9,9 +9,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import config_flow, kept_if_unregistered, registration_note, run_from_command_line
+from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
 from tasks import data, text
-from tasks.config import CharLMFlowConfig, checkpoint_dir, save_run
+from tasks.config import CharLMFlowConfig, checkpoint_dir
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
@@ -21,7 +21,6 @@ DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text c
 def charlm_flow(cfg: CharLMFlowConfig) -> dict:
     # here, not at the top: the command line checks its input without importing MLflow and torch
     from flows import steps
-    from tasks.training import remove_checkpoints
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
@@ -30,15 +29,15 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
     corpus = steps.load_corpus(path, sha256, cfg)
 
     # --- transform
-    checkpoints = checkpoint_dir(cfg, corpus.sha256)
-    save_run(checkpoints, "charlm", cfg, corpus.sha256)
-    trained = steps.train_charlm(corpus, cfg, lambda epoch, texts: publish_samples(cfg.registered_name, epoch, texts),
-                                 checkpoints)
+    def on_samples(epoch: int, texts: dict[str, str]) -> None:
+        publish_samples(cfg.registered_name, epoch, texts)
 
-    # --- load
-    with kept_if_unregistered(checkpoints):
+    checkpoints = checkpoint_dir(cfg, corpus.sha256)
+    with checkpointed(checkpoints, "charlm", cfg, corpus.sha256):
+        trained = steps.train_charlm(corpus, cfg, on_samples, checkpoints)
+
+        # --- load
         reg = steps.register_charlm(cfg, corpus, trained)
-    remove_checkpoints(checkpoints)
 
     name, fit = cfg.registered_name, trained.fit
     bpc = fit.best_val_loss / math.log(2)

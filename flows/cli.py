@@ -20,7 +20,7 @@ from prefect.states import Failed
 
 from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
-from tasks.config import ConfigError, parse_value
+from tasks.config import ConfigError, parse_value, remove_checkpoints, save_run
 from tasks.data import DataError
 from tasks.tracking import TrackingUnavailable
 
@@ -169,14 +169,22 @@ def run_config(cfg, flow_fn, check: Callable) -> int:
 
 
 @contextlib.contextmanager
-def kept_if_unregistered(checkpoints: Path):
-    """Around a flow's registration: if the tracking server stays away, the one-line error says
-    where the trained model is kept and how to register it later (nothing trained is lost)."""
+def checkpointed(checkpoints: Path, flow: str, cfg, data_sha256: str):
+    """Around a flow's training and registration, the run's checkpoint folder: written with what
+    it trains (``run.json``), removed once the model is registered or the input proved bad (a
+    user error: nothing worth resuming); kept after an interrupt, a crash or a bug, for the same
+    command to resume; and kept when the tracking server stays away, the one-line error then
+    saying where and how to register it later (nothing trained is lost)."""
+    save_run(checkpoints, flow, cfg, data_sha256)
     try:
         yield
     except TrackingUnavailable as e:
         raise TrackingUnavailable(f"{e}; the trained model is kept in {checkpoints}: once the server answers, "
                                   f"`python -m flows.models register {checkpoints}` registers it") from None
+    except USER_ERRORS:
+        remove_checkpoints(checkpoints)
+        raise
+    remove_checkpoints(checkpoints)
 
 
 def registration_note(name: str, reg) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.cli import config_flow, kept_if_unregistered, registration_note, run_from_command_line
-from tasks.config import TimeSeriesConfig, checkpoint_dir, save_run
+from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
+from tasks.config import TimeSeriesConfig, checkpoint_dir
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import split_series
 from tasks.tracking import CHAMPION, check_tracking_server
@@ -23,7 +23,6 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     # imported here, not at the top: the command line checks its input without importing torch and MLflow
     from flows import steps
     from tasks.selection import train_directly
-    from tasks.training import remove_checkpoints
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
 
@@ -37,18 +36,17 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     # --- transform: with --auto the transform options are settled on the validation part first
     data_sha256 = series.sha256 if cfg.source == "file" else ""
     checkpoints = checkpoint_dir(cfg, data_sha256)
-    save_run(checkpoints, "timeseries", cfg, data_sha256)
-    cfg, selection, split, windows, trained = train_directly(series, cfg, steps, checkpoints)
-    label = cfg.label
-    bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
+    with checkpointed(checkpoints, "timeseries", cfg, data_sha256):
+        cfg, selection, split, windows, trained = train_directly(series, cfg, steps, checkpoints)
+        label = cfg.label
+        bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
 
-    # --- load
-    with kept_if_unregistered(checkpoints), tempfile.TemporaryDirectory() as tmp:
+        # --- load
         champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon,
                                         cfg.registry_retry_minutes)
-        plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
-        reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
-    remove_checkpoints(checkpoints)
+        with tempfile.TemporaryDirectory() as tmp:
+            plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
+            reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
 
     name = cfg.registered_name
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"

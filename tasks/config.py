@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -360,6 +361,11 @@ def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -
 
 
 RUN_FILE = "run.json"
+
+
+def remove_checkpoints(directory: Path) -> None:
+    """A run's checkpoint folder, once it has served (the model is registered) or cannot (bad input)."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def save_run(directory: Path, flow: str, cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> None:

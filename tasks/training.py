@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,11 +78,6 @@ def open_checkpoint(directory: Path | None, cfg: TimeSeriesConfig | CharLMFlowCo
         done = "already trained" if meta["finished"] else f"resuming from epoch {meta['epoch']}{of}{within}"
         run_logger().info("%s%s (checkpoint %s)", what, done, ckpt.directory)
     return ckpt
-
-
-def remove_checkpoints(directory: Path) -> None:
-    """Once the model is registered its checkpoints have served: the run's folder goes."""
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,

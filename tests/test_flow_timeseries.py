@@ -209,9 +209,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_stops_before_training_and_leaves_the_champion(case, guarded_store, monkeypatch):
+def test_bad_input_stops_before_training_and_leaves_the_champion(case, guarded_store, monkeypatch, tmp_path):
     uri, tmp = guarded_store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("RNNFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
     make, error, pattern = BAD[case]
     state = timeseries_flow(**{**TINY, "model_name": "guarded", **make(tmp)}, return_state=True)
     assert state.is_failed()
@@ -227,6 +228,7 @@ def test_bad_input_stops_before_training_and_leaves_the_champion(case, guarded_s
     assert str(c.get_model_version_by_alias("guarded", "champion").version) == "1"
     exp = c.get_experiment_by_name("timeseries-forecasting")
     assert len(c.search_runs([exp.experiment_id])) == 1  # no half-written run
+    assert not list(tmp_path.glob("checkpoints/*")), "a checkpoint folder outlived bad input"
 
 
 def test_unchanged_data_and_config_reuse_cached_ingest_and_windows(mlflow_store, tmp_path):

@@ -106,7 +106,8 @@ def test_ctrl_c_and_sigterm_stop_the_run_within_seconds(env, corpus, tmp_path, s
     assert last.startswith("interrupted: nothing registered; the training checkpoint is kept in "), last
     kept = Path(last.split(" kept in ")[1].split(":")[0])
     assert (kept / "checkpoint.safetensors").is_file()
-    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).search_registered_models() == []
+    uri = env["MLFLOW_TRACKING_URI"]
+    assert MlflowClient(uri, uri).search_registered_models() == []  # (registry named: the default is process-wide)
 
 
 def test_four_command_lines_at_once_on_a_busy_machine_each_register_and_the_best_is_champion(env, tmp_path):
