@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from prefect import serve
@@ -36,6 +37,42 @@ def deployments(which: list[str], interval: float | None = None, crons: dict[str
     return out
 
 
+HEARTBEAT_SECONDS = 30  # how often a deployment's flow run says it is alive (Prefect's minimum)
+ZOMBIES = "rnnflow: crash flow runs that stopped beating"
+
+
+def ensure_zombie_automation(silence_seconds: float | None = None) -> None:
+    """A flow run whose process died with this serving process (``make deploy`` killed, a
+    reboot) can report nothing: without this automation it shows ``Running`` for ever. Its
+    heartbeats stop, and after ``silence_seconds`` the Prefect server marks it ``Crashed``
+    (Prefect's recipe for zombie flow runs; default three heartbeats, or
+    $RNNFLOW_ZOMBIE_SECONDS). Created once per server; the next run of the deployment then
+    resumes from the checkpoint the dead one left."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    silence_seconds = silence_seconds or float(os.environ.get("RNNFLOW_ZOMBIE_SECONDS", 3 * HEARTBEAT_SECONDS))
+    try:
+        Automation.read(name=ZOMBIES)
+        return
+    except ValueError:  # none of that name yet
+        pass
+    Automation(name=ZOMBIES, trigger=EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+        within=timedelta(seconds=silence_seconds)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {silence_seconds:.0f} s: its process died")]).create()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -49,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="JSON defaults for the forecaster's config")
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
     args = ap.parse_args(argv)
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))  # the flow runs inherit it
+    ensure_zombie_automation()
     serve(*deployments(args.only or sorted(FLOWS, reverse=True), args.interval,
                        {"timeseries": args.timeseries_cron, "charlm": args.charlm_cron},
                        {"timeseries": args.timeseries_params, "charlm": args.charlm_params}), limit=args.limit)

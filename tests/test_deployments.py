@@ -1,6 +1,7 @@
 """Deployments on a real Prefect server: triggered runs, interval schedules, concurrent runs."""
 
 import json
+import re
 import time
 
 import pytest
@@ -71,3 +72,45 @@ def test_two_runs_at_once_leave_the_better_champion(tmp_path, store):
     assert len(versions) == 2
     best = min(versions, key=lambda v: float(v.tags["test_mase"]))
     assert str(c.get_model_version_by_alias("sine-forecaster", "champion").version) == str(best.version)
+
+
+def ran(env: dict) -> dict:
+    """The first flow run of the char-LM deployment that was not just scheduled (the cron's next
+    run is there too)."""
+    return [r for r in flow_runs(env, "weekly-retrain") if r["state_type"] != "SCHEDULED"][0]
+
+
+def test_a_run_whose_serving_process_dies_ends_crashed_and_the_next_run_resumes(tmp_path, store, shared_data):
+    """`make deploy` stopped while a scheduled run trains: its flow run stops beating and the
+    server's automation marks it Crashed (not Running for ever); once the deployments are served
+    again, the next run of that deployment resumes from the checkpoint the dead one left."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    params = {"data": str(corpus), "hidden_size": 32, "embedding_dim": 16, "num_steps": 20, "epochs": 30,
+              "sample_every": 0, "sample_chars": 20, "patience": 0, "device": "cpu"}
+    checkpoints = tmp_path / "checkpoints"
+    with prefect_server(tmp_path, store) as env:
+        env = {**env, "RNNFLOW_CHECKPOINTS": str(checkpoints), "RNNFLOW_ZOMBIE_SECONDS": "40",
+               "PREFECT_LOGGING_LEVEL": "INFO"}  # the "resuming" line is an INFO log (make test sets WARNING)
+        args = ("--only", "charlm", "--charlm-params", json.dumps(params))
+        with served_deployments(env, tmp_path, *args) as proc:
+            assert prefect_cli(env, "deployment", "run", "charlm-training/weekly-retrain").returncode == 0
+            deadline = time.monotonic() + 120
+            while not list(checkpoints.glob("*/checkpoint.safetensors")):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.5)
+        # (served_deployments stops `flows.deploy` with SIGTERM, as a terminal's Ctrl-C or `kill` would)
+        deadline = time.monotonic() + 150
+        while (run := ran(env))["state_type"] == "RUNNING":
+            assert time.monotonic() < deadline, run["state"]
+            time.sleep(3)
+        assert run["state_type"] == "CRASHED", run["state"]
+        assert "no heartbeat" in run["state"]["message"]
+
+        with served_deployments(env, tmp_path, *args):
+            out = prefect_cli(env, "deployment", "run", "charlm-training/weekly-retrain", "--watch")
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    logs = "".join(p.read_text() for p in tmp_path.glob("serve-*.log"))
+    assert re.search(r"resuming from epoch \d+ of 30", logs), logs[-3000:]
+    versions = MlflowClient(store, store).search_model_versions("name='corpus-charlm'")
+    assert len(versions) == 1
