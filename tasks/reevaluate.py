@@ -60,7 +60,9 @@ def evaluation_data(version) -> EvalData:
 def backtest_registered(model_uri: str, series: Series, split: Split, origins, horizon: int) -> float:
     """Test MASE of a registered forecaster, called as a user calls it, one origin at a time."""
     model = mlflow.pyfunc.load_model(model_uri)
-    forecasts = forecast_with(model.predict, series, origins, horizon)
+    # the registered forecaster reads the last `lookback` rows of what it is sent (tasks/pyfunc/forecaster.py)
+    lookback = getattr(getattr(model.unwrap_python_model(), "pipeline", None), "lookback", None)
+    forecasts = forecast_with(model.predict, series, origins, horizon, tail=lookback)
     return run_backtest(series, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
 
 

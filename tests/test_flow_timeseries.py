@@ -86,8 +86,11 @@ def test_served_model_reproduces_the_flow_backtest(mlflow_store):
     split = Split.by_fraction(len(series.frame), cfg.val_size, cfg.test_size, 3)
     origins = window_origins(*split.part("test"), cfg.lookback, 3)
     model = mlflow.pyfunc.load_model(result["model_uri"])
-    bt = run_backtest(series, split, origins, 3, {"served": forecast_with(model.predict, series, origins, 3)})
+    whole = forecast_with(model.predict, series, origins, 3)
+    bt = run_backtest(series, split, origins, 3, {"served": whole})
     assert bt.scores["served"]["mase"] == pytest.approx(result["scores"]["rnnflow-lstm"]["mase"], rel=1e-5)
+    # sent only its lookback's rows (as re-scoring a champion does), the model forecasts the same
+    np.testing.assert_array_equal(forecast_with(model.predict, series, origins, 3, tail=cfg.lookback), whole)
 
 
 def test_champion_moves_only_to_a_better_model(mlflow_store):
