@@ -23,6 +23,7 @@ from tasks.registry import (
     champion_version,
     finish_registration,
     log_history,
+    log_input,
     log_pyfunc,
     no_integer_hint,
     unreachable,
@@ -105,9 +106,8 @@ def log_forecaster_run(cfg: TimeSeriesConfig, series: Series, trained: Trained, 
     for model, scores in bt.intervals.items():
         mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
     with no_integer_hint():
-        mlflow.log_input(mlflow.data.from_pandas(series.frame, source=_source(series.source),
-                                                 name=cfg.registered_name, targets=series.value_column,
-                                                 digest=series.sha256[:16]), context="training")
+        log_input(mlflow.data.from_pandas(series.frame, source=_source(series.source), name=cfg.registered_name,
+                                          targets=series.value_column, digest=series.sha256[:16]), context="training")
     for p in plots:
         mlflow.log_artifact(p, "plots")
     mlflow.log_text(bt.markdown(f"{cfg.registered_name} backtest"), "backtest.md")
@@ -171,9 +171,8 @@ def _register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) 
         for epoch, texts in trained.samples.items():
             label = f"epoch_{epoch:03d}" if epoch else "final"
             mlflow.log_text("\n\n".join(f"[{p}]\n{t}" for p, t in texts.items()), f"samples/{label}.txt")
-        mlflow.log_input(mlflow.data.from_pandas(pd.DataFrame({"corpus": [corpus.source]}), name=name,
-                                                 source=_source(corpus.source), digest=corpus.sha256[:16]),
-                         context="training")
+        log_input(mlflow.data.from_pandas(pd.DataFrame({"corpus": [corpus.source]}), name=name,
+                                          source=_source(corpus.source), digest=corpus.sha256[:16]), context="training")
         meta = {"lower": cfg.lower, "letters_only": cfg.letters_only, "trained_on": corpus.source,
                 "corpus_sha256": corpus.sha256}
         example = pd.DataFrame({"prefix": cfg.prompts[:1]})

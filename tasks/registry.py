@@ -243,6 +243,19 @@ def log_history(history) -> None:
     client().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 
+def log_input(dataset, context: str) -> None:
+    """``mlflow.log_input``, tried again if another run created the same dataset at that moment:
+    MLflow's get-or-create of a dataset is not atomic, so two runs at once on one store can hit
+    its UNIQUE constraint (seen against a tracking server on SQLite); the retry finds the row."""
+    for attempt in range(3):
+        try:
+            return mlflow.log_input(dataset, context=context)
+        except MlflowException as e:
+            if attempt == 2 or not any(s in str(e) for s in ("UNIQUE constraint", "IntegrityError")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 @contextlib.contextmanager
 def no_integer_hint():
     """Silence MLflow's "Inferred schema contains integer column(s)" hint, which it prints for
