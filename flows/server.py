@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped" if stop() else "no local server started by rnnflow is running")
     elif cmd[0] == "status":
         url = PREFECT_API_URL.value() or local_url()
-        print(f"{url}: {'up' if answers(url) else 'down'}")
-        return 0 if answers(url) else 1
+        up = answers(url)
+        print(f"{url}: {'up' if up else 'down'}")
+        return 0 if up else 1
     else:
         print(f"error: unknown command {cmd[0]!r}; use status, start or stop", file=sys.stderr)
         return 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -48,11 +47,10 @@ def prefect_test_fixture(tmp_path_factory):
 def local_prefect_server(tmp_path_factory):
     """Command lines run in subprocesses share one local Prefect server (``flows.server``): for
     the tests, a private one (its own home and port, not the user's 4200), stopped at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.serving import free_port
+
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    os.environ["PREFECT_SERVER_API_PORT"] = str(port)
+    os.environ["PREFECT_SERVER_API_PORT"] = str(free_port())
     os.environ.setdefault("RNNFLOW_CHECKPOINTS", str(tmp_path_factory.mktemp("checkpoints")))
     yield
     subprocess.run([sys.executable, "-m", "flows.server", "stop"], capture_output=True, timeout=60)

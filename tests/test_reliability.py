@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -118,10 +117,7 @@ def test_four_command_lines_at_once_on_a_busy_machine_each_register_and_the_best
     data = tmp_path / "series.csv"
     pd.DataFrame({"date": pd.date_range("2000-01-01", periods=300, freq="D"), "value": values}).to_csv(data,
                                                                                                        index=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_API_PORT": str(port)}
+    env = {**env, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_API_PORT": str(free_port())}
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         procs = [start("flows.timeseries", "--source", "file", "--data", str(data), "--no-auto", "--ensemble", "1",
