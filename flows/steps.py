@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from tasks import data, evaluation, features, register, registry, selection, sweep, text, training
+from tasks import data, evaluation, features, panel, register, registry, selection, sweep, text, training
 
 # Cached by what goes in (a file's sha256, the config) and the step's code: a scheduled run
 # whose data and config did not change reuses the persisted result instead of redoing the work.
@@ -37,6 +37,7 @@ fetch_data = task(name="fetch-data", retries=3, retry_delay_seconds=[1, 2, 4],
 generate_series = task(name="generate-series", cache_policy=CONTENT, persist_result=True)(data.generate_series)
 load_series = task(name="load-series", cache_policy=CONTENT, persist_result=True)(data.load_series)
 split_by_id = task(name="split-by-id", cache_policy=NO_CACHE)(sweep.split_by_id)
+load_panel = task(name="load-panel", cache_policy=CONTENT, persist_result=True)(panel.load_panel)
 load_corpus = task(name="load-corpus", cache_policy=NO_CACHE)(text.load_corpus)
 
 # --- transform
@@ -45,6 +46,10 @@ split_series = task(name="split-series", cache_policy=SERIES_CONTENT, persist_re
 scale_and_window = task(name="scale-and-window", cache_policy=SERIES_CONTENT,
                         persist_result=True)(features.scale_and_window)
 train_forecaster = task(name="train-forecaster", cache_policy=NO_CACHE)(training.train_forecaster)
+choose_panel_settings = task(name="choose-settings", cache_policy=NO_CACHE)(selection.choose_panel_settings)
+split_panel = task(name="split-panel", cache_policy=NO_CACHE)(panel.split_panel)
+train_panel = task(name="train-global-forecaster", cache_policy=NO_CACHE)(training.train_panel)
+backtest_panel = task(name="backtest", cache_policy=NO_CACHE)(panel.backtest_panel)
 train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(training.train_charlm)
 run_trial = task(name="sweep-trial", cache_policy=NO_CACHE)(sweep.run_trial)
 backtest = task(name="backtest", cache_policy=NO_CACHE)(evaluation.backtest)
@@ -53,6 +58,8 @@ plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plo
 # --- load
 score_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_champion)
 register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_forecaster)
+score_panel_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_panel_champion)
+register_panel_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_panel_forecaster)
 register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(register.register_charlm)
 
 

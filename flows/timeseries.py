@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, checkpoint_dir
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
-from tasks.features import split_series
+from tasks.features import check_lookback, split_series
+from tasks.panel import load_panel
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
@@ -25,6 +26,8 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     from tasks.selection import train_directly
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
+    if cfg.panel:
+        return global_model(cfg, steps)
 
     # --- extract
     if cfg.source == "file":
@@ -48,15 +51,37 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
             plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
             reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
 
-    name = cfg.registered_name
+    return report(cfg, reg, bt, champion, selection, trained)
+
+
+def global_model(cfg: TimeSeriesConfig, steps) -> dict:
+    """``--id-column``: one network over every series of a long-format file."""
+    from tasks.selection import train_panel_directly
+
+    path, sha256 = steps.fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
+    panel = steps.load_panel(path, sha256, cfg)
+    checkpoints = checkpoint_dir(cfg, panel.sha256)
+    with checkpointed(checkpoints, "timeseries", cfg, panel.sha256):
+        cfg, selection, split, trained = train_panel_directly(panel, cfg, steps, checkpoints)
+        label, name = cfg.label, cfg.registered_name
+        bt = steps.backtest_panel(panel, split, trained.pipeline(), label)
+        origins = split.origins("test", cfg.lookback, cfg.horizon)
+        champion = steps.score_panel_champion(name, panel, split, origins, cfg.horizon, cfg.registry_retry_minutes)
+        reg = steps.register_panel_forecaster(cfg, panel, split, trained, bt, label, champion, selection)
+    return report(cfg, reg, bt, champion, selection, trained)
+
+
+def report(cfg: TimeSeriesConfig, reg, bt, champion, selection, trained) -> dict:
+    """The run's markdown artifact in Prefect, and what the flow returns."""
+    name, label = cfg.registered_name, cfg.label
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
           if champion.score is not None else "")
     auto = f"{selection.markdown()}\n\n" if selection else ""
-    report = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{vs}{registration_note(name, reg)}"
-    create_markdown_artifact(report, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
+    text = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{vs}{registration_note(name, reg)}"
+    create_markdown_artifact(text, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
-            "run_id": reg.run_id, "scores": bt.scores, "label": label, "report": report,
+            "run_id": reg.run_id, "scores": bt.scores, "label": label, "report": text,
             "train_seconds": trained.train_seconds, "device": trained.device}
 
 
@@ -67,6 +92,10 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
     check_tracking_server()
     if cfg.source != "file":
         return checkpoint_dir(cfg, "")
+    if cfg.panel:
+        panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
+        check_lookback(cfg, panel.season_length)
+        return checkpoint_dir(cfg, panel.sha256)
     series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
     split_series(series, cfg)
     return checkpoint_dir(cfg, series.sha256)

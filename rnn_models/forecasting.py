@@ -63,13 +63,19 @@ class ForecastPipeline:
         """The point forecast (N, H) of ``predict``'s output: the median with quantiles."""
         return forecast[..., self.median_index] if self.quantiles else forecast
 
-    def to_frame(self, forecast: np.ndarray) -> pd.DataFrame:
+    def to_frame(self, forecast: np.ndarray, ids: pd.Index | None = None) -> pd.DataFrame:
         """One window's forecast (H,) or (H, Q) as the served table: ``step`` (1..H),
-        ``forecast`` and, with quantiles, one ``q<level>`` column per quantile."""
+        ``forecast`` and, with quantiles, one ``q<level>`` column per quantile. With ``ids``
+        (a named index of S series), S windows' forecasts (S, H[, Q]), H rows per series,
+        the id column first."""
         steps = np.arange(1, self.horizon + 1, dtype=np.int64)
-        frame = pd.DataFrame({"step": steps, "forecast": self.point(forecast)})
+        flat = forecast.reshape(-1, *forecast.shape[2:]) if ids is not None else forecast  # (S*H[, Q])
+        frame = pd.DataFrame({"step": np.tile(steps, len(ids)) if ids is not None else steps,
+                              "forecast": self.point(flat)})
         for j, q in enumerate(self.quantiles):
-            frame[f"q{q:g}"] = forecast[:, j]
+            frame[f"q{q:g}"] = flat[:, j]
+        if ids is not None:
+            frame.insert(0, ids.name, np.repeat(ids.to_numpy(), self.horizon))
         return frame
 
     def _run(self, model: Forecaster, x: np.ndarray, batch_size: int) -> np.ndarray:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
-from rnn_models.transforms import EPS
+from rnn_models.transforms import EPS, Baseline, Chain, Difference, Log, Scale, WindowNorm
 
 
 @dataclass
@@ -102,14 +101,38 @@ def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "l
     return (x - c) / s, (None if y is None else (y - c) / s), (c, s)
 
 
-class PanelObjective:
-    """The training loop's objective on panel windows: each window normalised by itself, so
-    series of any scale train together; mean squared error in those units."""
+def encode(chain: Chain, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch twin of ``chain.encode`` for windows of one feature, where the windows live
+    (a GPU batch never crosses to the host): raw x (B, L), y (B, H) -> network input (B, L', 1)
+    and targets (B, H). The served model decodes with the numpy chain; a test holds the two equal."""
+    for t in chain.steps:
+        if isinstance(t, Log):
+            x, y = x.log(), y.log()
+        elif isinstance(t, Baseline):  # and Difference, a Baseline that also differences its inputs
+            L, h = x.shape[1], torch.arange(y.shape[1], device=x.device)
+            y = y - x[:, L + h - t.lag * (h // t.lag + 1)]
+            if isinstance(t, Difference):
+                x = x[:, t.lag :] - x[:, : -t.lag]
+        elif isinstance(t, WindowNorm):
+            x, y, _ = window_norm(x, y, t.center)
+        elif isinstance(t, Scale):
+            x, y = (x - float(t.offset[0])) / float(t.scale[0]), (y - float(t.offset[0])) / float(t.scale[0])
+        else:
+            raise ValueError(f"no torch twin for the {t.kind} transform")
+    return x[..., None], y
 
-    def __init__(self, center: str = "last"):
-        self.center = center
 
-    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        x, y = batch  # (B, L), (B, H) in original units
-        xn, yn, _ = window_norm(x, y, self.center)
-        return nn.functional.mse_loss(model(xn[..., None]).float(), yn), len(x)
+def encoded_batches(windows: PanelWindows, chain: Chain, batch_size: int, generator: torch.Generator | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``windows.batches`` through ``encode``: what the training loop's objectives read."""
+    for x, y in windows.batches(batch_size, generator):
+        yield encode(chain, x, y)
+
+
+def last_windows(values: np.ndarray, codes: np.ndarray, lookback: int) -> np.ndarray:
+    """The last ``lookback`` values of each series of a long table, in one gather: ``values``
+    (N,) in time order within each series, ``codes`` (N,) the series number 0..S-1 of each row.
+    Returns (S, lookback); each series must hold at least ``lookback`` rows."""
+    order = np.argsort(codes, kind="stable")  # rows grouped by series, time order kept
+    ends = np.cumsum(np.bincount(codes))  # one past each series' last row in ``order``
+    return values[order[ends[:, None] - lookback + np.arange(lookback)[None, :]]]

@@ -34,3 +34,21 @@ def trend_season(n: int = 600, period: int = 24, slope: float = 0.05, amplitude:
     t = np.arange(n)
     value = 10 + slope * t + amplitude * np.sin(2 * np.pi * t / period) + noise * rng.standard_normal(n)
     return pd.DataFrame({"t": t, "value": value})
+
+
+def panel(series: int = 40, length: int = 400, seed: int = 0, min_length: int | None = None) -> pd.DataFrame:
+    """A long table (id, t, value) of ``series`` seasonal series of very different scales
+    (1 to 10^4), daily (period 24) or half-daily (period 12) seasons with a random phase, a mild
+    trend and noise, as many meters or shops would give. Lengths vary from ``min_length``
+    (default: ``length``) to ``length``; each series ends at step length - 1."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(series):
+        n = int(rng.integers(min_length, length + 1)) if min_length else length
+        t = np.arange(length - n, length)
+        scale = 10 ** rng.uniform(0, 4)
+        period = (24, 12)[i % 2]
+        shape = np.sin(2 * np.pi * t / period + rng.uniform(0, 2 * np.pi))
+        value = scale * (5 + 2 * shape + rng.uniform(-2, 2) * t / length + 0.4 * rng.standard_normal(n))
+        frames.append(pd.DataFrame({"id": f"s{i}", "t": t, "value": value}))
+    return pd.concat(frames, ignore_index=True)

@@ -75,6 +75,8 @@ class SeriesOptions:
     title = "data"  # its group in --help (not a field: no annotation)
     source: str = option("sine", "where the series comes from", SOURCES)
     data: str = option("", "CSV or Parquet file path or http(s) URL (with --source file)")
+    id_column: str = option("", "long-format --data (id, time, value rows): train one global network on the "
+                            "windows of every series of this column, each window normalised by itself")
     sha256: str = option("", "expected sha256 of the --data file; the run stops if it differs")
     time_column: str = option("", "time column; default: the first column that parses as dates")
     value_column: str = option("", "target column; default: the only numeric column left")
@@ -151,6 +153,8 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":
             raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
+        if self.id_column:
+            self._check_panel()
         chosen = [f for f in TRANSFORM_FIELDS if getattr(self, f) != "none"]
         if self.auto and chosen:
             raise ConfigError(f"{flag(chosen[0])} {getattr(self, chosen[0])} is chosen by --auto (the default); "
@@ -159,6 +163,25 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
             if cell not in CELL_NAMES:
                 raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
         self.quantile_levels  # noqa: B018 - parses, so a bad list stops here
+
+    def _check_panel(self) -> None:
+        """What a global model over many series cannot take."""
+        if self.source != "file":
+            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
+        if self.covariates:
+            raise ConfigError("--covariate-columns cannot be used with --id-column: the global model reads the "
+                              "value column only")
+        if not self.auto and self.window_norm == "none":
+            raise ConfigError("--id-column trains series of different scales together: with --no-auto set "
+                              "--window-norm last or mean")
+        if self.transform == "log" or self.difference != "none":
+            raise ConfigError(f"--id-column takes no --transform or --difference (got {self.transform}, "
+                              f"{self.difference}); --window-norm and --baseline make series comparable")
+
+    @property
+    def panel(self) -> bool:
+        """One global network over the many series of a long-format file."""
+        return bool(self.id_column)
 
     @property
     def member_cells(self) -> list[str]:

@@ -28,14 +28,16 @@ class Windows:
 
 
 def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
-    """The (unfitted) transforms the config asks for, in their fixed order."""
+    """The (unfitted) transforms the config asks for, in their fixed order. A global model over
+    many series (``--id-column``) has no global scaler: its windows are normalised one by one."""
     m = max(season_length, 1)
     steps: list[Transform] = []
     if cfg.transform == "log":
         steps.append(Log())
     if cfg.difference != "none":
         steps.append(Difference(1 if cfg.difference == "first" else m))
-    steps.append(Scale(method=cfg.scaler))
+    if not cfg.panel:
+        steps.append(Scale(method=cfg.scaler))
     if cfg.window_norm != "none":
         steps.append(WindowNorm(cfg.window_norm))
     if cfg.baseline != "none":
@@ -51,7 +53,12 @@ def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
         if len(bad):
             raise DataError(f"{series.source}: --transform log needs a positive series, but column "
                             f"{series.value_column!r} holds {y[bad[0]]:g} at row {bad[0]} ({len(bad)} such rows)")
-    chain, m = build_chain(cfg, series.season_length), series.season_length
+    check_lookback(cfg, series.season_length)
+
+
+def check_lookback(cfg: TimeSeriesConfig, season_length: int) -> None:
+    """Refuse a lookback too short for the differencing or baseline the config asks for."""
+    chain, m = build_chain(cfg, season_length), season_length
     left = cfg.lookback - chain.consumes  # input steps the network still sees
     lag = next((t.lag for t in chain.steps if type(t) is Baseline), 1)  # a Difference is a Baseline too
     if left < max(lag, 2):

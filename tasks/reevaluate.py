@@ -8,6 +8,8 @@ import typing
 from dataclasses import dataclass, fields
 
 import mlflow
+import numpy as np
+import pandas as pd
 import torch
 
 from rnn_models.text import mean_loss
@@ -16,6 +18,7 @@ from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
 from tasks.data import Series, fetch_data, read_series
 from tasks.evaluation import forecast_with, run_backtest
 from tasks.features import split_series
+from tasks.panel import PanelData, PanelSplit, score_panel
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus
 
@@ -64,6 +67,25 @@ def backtest_registered(model_uri: str, series: Series, split: Split, origins, h
     lookback = getattr(getattr(model.unwrap_python_model(), "pipeline", None), "lookback", None)
     forecasts = forecast_with(model.predict, series, origins, horizon, tail=lookback)
     return run_backtest(series, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
+
+
+def backtest_registered_panel(model_uri: str, panel: PanelData, split: PanelSplit, origins: list[np.ndarray],
+                              horizon: int) -> float:
+    """Mean test MASE over series of a registered global model, called as a user calls it: at
+    each step of the test part, one request holding every series' history."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    pipeline = model.unwrap_python_model().pipeline
+    L, id_col, value_col = pipeline.lookback, pipeline.meta["id_column"], pipeline.meta["value_column"]
+    out = [np.empty((len(o), horizon)) for o in origins]
+    for k in range(max(len(o) for o in origins)):
+        alive = [i for i, o in enumerate(origins) if len(o) > k]
+        frame = pd.DataFrame({id_col: np.repeat([panel.ids[i] for i in alive], L),
+                              value_col: np.concatenate([panel.values[i][origins[i][k] - L : origins[i][k]]
+                                                         for i in alive])})
+        forecast = model.predict(frame)["forecast"].to_numpy().reshape(len(alive), -1)[:, :horizon]
+        for j, i in enumerate(alive):
+            out[i][k] = forecast[j]
+    return score_panel(panel, split, origins, horizon, {"m": np.concatenate(out)}).scores["m"]["mase"]
 
 
 def score(version, data: EvalData) -> float:

@@ -4,6 +4,7 @@ log the run, register the model from code, and apply the champion gate."""
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -15,7 +16,8 @@ from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.data import Series
 from tasks.evaluation import Backtest
-from tasks.reevaluate import backtest_registered
+from tasks.panel import PanelBacktest, PanelData, PanelSplit, per_series_csv
+from tasks.reevaluate import backtest_registered, backtest_registered_panel
 from tasks.registry import (
     ChampionScore,
     Registration,
@@ -89,20 +91,10 @@ def _register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, tr
 def log_forecaster_run(cfg: TimeSeriesConfig, series: Series, trained: Trained, bt: Backtest, label: str,
                        plots: list[str], selection: Selection | None) -> None:
     """Everything the active MLflow run records about a trained forecaster, but the model."""
-    fit, pipeline = trained.fit, trained.pipeline()
-    mlflow.log_params(cfg.to_params())
-    mlflow.log_params({"resolved_device": trained.device, "resolved_season_length": series.season_length,
-                       "frequency": series.freq or "", "resolved_value_column": series.value_column,
-                       "rows": len(series.frame), "transforms": pipeline.chain.describe(),
-                       "member_cells": ",".join(cfg.member_cells),
-                       "quantile_levels": ",".join(map(str, pipeline.quantiles))})
-    log_history(fit.history)
-    mlflow.log_metrics({"train_seconds": trained.train_seconds, "train_samples_per_second": fit.samples_per_second,
-                        "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
-    # test_mase for the model, test_member2_mase for its members, naive_mase for the baselines
+    log_training(cfg, trained, bt.scores, label, {"rows": len(series.frame), "frequency": series.freq or "",
+                                                  "resolved_season_length": series.season_length,
+                                                  "resolved_value_column": series.value_column})
     prefix = {m: m.replace(label, "test", 1).replace("-", "_") for m in bt.scores}
-    for model, scores in bt.scores.items():
-        mlflow.log_metrics({f"{prefix[model]}_{k}": v for k, v in scores.items()})
     for model, scores in bt.intervals.items():
         mlflow.log_metrics({f"{prefix[model]}_coverage": scores["coverage"], f"{prefix[model]}_spl": scores["spl"]})
     with no_integer_hint():
@@ -111,11 +103,95 @@ def log_forecaster_run(cfg: TimeSeriesConfig, series: Series, trained: Trained, 
     for p in plots:
         mlflow.log_artifact(p, "plots")
     mlflow.log_text(bt.markdown(f"{cfg.registered_name} backtest"), "backtest.md")
+    log_selection(selection)
+
+
+def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict[str, float]], label: str,
+                 data_params: dict) -> None:
+    """A forecaster's params, curves, training figures and backtest scores on the active run:
+    test_mase for the model, test_member2_mase for its members, naive_mase for the baselines."""
+    fit, pipeline = trained.fit, trained.pipeline()
+    mlflow.log_params(cfg.to_params())
+    mlflow.log_params({"resolved_device": trained.device, "transforms": pipeline.chain.describe(),
+                       "member_cells": ",".join(cfg.member_cells),
+                       "quantile_levels": ",".join(map(str, pipeline.quantiles)), **data_params})
+    log_history(fit.history)
+    mlflow.log_metrics({"train_seconds": trained.train_seconds, "train_samples_per_second": fit.samples_per_second,
+                        "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
+    for model, by_metric in scores.items():
+        prefix = model.replace(label, "test", 1).replace("-", "_")
+        mlflow.log_metrics({f"{prefix}_{k}": v for k, v in by_metric.items() if math.isfinite(v)})
+
+
+def log_selection(selection: Selection | None) -> None:
+    """--auto's choice and each candidate's validation MASE on the active run."""
     if selection is not None:
         mlflow.log_param("auto_choice", selection.choice)
         mlflow.log_metrics({f"auto_val_mase_{k.replace(' + ', '_').replace(' ', '_').replace('-', '_')}": v
                             for k, v in selection.scores.items() if math.isfinite(v)})
         mlflow.log_text(selection.markdown(), "auto.md")
+
+
+# ---------------------------------------------------------------- many series, one network
+
+
+def score_panel_champion(name: str, panel: PanelData, split: PanelSplit, origins: list[np.ndarray], horizon: int,
+                         retry_minutes: float = 0.0) -> ChampionScore:
+    """``score_champion`` for a global model: the champion's mean test MASE over the series."""
+    def attempt() -> ChampionScore:
+        current = champion_version(name)
+        if current is None:
+            return ChampionScore(None)
+        try:
+            return ChampionScore(str(current.version), backtest_registered_panel(
+                f"models:/{name}/{current.version}", panel, split, origins, horizon))
+        except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
+            if unreachable(e):
+                raise
+            return ChampionScore(str(current.version), None,
+                                 f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
+    return with_retries(attempt, retry_minutes, "scoring the champion")
+
+
+def register_panel_forecaster(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, trained: Trained,
+                              bt: PanelBacktest, label: str, champion: ChampionScore,
+                              selection: Selection | None = None) -> Registration:
+    """``register_forecaster`` for a global model over many series: the per-series table is
+    logged as per_series.csv beside the mean scores."""
+    return with_retries(lambda: _register_panel(cfg, panel, split, trained, bt, label, champion, selection),
+                        cfg.registry_retry_minutes, "registering the model")
+
+
+def _register_panel(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, trained: Trained,
+                    bt: PanelBacktest, label: str, champion: ChampionScore, selection: Selection | None
+                    ) -> Registration:
+    name, pipeline, mase = cfg.registered_name, trained.pipeline(), bt.scores[label]["mase"]
+    origins = split.origins("test", cfg.lookback, cfg.horizon)
+    with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created, tempfile.TemporaryDirectory() as tmp:
+        log_training(cfg, trained, bt.scores, label, {
+            "series": len(panel), "skipped_series": len(panel.skipped), "rows": int(panel.lengths.sum()),
+            "frequency": panel.freq or "", "resolved_season_length": panel.season_length,
+            "resolved_value_column": panel.value_column})
+        if champion.score is not None:
+            mlflow.log_metric("champion_test_mase", champion.score)
+        mlflow.log_artifact(str(per_series_csv(bt, tmp)))
+        if panel.skipped:
+            mlflow.log_text("id,rows\n" + "".join(f"{k},{n}\n" for k, n in panel.skipped.items()), "skipped.csv")
+        mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
+        log_selection(selection)
+        ids, L = panel.ids[:2], pipeline.lookback  # the example: two series' last lookback values
+        example = pd.DataFrame({panel.id_column: np.repeat(ids, L),
+                                panel.value_column: np.concatenate([v[-L:] for v in panel.values[:2]])})
+        windows = np.stack([v[-L:] for v in panel.values[:2]])[..., None]
+        output = pipeline.to_frame(pipeline.predict(windows), ids=pd.Index(ids, name=panel.id_column))
+        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
+        tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": panel.sha256,
+                "source": panel.source, "cell": ",".join(sorted(set(cfg.member_cells))), "id_column": panel.id_column,
+                "series": str(len(panel)), "lookback": str(cfg.lookback), "horizon": str(cfg.horizon),
+                "ensemble": str(cfg.ensemble), "quantiles": ",".join(map(str, pipeline.quantiles)),
+                "transforms": pipeline.chain.describe()}
+        return finish_registration(name, created["version"], mase, champion, "mean test MASE over series", tags,
+                                   rescore=lambda: score_panel_champion(name, panel, split, origins, cfg.horizon))
 
 
 def _source(s: str) -> str | None:

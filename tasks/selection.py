@@ -21,8 +21,9 @@ from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
 from tasks.data import DataError, Series
 from tasks.evaluation import history_windows, run_backtest
-from tasks.features import scale_and_window, split_series
-from tasks.training import Trained, train_forecaster
+from tasks.features import build_chain, check_lookback, scale_and_window, split_series
+from tasks.panel import PanelData, panel_windows, score_panel, split_panel
+from tasks.training import Trained, train_forecaster, train_panel
 
 CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benchmarks/bench_accuracy.py
     "plain": ("none", "none", "none", "none"),
@@ -33,6 +34,14 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
     "log + seasonal difference": ("log", "seasonal", "none", "none"),
 }
 
+
+# a global model over many series (--id-column) has no global scaler: every candidate normalises
+# its windows one by one, and may learn the correction to seasonal naive
+PANEL_CANDIDATES = {
+    "window-norm last": ("none", "none", "last", "none"),
+    "window-norm mean": ("none", "none", "mean", "none"),
+    "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
+}
 
 MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, where the series allows
 
@@ -71,7 +80,8 @@ def selection_split(split: Split, cfg: TimeSeriesConfig) -> Split:
 def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     """The config with the candidate's settings, as if given with --no-auto: what the run logs,
     so that rebuilding the config from the run's params gives this model's settings back."""
-    return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, CANDIDATES[candidate], strict=True)))
+    settings = (PANEL_CANDIDATES if cfg.panel else CANDIDATES)[candidate]
+    return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, settings, strict=True)))
 
 
 def choose_settings(series: Series, cfg: TimeSeriesConfig,
@@ -128,5 +138,54 @@ def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoint
     return cfg, selection, split, windows, trained
 
 
+
+
+# ---------------------------------------------------------------- many series, one network
+
+
+def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
+                          checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
+    """--auto for a global model: each candidate trains one network on every series' training
+    part and is scored by the mean over series of its validation MASE."""
+    logger, split = run_logger(), split_panel(panel, cfg)
+    scores, reasons, trained = {}, {}, {}
+    for name in PANEL_CANDIDATES:
+        trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
+        try:
+            check_lookback(trial, panel.season_length)
+        except ConfigError as e:
+            scores[name], reasons[name] = float("nan"), str(e)
+            continue
+        trained[name] = train_panel(panel, split, build_chain(trial, panel.season_length), trial,
+                                    checkpoints=checkpoints and checkpoints / name.replace(" ", "-"))
+        pipeline = trained[name].pipeline()
+        origins = split.origins("val", cfg.lookback, cfg.horizon)
+        forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, cfg.lookback)))
+        scores[name] = score_panel(panel, split, origins, cfg.horizon, {name: forecast}).scores[name]["mase"]
+        logger.info("--auto: %s scores mean validation MASE %.4f", name, scores[name])
+    finite = {k: v for k, v in scores.items() if np.isfinite(v)}
+    if not finite:
+        raise DataError(f"{panel.source}: no --auto candidate could run on these series: {reasons}")
+    choice = min(finite, key=finite.get)
+    logger.info("--auto chose %s (mean validation MASE %.4f)", choice, finite[choice])
+    return apply(cfg, choice), Selection(choice, scores, reasons, trained[choice])
+
+
+def train_panel_directly(panel: PanelData, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
+    """``train_directly`` for a global model over many series: returns (settled config,
+    selection or None, split, trained)."""
+    s = steps or PLAIN_STEPS
+    selection = None
+    if cfg.auto:
+        cfg, selection = s.choose_panel_settings(panel, cfg, checkpoints and checkpoints / "auto")
+    check_lookback(cfg, panel.season_length)
+    split = s.split_panel(panel, cfg)
+    trained = s.train_panel(panel, split, build_chain(cfg, panel.season_length), cfg,
+                            selection.trained if selection else None, checkpoints and checkpoints / "model")
+    return cfg, selection, split, trained
+
+
 PLAIN_STEPS = SimpleNamespace(choose_settings=choose_settings, split_series=split_series,
-                              scale_and_window=scale_and_window, train_forecaster=train_forecaster)
+                              scale_and_window=scale_and_window, train_forecaster=train_forecaster,
+                              choose_panel_settings=choose_panel_settings, split_panel=split_panel,
+                              train_panel=train_panel)

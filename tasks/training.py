@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +14,16 @@ import torch
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastPipeline, PinballObjective, mse_objective
 from rnn_models.generation import complete
+from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
+from rnn_models.transforms import Chain
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
 from tasks.data import Series
 from tasks.features import Windows
+from tasks.panel import PanelData, PanelSplit
 from tasks.text import Corpus
 
 
@@ -80,47 +83,87 @@ def open_checkpoint(directory: Path | None, cfg: TimeSeriesConfig | CharLMFlowCo
     return ckpt
 
 
+@dataclass
+class Batches:
+    """A forecaster's training data as the loop reads it: shuffled training batches (by a
+    generator), validation batches, and how many windows each part holds."""
+
+    train: Callable[[torch.Generator], Iterable]
+    val: Callable[[], Iterable]
+    input_size: int
+    sizes: tuple[int, int]  # (training windows, validation windows)
+
+
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
                      checkpoints: Path | None = None) -> Trained:
     """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i).
     ``first``: member 1 already trained on these windows with this config (--auto's choice).
     ``checkpoints``: a folder for each member's checkpoint (member-1, ...), resumed from if there."""
-    logger, device = run_logger(), resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     # the whole data set lives on the device; batches are index slices, not a DataLoader
-    data = [torch.from_numpy(a).to(device) for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val)]
-    members, fits = [], []
-    for i, cell in enumerate(cfg.member_cells):
-        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
-        if i == 0 and first is not None:
-            logger.info("%s%s trained by --auto, kept", who, cell)
-            model, result = first.forecaster.members[0], first.fit
-        else:
-            logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, len(data[0]),
-                        len(data[2]))
-            ckpt = open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, who)
-            model, result = train_member(cell, cfg, cfg.seed + i, device, *data, checkpoint=ckpt)
-            logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who,
-                        result.best_epoch, len(result.history), result.best_val_loss, result.train_seconds,
-                        result.samples_per_second)
-        members.append(model.cpu())
-        fits.append(result)
+    x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
+                              for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
+    batches = Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
+                      lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)))
+    members, fits = train_members(cfg, device, batches, first, checkpoints)
     meta = {"lookback": cfg.lookback, "value_column": series.value_column,
             "covariate_columns": series.covariate_columns, "frequency": series.freq,
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
     return Trained(ForecastPipeline(members, windows.chain, meta), fits, device)
 
 
-def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, x_tr, y_tr, x_va, y_va,
+def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
+                first: Trained | None = None, checkpoints: Path | None = None) -> Trained:
+    """One global network (or ``--ensemble`` of them) on the windows of every series: the series
+    live on the device end to end, each batch of windows is gathered there by index and
+    normalised window by window (``rnn_models.panel``), never materialised all at once."""
+    device = resolve_device(cfg.device)
+    data = Panel.from_series(panel.values, panel.ids, device=device)
+    L, H = cfg.lookback, cfg.horizon
+    train = PanelWindows(data, L, H, *split.part("train"), stride=cfg.stride)
+    val = PanelWindows(data, L, H, *split.part("val"))
+    batches = Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
+                      lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)))
+    members, fits = train_members(cfg, device, batches, first, checkpoints)
+    meta = {"lookback": L, "value_column": panel.value_column, "covariate_columns": [],
+            "id_column": panel.id_column, "time_column": panel.time_column, "series": len(panel),
+            "frequency": panel.freq, "season_length": panel.season_length, "trained_on": panel.source,
+            "data_sha256": panel.sha256}
+    return Trained(ForecastPipeline(members, chain, meta), fits, device)
+
+
+def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: Trained | None,
+                  checkpoints: Path | None) -> tuple[list[Forecaster], list[FitResult]]:
+    """Each ensemble member in turn (seed + i), on the CPU once trained."""
+    logger, members, fits = run_logger(), [], []
+    for i, cell in enumerate(cfg.member_cells):
+        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
+        if i == 0 and first is not None:
+            logger.info("%s%s trained by --auto, kept", who, cell)
+            model, result = first.forecaster.members[0], first.fit
+        else:
+            logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, *batches.sizes)
+            ckpt = open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, who)
+            model, result = train_member(cell, cfg, cfg.seed + i, device, batches, checkpoint=ckpt)
+            logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who,
+                        result.best_epoch, len(result.history), result.best_val_loss, result.train_seconds,
+                        result.samples_per_second)
+        members.append(model.cpu())
+        fits.append(result)
+    return members, fits
+
+
+def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,
                  checkpoint: Checkpoint | None = None) -> tuple[Forecaster, FitResult]:
-    """One network of the config's shape with ``cell``, trained on device-resident windows."""
-    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=x_tr.shape[2], quantiles=cfg.quantile_levels)
+    """One network of the config's shape with ``cell``, trained on ``batches``."""
+    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=batches.input_size,
+                        quantiles=cfg.quantile_levels)
     with init_lock():
         seed_everything(seed)
         model = Forecaster(model_cfg).to(device)
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     objective = PinballObjective(cfg.quantile_levels) if cfg.quantile_levels else mse_objective
-    result = fit(model, lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                 lambda: tensor_batches(x_va, y_va, batch_size=4096), objective, tcfg, checkpoint=checkpoint)
+    result = fit(model, batches.train, batches.val, objective, tcfg, checkpoint=checkpoint)
     return model, result
 
 

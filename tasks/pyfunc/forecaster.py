@@ -5,6 +5,12 @@ Input: a DataFrame whose value column (and any covariate columns) hold the histo
 original units, at least ``lookback`` rows; only the last ``lookback`` rows are used.
 Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``, and with
 quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``).
+
+A global model (trained with ``--id-column ID``) reads many series at once: a long table with
+columns ID and the value column (and optionally the time column, by which each series' rows are
+ordered; otherwise the rows' order is the time order), and answers ``horizon`` rows per series,
+``ID, step, forecast[, q...]``, series in the order they first appear, from one batched forward
+pass. A series it never saw is forecast from its own history.
 """
 
 import mlflow
@@ -14,14 +20,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from rnn_models.forecasting import ForecastPipeline
+from rnn_models.panel import last_windows
 
 
 class RecurrentForecaster(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.pipeline = ForecastPipeline.load(context.artifacts["weights"], context.artifacts["config"])
         self.columns = [self.pipeline.meta["value_column"], *self.pipeline.meta["covariate_columns"]]
+        self.id_column = self.pipeline.meta.get("id_column")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if self.id_column:
+            return self._predict_many(model_input)
         L = self.pipeline.lookback
         missing = [c for c in self.columns if c not in model_input.columns]
         if missing:
@@ -39,6 +49,38 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         except ValueError as e:  # e.g. a value <= 0 in the history of a log-transformed model
             raise _bad_input(str(e)) from e
         return self.pipeline.to_frame(forecast)
+
+
+    def _predict_many(self, model_input: pd.DataFrame) -> pd.DataFrame:
+        """Every series of a long table in one batched call (see the module docstring)."""
+        L, id_col, value_col = self.pipeline.lookback, self.id_column, self.columns[0]
+        missing = [c for c in (id_col, value_col) if c not in model_input.columns]
+        if missing:
+            raise _bad_input(f"missing column(s) {missing}; the model reads {[id_col, value_col]} "
+                             f"(and optionally {self.pipeline.meta.get('time_column') or 'a time column'})")
+        if model_input.empty:
+            raise _bad_input("the input holds no rows")
+        codes, ids = pd.factorize(model_input[id_col].astype(str))  # series in the order they first appear
+        counts = np.bincount(codes)
+        if counts.min() < L:
+            short = ids[int(np.argmin(counts))]
+            raise _bad_input(f"series {short!r} has {counts.min()} rows; each series needs at least {L} "
+                             f"(the lookback)")
+        try:
+            values = model_input[value_col].to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise _bad_input(f"column {value_col!r} must be numeric: {e}") from e
+        time_col = self.pipeline.meta.get("time_column")
+        if time_col and time_col in model_input.columns:  # each series' rows in time order
+            order = np.argsort(model_input[time_col].to_numpy(), kind="stable")
+            values, codes = values[order], codes[order]
+        windows = last_windows(values, codes, L)  # (S, L)
+        bad = ~np.isfinite(windows).all(axis=1)
+        if bad.any():
+            raise _bad_input(f"series {ids[int(np.flatnonzero(bad)[0])]!r}: the last {L} values of "
+                             f"{value_col!r} contain a missing or infinite value")
+        forecast = self.pipeline.predict(windows[..., None])  # (S, H) or (S, H, Q)
+        return self.pipeline.to_frame(forecast, ids=pd.Index(ids, name=id_col))
 
 
 def _bad_input(message: str) -> MlflowException:

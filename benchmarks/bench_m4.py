@@ -1,0 +1,136 @@
+"""M4 Hourly: one global rnnflow network over the 414 series against the competition's figures.
+
+    .venv/bin/pip install statsforecast           # benchmark-only, for AutoETS and MSTL
+    .venv/bin/python benchmarks/bench_m4.py [--seeds 0] [--option value ...] [--no-stats]
+
+Protocol (``../shared/data/m4/README.md``): train on ``Hourly-train.csv``, forecast the next 48
+values of every series, score each series against ``Hourly-test.csv`` with the competition's
+sMAPE and MASE (MASE scaled by the in-sample error of the 24-step seasonal naive over the whole
+training part), and average over the 414 series.
+
+rnnflow is the time-series flow's own steps exactly as ``python -m flows.timeseries --id-column
+id --season-length 24 --horizon 48`` runs them (the training file is read as the flow reads a
+long-format file: its own split into train/validation/test per series, --auto, ensemble), with
+its defaults unless options are given here (``--lookback 168`` passes ``lookback=168``). The
+registered model would then be called with each series' history: here the same pipeline is
+called once, on all 414 series, in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+M4 = ROOT.parent / "shared" / "data" / "m4"
+H, M = 48, 24
+PUBLISHED = {"ES-RNN (Smyl, published)": (9.328, 0.893)}
+
+
+def read_wide(path: Path) -> tuple[list[str], list[np.ndarray]]:
+    df = pd.read_csv(path)
+    return df.iloc[:, 0].astype(str).tolist(), [row[~np.isnan(row)] for row in df.iloc[:, 1:].to_numpy(float)]
+
+
+def competition_scores(train: list[np.ndarray], test: list[np.ndarray], forecast: np.ndarray) -> tuple[float, float]:
+    """Mean over series of sMAPE (percent) and MASE (season 24), as the M4 competition scored."""
+    smapes, mases = [], []
+    for y_in, y, f in zip(train, test, forecast, strict=True):
+        smapes.append(200 * np.mean(np.abs(y - f) / (np.abs(y) + np.abs(f))))
+        mases.append(np.mean(np.abs(y - f)) / np.mean(np.abs(y_in[M:] - y_in[:-M])))
+    return float(np.mean(smapes)), float(np.mean(mases))
+
+
+def long_file(ids: list[str], train: list[np.ndarray], directory: str) -> str:
+    path = Path(directory) / "m4-hourly-train.csv"
+    pd.DataFrame({"id": np.repeat(ids, [len(v) for v in train]),
+                  "t": np.concatenate([np.arange(len(v)) for v in train]),
+                  "value": np.concatenate(train)}).to_csv(path, index=False)
+    return str(path)
+
+
+def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.ndarray, float, str]:
+    """(forecasts (414, 48), training seconds, what --auto chose) of the flow's default global model."""
+    from tasks.config import TimeSeriesConfig
+    from tasks.data import fetch_data
+    from tasks.panel import load_panel
+    from tasks.selection import train_panel_directly
+
+    cfg = TimeSeriesConfig(source="file", data=path, id_column="id", season_length=M, horizon=H, seed=seed,
+                           **options)
+    panel = load_panel(*fetch_data(path), cfg)
+    start = time.perf_counter()
+    cfg, selection, _, trained = train_panel_directly(panel, cfg)
+    seconds = time.perf_counter() - start
+    pipeline = trained.pipeline()
+    windows = np.stack([v[-cfg.lookback :] for v in panel.values])[..., None]
+    forecast = dict(zip(panel.ids, pipeline.point(pipeline.predict(windows)), strict=True))
+    return np.stack([forecast[i] for i in ids]), seconds, selection.choice if selection else "--no-auto"
+
+
+def statsforecast_models(ids: list[str], train: list[np.ndarray]) -> dict[str, np.ndarray]:
+    from statsforecast import StatsForecast
+    from statsforecast.models import MSTL, AutoETS
+
+    df = pd.DataFrame({"unique_id": np.repeat(ids, [len(v) for v in train]),
+                       "ds": np.concatenate([np.arange(len(v)) for v in train]), "y": np.concatenate(train)})
+    sf = StatsForecast(models=[AutoETS(season_length=M), MSTL(season_length=[M, 7 * M])], freq=1, n_jobs=-1)
+    out = sf.forecast(df=df, h=H).set_index("unique_id").loc[ids]
+    return {name: out[col].to_numpy().reshape(len(ids), H)
+            for name, col in (("AutoETS", "AutoETS"), ("MSTL (24, 168)", "MSTL"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
+    args, rest = p.parse_known_args()
+    options = {k.lstrip("-").replace("-", "_"): _value(v) for k, v in zip(rest[::2], rest[1::2], strict=True)}
+    ids, train = read_wide(M4 / "Hourly-train.csv")
+    _, test = read_wide(M4 / "Hourly-test.csv")
+    print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
+          f"horizon {H}, season {M}; load average {os.getloadavg()[0]:.2f}; torch threads "
+          f"{__import__('torch').get_num_threads()}; options {options or 'defaults'}")
+    rows = []
+    last = np.stack([v[-M:] for v in train])
+    rows.append(("seasonal naive", *competition_scores(train, test, np.tile(last, H // M)), ""))
+    rows.append(("naive", *competition_scores(train, test, np.repeat(np.stack([v[-1:] for v in train]), H, 1)), ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = long_file(ids, train, tmp)
+        for seed in map(int, args.seeds.split(",")):
+            forecast, seconds, choice = rnnflow(path, ids, seed, options)
+            rows.append((f"rnnflow global (seed {seed})", *competition_scores(train, test, forecast),
+                         f"{seconds:.0f} s training, --auto: {choice}"))
+    if not args.no_stats:
+        start = time.perf_counter()
+        for name, f in statsforecast_models(ids, train).items():
+            rows.append((name, *competition_scores(train, test, f), ""))
+        rows[-1] = (*rows[-1][:3], f"both: {time.perf_counter() - start:.0f} s")
+    rows += [(name, s, m, "") for name, (s, m) in PUBLISHED.items()]
+    snaive = rows[0]
+    print("\n| method | sMAPE | MASE | vs seasonal naive (sMAPE / MASE) | note |\n|---|---:|---:|---:|---|")
+    for name, s, m, note in rows:
+        print(f"| {name} | {s:.3f} | {m:.3f} | {100 * (s / snaive[1] - 1):+.1f} % / {100 * (m / snaive[2] - 1):+.1f} % "
+              f"| {note} |")
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+if __name__ == "__main__":
+    main()

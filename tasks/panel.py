@@ -1,0 +1,276 @@
+"""Many series, one global network: the steps of ``python -m flows.timeseries --id-column ID``.
+
+A long-format file (id, time, value rows; CSV or Parquet) is read into a :class:`PanelData`,
+every series regular and in time order. Each series is split at the same relative point; the
+windows of every series train one network (``rnn_models.panel``: gathered lazily, each window
+normalised by itself, so series of any scale train together); the backtest scores every
+series' test part and averages MASE and sMAPE over series, beside naive and seasonal naive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from rnn_models import metrics
+from rnn_models.windows import Split, window_origins
+from tasks import run_logger
+from tasks.config import ConfigError, TimeSeriesConfig
+from tasks.data import (
+    DataError,
+    _fill_gaps,
+    _guess_time_column,
+    _mostly_numeric,
+    _read_table,
+    _regularise,
+    _season_for,
+)
+
+if TYPE_CHECKING:
+    from rnn_models.forecasting import ForecastPipeline
+
+
+@dataclass
+class PanelData:
+    """Every usable series of a long-format file, regular and in time order."""
+
+    ids: list[str]
+    values: list[np.ndarray]  # one (T_i,) float64 array per series
+    id_column: str
+    value_column: str
+    time_column: str  # '' when the rows' order is the time order
+    source: str
+    sha256: str
+    freq: str | None
+    season_length: int
+    skipped: dict[str, int] = field(default_factory=dict)  # too-short series: id -> rows
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(v) for v in self.values], dtype=np.int64)
+
+    def frame(self) -> pd.DataFrame:
+        """The series as a long table (id, value) in time order: what the registered model reads."""
+        return pd.DataFrame({self.id_column: np.repeat(self.ids, self.lengths),
+                             self.value_column: np.concatenate(self.values)})
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
+    """Read and check a long-format file; series too short for the split are skipped and named,
+    a file where none is long enough is refused."""
+    label = cfg.data or path
+    df = _read_table(path, label)
+    id_col, time_col, value_col = _panel_columns(df, cfg, label)
+    ids = df[id_col]
+    if ids.isna().any():
+        raise DataError(f"{label}: column {id_col!r} is empty at row {int(np.flatnonzero(ids.isna())[0]) + 1}")
+    ids = ids.astype(str)
+    values = pd.to_numeric(df[value_col], errors="coerce")
+    bad = values.isna() & df[value_col].notna() & (df[value_col].astype(str).str.strip() != "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"{label}: series {ids.iloc[row]!r} (column {id_col!r}) has a non-numeric value "
+                        f"{df[value_col].iloc[row]!r} in column {value_col!r} at row {row + 1}")
+    if np.isinf(values.to_numpy(dtype=float)).any():
+        raise DataError(f"{label}: column {value_col!r} holds an infinite value")
+    table = pd.DataFrame({"id": ids, "value": values.astype(float)})
+    if time_col:
+        table["time"] = _panel_times(df[time_col], time_col, label, cfg)
+    if table["id"].nunique() == 1:
+        raise DataError(f"{label}: column {id_col!r} holds one id ({ids.iloc[0]!r}), one series: "
+                        f"drop --id-column to train on it")
+    return _series_of(table, id_col, time_col, value_col, label, sha256, cfg)
+
+
+def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, str]:
+    columns = list(df.columns)
+    for col, what in ((cfg.id_column, "id"), (cfg.time_column, "time"), (cfg.value_column, "value")):
+        if col and col not in columns:
+            raise DataError(f"{label}: no {what} column {col!r}; the columns are {columns}")
+    rest = df.drop(columns=[cfg.id_column])
+    time_col = cfg.time_column or _guess_time_column(rest)
+    if cfg.value_column:
+        return cfg.id_column, time_col, cfg.value_column
+    candidates = [c for c in rest.columns if c != time_col and _mostly_numeric(rest[c])]
+    if len(candidates) != 1:
+        raise DataError(f"{label}: cannot tell which column to forecast among {candidates or columns}; "
+                        "name it with --value-column")
+    return cfg.id_column, time_col, candidates[0]
+
+
+def _panel_times(s: pd.Series, col: str, label: str, cfg: TimeSeriesConfig) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(s):
+        if not cfg.season_length:
+            raise ConfigError(f"{label}: column {col!r} holds plain time steps, not dates, so the season is "
+                              "unknown: give --season-length (e.g. 24 for hourly data)")
+        return s
+    t = pd.to_datetime(s, errors="coerce", format="mixed")
+    if t.isna().any():
+        row = int(np.flatnonzero(t.isna().to_numpy())[0])
+        raise DataError(f"{label}: column {col!r} has a value that is not a time, {s.iloc[row]!r} at row {row + 1}")
+    return t
+
+
+def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,
+               cfg: TimeSeriesConfig) -> PanelData:
+    """Each id's rows as one regular series (sorted, gaps up to --max-gap interpolated)."""
+    logger, ids, values, freq = run_logger(), [], [], None
+    table["order"] = pd.factorize(table["id"])[0]  # series in the order they first appear
+    if time_col:
+        table = table.sort_values(["order", "time"], kind="stable")
+        dup = table.duplicated(["id", "time"])
+        if dup.any():
+            row = table[dup].iloc[0]
+            raise DataError(f"{label}: series {row['id']!r} (column {id_col!r}) has two rows at {time_col} "
+                            f"{row['time']}")
+    for sid, part in table.groupby("id", sort=False):
+        where = f"{label}: series {sid!r} (column {id_col!r})"
+        if len(part) < 2:
+            raise DataError(f"{where} has a single row; a series needs a history to forecast from")
+        if part["value"].isna().all():
+            raise DataError(f"{where} holds no values in column {value_col!r}")
+        if time_col:
+            part, f = _regularise(part[["time", "value"]], "time", where)
+            freq = freq or f
+        else:
+            part = part.assign(time=np.arange(len(part)))  # the rows' order is the time order
+        part = _fill_gaps(part.reset_index(drop=True), ["value"], "time", cfg.max_gap, where, logger)
+        ids.append(str(sid))
+        values.append(part["value"].to_numpy(dtype=np.float64))
+    season = cfg.season_length or _season_for(freq)
+    panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season)
+    return keep_long_enough(panel, cfg)
+
+
+def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
+    """The series long enough for the split and a training window; the others named in a warning."""
+    L, H = cfg.lookback, cfg.horizon
+    keep = [i for i, v in enumerate(panel.values) if _train_windows(len(v), cfg) >= 1]
+    skipped = {panel.ids[i]: len(panel.values[i]) for i in range(len(panel)) if i not in set(keep)}
+    if not keep:
+        shortest, longest = int(panel.lengths.min()), int(panel.lengths.max())
+        raise DataError(f"{panel.source}: no series is long enough for --lookback {L} + --horizon {H} + the "
+                        f"validation and test parts (the series have {shortest} to {longest} rows)")
+    if skipped:
+        named = ", ".join(f"{k} ({n} rows)" for k, n in list(skipped.items())[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        run_logger().warning("%s: skipped %d of %d series, too short for --lookback %d + --horizon %d + the "
+                             "validation and test parts: %s%s", panel.source, len(skipped), len(panel), L, H,
+                             named, more)
+    return replace(panel, ids=[panel.ids[i] for i in keep], values=[panel.values[i] for i in keep],
+                   skipped=skipped)
+
+
+def _train_windows(n: int, cfg: TimeSeriesConfig) -> int:
+    split = Split.by_fraction(n, cfg.val_size, cfg.test_size, cfg.horizon)
+    return len(window_origins(0, split.train_end, cfg.lookback, cfg.horizon, cfg.stride))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+@dataclass(frozen=True)
+class PanelSplit:
+    """Every series split at the same relative point: rows [0, train_end[i]) train,
+    [train_end[i], val_end[i]) validate, [val_end[i], n[i]) test."""
+
+    n: np.ndarray
+    train_end: np.ndarray
+    val_end: np.ndarray
+
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return {"train": (np.zeros_like(self.n), self.train_end), "val": (self.train_end, self.val_end),
+                "test": (self.val_end, self.n)}[name]
+
+    def origins(self, name: str, lookback: int, horizon: int) -> list[np.ndarray]:
+        """Each series' forecast origins in the part, every step (the backtest's origins)."""
+        return [window_origins(int(a), int(b), lookback, horizon) for a, b in zip(*self.part(name), strict=True)]
+
+
+def split_panel(panel: PanelData, cfg: TimeSeriesConfig) -> PanelSplit:
+    splits = [Split.by_fraction(len(v), cfg.val_size, cfg.test_size, cfg.horizon) for v in panel.values]
+    return PanelSplit(panel.lengths, np.array([s.train_end for s in splits], dtype=np.int64),
+                      np.array([s.val_end for s in splits], dtype=np.int64))
+
+
+# ---------------------------------------------------------------- backtest
+
+
+@dataclass
+class PanelBacktest:
+    """Per-series scores of the test part (one row per series and model) and their means."""
+
+    table: pd.DataFrame  # id, model, origins, mae, rmse, smape, mase
+    season_length: int
+    horizon: int
+
+    @property
+    def scores(self) -> dict[str, dict[str, float]]:
+        """Model -> metric -> mean over series (a series whose in-sample seasonal-naive error is 0
+        has no MASE and is left out of that mean)."""
+        means = self.table.groupby("model", sort=False)[list(METRICS)].mean()
+        return {m: {k: float(v) for k, v in row.items()} for m, row in means.iterrows()}
+
+    def markdown(self, title: str = "Backtest") -> str:
+        n = self.table["id"].nunique()
+        origins = int(self.table.groupby("id")["origins"].first().sum())
+        lines = [f"### {title}", "",
+                 f"Rolling origin over the test part of each of {n} series ({origins} origins in all, {self.horizon} "
+                 f"steps each); each measure is the mean over series; MASE scaled by each series' in-sample "
+                 f"seasonal-naive error (season {self.season_length}).", "",
+                 "| model | MAE | RMSE | sMAPE % | MASE |", "|---|---:|---:|---:|---:|"]
+        for name, s in self.scores.items():
+            lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        return "\n".join(lines)
+
+
+METRICS = ("mae", "rmse", "smape", "mase")
+
+
+def panel_windows(panel: PanelData, origins: list[np.ndarray], lookback: int) -> np.ndarray:
+    """Raw input windows (N, L, 1) ending before each origin of each series, series after series."""
+    return np.concatenate([v[o[:, None] + np.arange(-lookback, 0)[None, :]]
+                           for v, o in zip(panel.values, origins, strict=True)])[..., None]
+
+
+def backtest_panel(panel: PanelData, split: PanelSplit, pipeline: ForecastPipeline, label: str) -> PanelBacktest:
+    """The pipeline's forecasts of every test origin of every series, in one batched call,
+    scored per series beside naive and seasonal naive."""
+    origins = split.origins("test", pipeline.lookback, pipeline.horizon)
+    forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, pipeline.lookback)))
+    return score_panel(panel, split, origins, pipeline.horizon, {label: forecast})
+
+
+def score_panel(panel: PanelData, split: PanelSplit, origins: list[np.ndarray], horizon: int,
+                forecasts: dict[str, np.ndarray]) -> PanelBacktest:
+    """``forecasts``: model -> (N, H) for the origins of every series in turn."""
+    rows, at, m = [], 0, panel.season_length
+    for i, (sid, y, o) in enumerate(zip(panel.ids, panel.values, origins, strict=True)):
+        actual = y[o[:, None] + np.arange(horizon)[None, :]]
+        scale = metrics.seasonal_naive_scale(y[: split.train_end[i]], m)
+        each = {name: f[at : at + len(o)] for name, f in forecasts.items()}
+        each["naive"] = metrics.naive_forecast(y, o, horizon)
+        each["seasonal-naive"] = metrics.seasonal_naive_forecast(y, o, horizon, m)
+        rows += [{"id": sid, "model": name, "origins": len(o), **metrics.score(actual, f, scale)}
+                 for name, f in each.items()]
+        at += len(o)
+    return PanelBacktest(pd.DataFrame(rows), m, horizon)
+
+
+def per_series_csv(bt: PanelBacktest, directory: str | Path) -> Path:
+    """The per-series table as a CSV file: one row per series, one column per model and measure."""
+    wide = bt.table.pivot(index="id", columns="model", values=list(METRICS))
+    wide.columns = [f"{model}_{measure}" for measure, model in wide.columns]
+    path = Path(directory) / "per_series.csv"
+    wide.reset_index().to_csv(path, index=False)
+    return path
