@@ -27,15 +27,15 @@ class Panel:
 
     @classmethod
     def from_series(cls, series: Sequence[np.ndarray], ids: Sequence[str] | None = None,
-                    device: str | torch.device = "cpu") -> Panel:
+                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Panel:
         lengths = np.array([len(s) for s in series], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        values = (np.concatenate([np.asarray(s, dtype=np.float32) for s in series]) if len(series)
-                  else np.zeros(0, dtype=np.float32))
+        values = (np.concatenate([np.asarray(s, dtype=np.float64) for s in series]) if len(series)
+                  else np.zeros(0))
         ids = list(ids) if ids is not None else [str(i) for i in range(len(series))]
         if len(ids) != len(series):
             raise ValueError(f"{len(ids)} ids for {len(series)} series")
-        return cls(torch.from_numpy(values).to(device), torch.from_numpy(offsets).to(device),
+        return cls(torch.from_numpy(values).to(device, dtype), torch.from_numpy(offsets).to(device),
                    torch.from_numpy(lengths).to(device), ids)
 
     def __len__(self) -> int:

@@ -184,7 +184,8 @@ def _register_panel(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, 
                                 panel.value_column: np.concatenate([v[-L:] for v in panel.values[:2]])})
         windows = np.stack([v[-L:] for v in panel.values[:2]])[..., None]
         output = pipeline.to_frame(pipeline.predict(windows), ids=pd.Index(ids, name=panel.id_column))
-        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True)
+        created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True,
+                                        optional_inputs=(panel.time_column,) if panel.time_column else ())
         tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": panel.sha256,
                 "source": panel.source, "cell": ",".join(sorted(set(cfg.member_cells))), "id_column": panel.id_column,
                 "series": str(len(panel)), "lookback": str(cfg.lookback), "horizon": str(cfg.horizon),

@@ -266,17 +266,20 @@ def no_integer_hint():
 
 
 def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_example: pd.DataFrame,
-               output_example: pd.DataFrame, params: dict | None = None, lenient_inputs: bool = False) -> str:
+               output_example: pd.DataFrame, params: dict | None = None, lenient_inputs: bool = False,
+               optional_inputs: tuple[str, ...] = ()) -> str:
     """Log a model from code and register it under ``model_name``; returns the new version.
 
     ``lenient_inputs`` declares the input columns by name only (type Any): MLflow's schema
     check refuses int64 for a double column, but a history of 70, 80, 90 is a fair input; the
-    model itself converts and checks the values.
+    model itself converts and checks the values. ``optional_inputs``: columns the model reads
+    when they are sent (MLflow drops a column its signature does not name).
     """
     with no_integer_hint(), tempfile.TemporaryDirectory() as tmp:
         signature = infer_signature(input_example, output_example, params=params)
         if lenient_inputs:
-            signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns])
+            signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns]
+                                      + [ColSpec(AnyType(), c, required=False) for c in optional_inputs])
         artifacts = artifacts_dir_writer(tmp)
         info = mlflow.pyfunc.log_model(
             name="model",

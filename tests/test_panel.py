@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_models.panel import Panel, PanelObjective, PanelWindows, window_norm
+from rnn_models.forecasting import mse_objective
+from rnn_models.panel import Panel, PanelWindows, encoded_batches, window_norm
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit
-from rnn_models.transforms import WindowNorm
+from rnn_models.transforms import Chain, WindowNorm
 from rnn_models.windows import make_windows, window_origins
 
 
@@ -70,6 +71,8 @@ def test_a_global_model_learns_series_of_very_different_scales():
     val = PanelWindows(panel, L, H, np.full(3, 250), np.full(3, 300))
     torch.manual_seed(0)
     model = Forecaster(ForecasterConfig(hidden_size=16, horizon=H))
-    result = fit(model, lambda g: train.batches(32, g), lambda: val.batches(256), PanelObjective(),
+    chain = Chain([WindowNorm("last")])
+    result = fit(model, lambda g: encoded_batches(train, chain, 32, g), lambda: encoded_batches(val, chain, 256),
+                 mse_objective,
                  TrainConfig(epochs=6, lr=1e-2, patience=0, progress=False))
     assert result.best_val_loss < 0.1 * result.history[0].train_loss

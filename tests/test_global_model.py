@@ -1,0 +1,188 @@
+"""One global network over many series (``--id-column``): real Prefect flow runs (test harness),
+a real MLflow store on SQLite, the registered model over real HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.timeseries import timeseries_flow
+from rnn_models import synthetic
+from rnn_models.panel import Panel, PanelWindows, encode, last_windows
+from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, WindowNorm
+from rnn_models.windows import make_windows, window_origins
+from tasks.config import ConfigError, TimeSeriesConfig
+from tasks.data import DataError
+from tasks.panel import load_panel
+from tests.serving import invoke, served
+
+# 24 series of scales 1 to 10^4, seasons 24 and 12; s3 and s17 cut too short to train on
+TINY = dict(source="file", id_column="id", season_length=24, lookback=24, horizon=6, hidden_size=32, epochs=12,
+            batch_size=64, patience=0, ensemble=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def panel_file(tmp_path_factory):
+    df = synthetic.panel(24, 300, seed=3, min_length=200)
+    df = df[~df["id"].isin(["s3", "s17"]) | (df["t"] >= 280)]  # 20 rows: too short
+    path = tmp_path_factory.mktemp("panel") / "meters.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(panel_file, tmp_path_factory):
+    """One global model registered in its own store: (store URI, flow result)."""
+    tmp = tmp_path_factory.mktemp("global")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("RNNFLOW_CHECKPOINTS", str(tmp / "checkpoints"))
+        result = timeseries_flow(**TINY, data=str(panel_file), auto=False, window_norm="mean")
+    return uri, result
+
+
+def test_the_global_model_beats_seasonal_naive_on_the_mean_mase(trained):
+    uri, result = trained
+    scores = result["scores"]
+    assert scores["rnnflow-lstm"]["mase"] < 0.9 * scores["seasonal-naive"]["mase"], scores
+    client = MlflowClient(uri, uri)
+    run = client.get_run(result["run_id"])
+    assert run.data.params["series"] == "22" and run.data.params["skipped_series"] == "2"
+    per_series = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="per_series.csv",
+                                                                 tracking_uri=uri))
+    assert len(per_series) == 22 and {"s3", "s17"}.isdisjoint(per_series["id"])
+    skipped = mlflow.artifacts.load_text(f"runs:/{result['run_id']}/skipped.csv")
+    assert skipped.splitlines() == ["id,rows", "s3,20", "s17,20"]
+    mean = per_series["rnnflow-lstm_mase"].mean()
+    assert mean == pytest.approx(run.data.metrics["test_mase"], rel=1e-9)
+
+
+def test_predict_answers_every_series_of_a_request_in_order_and_an_unseen_one(trained, panel_file):
+    uri, _ = trained
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/meters-forecaster@champion")
+    df = pd.read_csv(panel_file)
+    # each series' rows backwards in time: the time column puts them in order
+    request = pd.concat([df[df["id"] == i].iloc[::-1] for i in ("s5", "s0", "s9")])
+    unseen = pd.DataFrame({"id": "new", "t": np.arange(48), "value": 500 + 100 * np.sin(np.arange(48) * np.pi / 12)})
+    out = model.predict(pd.concat([request, unseen]))
+    assert list(out.columns) == ["id", "step", "forecast"]
+    assert out["id"].tolist() == [i for i in ("s5", "s0", "s9", "new") for _ in range(6)]  # as first seen
+    assert out["step"].tolist() == list(range(1, 7)) * 4 and np.isfinite(out["forecast"]).all()
+    # one series asked alone is forecast the same as among others: one batched pass, no mixing
+    alone = model.predict(request[request["id"] == "s0"])
+    np.testing.assert_allclose(alone["forecast"], out[out["id"] == "s0"]["forecast"], rtol=1e-5)
+    new = out[out["id"] == "new"]["forecast"].to_numpy()
+    assert 300 < new.min() and new.max() < 700  # forecast from its own history, at its own scale
+
+
+def test_the_rest_server_answers_a_many_series_request(trained, panel_file):
+    uri, _ = trained
+    df = pd.read_csv(panel_file)
+    request = df[df["id"].isin(["s1", "s2"])][["id", "value"]]
+    with served("models:/meters-forecaster@champion", uri) as base:
+        status, body = invoke(base, {"dataframe_split": {"columns": ["id", "value"], "data": request.values.tolist()}})
+        assert status == 200, body
+        assert [r["id"] for r in body["predictions"]] == ["s1"] * 6 + ["s2"] * 6
+        status, body = invoke(base, {"dataframe_split": {"columns": ["id", "value"], "data": [["s1", 1.0]] * 5}})
+        assert 400 <= status < 500 and "series 's1' has 5 rows; each series needs at least 24" in body["message"]
+
+
+def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store):
+    result = timeseries_flow(**{**TINY, "epochs": 2, "ensemble": 2, "quantiles": "0.1,0.9"}, data=str(panel_file),
+                             model_name="meters-q")
+    assert "auto_choice" in MlflowClient().get_run(result["run_id"]).data.params  # --auto ran on the panel
+    model = mlflow.pyfunc.load_model("models:/meters-q@champion")
+    df = pd.read_csv(panel_file)
+    out = model.predict(df[df["id"].isin(["s0", "s1"])])
+    assert list(out.columns) == ["id", "step", "forecast", "q0.1", "q0.5", "q0.9"] and len(out) == 12
+    assert (out["q0.1"] <= out["q0.5"]).all() and (out["q0.5"] <= out["q0.9"]).all()
+
+
+# ---------------------------------------------------------------- the pieces
+
+
+def test_lazy_encoded_windows_equal_the_materialised_numpy_chain():
+    rng = np.random.default_rng(0)
+    series = [np.exp(rng.normal(size=n).cumsum() * 0.1) * scale for n, scale in ((80, 1.0), (50, 300.0))]
+    L, H = 30, 5
+    windows = PanelWindows(Panel.from_series(series, dtype=torch.float64), L, H, np.zeros(2, int), np.array([80, 50]))
+    x, y = windows.gather(torch.arange(len(windows)))
+    expected_x = np.concatenate([make_windows(s[:, None], s, window_origins(0, len(s), L, H), L, H, np.float64)[0]
+                                 for s in series])
+    np.testing.assert_array_equal(x.numpy(), expected_x[..., 0])
+    for steps in ([WindowNorm("last")], [WindowNorm("mean"), Baseline(12)], [Log(), Difference(12), WindowNorm()],
+                  [Scale(np.array([2.0]), np.array([3.0])), Baseline(1)]):
+        chain = Chain(steps)
+        want_x, want_y, _ = chain.encode(x.numpy()[..., None], y.numpy())
+        got_x, got_y = encode(chain, x, y)
+        np.testing.assert_allclose(got_x.numpy(), want_x, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got_y.numpy(), want_y, rtol=1e-9, atol=1e-12)
+
+
+def test_last_windows_takes_each_series_own_tail():
+    values = np.array([1, 10, 2, 20, 3, 30, 4], dtype=float)
+    codes = np.array([0, 1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(last_windows(values, codes, 2), [[3, 4], [20, 30]])
+
+
+# ---------------------------------------------------------------- bad input
+
+def _csv(tmp, text: str):
+    path = tmp / "bad.csv"
+    path.write_text(text)
+    return str(path)
+
+
+def _rows(ids, n=300):
+    return "".join(f"{i},{t},{(t % 24) + 10}\n" for i in ids for t in range(n))
+
+
+BAD = {
+    "missing id column": ("t,value\n" + "".join(f"{t},{t}\n" for t in range(300)), DataError,
+                          r"bad\.csv: no id column 'id'; the columns are \['t', 'value'\]"),
+    "non-numeric value": ("id,t,value\n" + _rows("ab") + "c,0,1\nc,1,x\n", DataError,
+                          r"series 'c' \(column 'id'\) has a non-numeric value 'x' in column 'value' at row 602"),
+    "duplicate time": ("id,t,value\n" + _rows("ab") + "a,5,1\n", DataError,
+                       r"series 'a' \(column 'id'\) has two rows at t 5"),
+    "one-row series": ("id,t,value\n" + _rows("ab") + "z,0,1\n", DataError,
+                       r"series 'z' \(column 'id'\) has a single row"),
+    "one series": ("id,t,value\n" + _rows("a"), DataError, r"column 'id' holds one id \('a'\), one series: drop --id-column"),
+    "none long enough": ("id,t,value\n" + _rows("ab", 20), DataError, r"no series is long enough for --lookback 24"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_panel_input_is_one_line_naming_the_id_and_column(case, tmp_path):
+    text, error, pattern = BAD[case]
+    cfg = TimeSeriesConfig(**{**TINY, "data": _csv(tmp_path, text)})
+    with pytest.raises(error, match=pattern):
+        load_panel(cfg.data, "", cfg)
+
+
+def test_integer_time_steps_need_a_season_and_options_that_fit_many_series(tmp_path):
+    cfg = TimeSeriesConfig(**{**TINY, "season_length": 0, "data": _csv(tmp_path, "id,t,value\n" + _rows("ab"))})
+    with pytest.raises(ConfigError, match=r"column 't' holds plain time steps, not dates, .*give --season-length"):
+        load_panel(cfg.data, "", cfg)
+    with pytest.raises(ConfigError, match="--covariate-columns cannot be used with --id-column"):
+        TimeSeriesConfig(**TINY, data="x.csv", covariate_columns="temp")
+    with pytest.raises(ConfigError, match="--id-column needs --source file"):
+        TimeSeriesConfig(id_column="id")
+
+
+def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path):
+    data = _csv(tmp_path, "id,t,value\n" + _rows("ab") + "a,5,1\n")
+    out = subprocess.run([sys.executable, "-m", "flows.timeseries", "--source", "file", "--data", data,
+                          "--id-column", "id", "--season-length", "24"], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"error: {data}: series 'a' (column 'id') has two rows at t 5"
+    assert "Traceback" not in out.stderr and not (tmp_path / "m.db").exists()
