@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
     args, rest = p.parse_known_args()
-    options = {k.lstrip("-").replace("-", "_"): _value(v) for k, v in zip(rest[::2], rest[1::2], strict=True)}
+    options = parse_options(rest)
     ids, train = read_wide(M4 / "Hourly-train.csv")
     _, test = read_wide(M4 / "Hourly-test.csv")
     print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
@@ -123,13 +123,15 @@ def main() -> None:
               f"| {note} |")
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+def parse_options(rest: list[str]) -> dict:
+    """``--name value`` pairs as the flow's fields, read by the flow's own rule (``parse_value``)."""
+    import typing
+
+    from tasks.config import TimeSeriesConfig, parse_value
+
+    hints = typing.get_type_hints(TimeSeriesConfig)
+    names = [k.lstrip("-").replace("-", "_") for k in rest[::2]]
+    return {k: parse_value(hints[k], v, k) for k, v in zip(names, rest[1::2], strict=True)}
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ Each case (S series x T points, generated: daily seasons, scales 1 to 10^4) runs
 process, so its peak resident memory (``ru_maxrss``) is its own; on CUDA the peak is
 ``torch.cuda.max_memory_allocated`` (beside it, the process's resident memory once torch is
 imported and the series generated, before training). One epoch is every training window of every series (the
-first 70 % of each series, the validation part at least a horizon, lookback 24, horizon 48, stride 1, window-norm last), one step per
+first 70 % of each series, the validation part at least a horizon; horizon 48, stride 1,
+window-norm last; by default the global model's settings for hourly data: a lookback of 168
+read 24 steps per recurrent step), one step per
 batch, then the validation windows (the next 10 %): what ``python -m flows.timeseries
 --id-column`` does per epoch with these options, the moving average (--ema 0.98) included.
 The "materialised" column is what the same windows would take as one float32 array
@@ -31,7 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-L, H = 24, 48
+H = 48
 
 
 def generate(series: int, length: int, seed: int = 0) -> list[np.ndarray]:
@@ -43,7 +45,7 @@ def generate(series: int, length: int, seed: int = 0) -> list[np.ndarray]:
     return list(values.astype(np.float32))
 
 
-def one_case(series: int, length: int, device: str, batch_size: int, epochs: int) -> dict:
+def one_case(series: int, length: int, device: str, batch_size: int, epochs: int, L: int, patch: int) -> dict:
     import torch
 
     from rnn_models.forecasting import mse_objective
@@ -63,7 +65,7 @@ def one_case(series: int, length: int, device: str, batch_size: int, epochs: int
     val = PanelWindows(panel, L, H, np.full(series, train_end), np.full(series, val_end))
     chain = Chain([WindowNorm("last")])
     torch.manual_seed(0)
-    model = Forecaster(ForecasterConfig(hidden_size=64, horizon=H)).to(device)
+    model = Forecaster(ForecasterConfig(hidden_size=64, horizon=H, patch=patch)).to(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -76,7 +78,7 @@ def one_case(series: int, length: int, device: str, batch_size: int, epochs: int
     return {"case": f"{series}x{length}", "device": device, "batch": batch_size, "train_windows": len(train),
             "val_windows": len(val), "seconds_per_epoch": seconds, "windows_per_s": result.samples_per_second,
             "peak_mib": peak, "rss_before_training_mib": rss_data,
-            "materialised_mib": (len(train) + len(val)) * (L + H) * 4 / 2**20, "val_loss": result.best_val_loss,
+            "materialised_mib": (len(train) + len(val)) * (L + H) * 4 / 2**20, "lookback": L, "patch": patch, "val_loss": result.best_val_loss,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else "", "threads": torch.get_num_threads()}
 
 
@@ -86,25 +88,29 @@ def main() -> None:
     p.add_argument("--devices", default="cpu,cuda")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lookback", type=int, default=168)
+    p.add_argument("--patch", type=int, default=24)
     p.add_argument("--json", default="", help="also append each row to this JSON-lines file")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # SxT@device: run one case in this process
     args = p.parse_args()
     if args.one:
         case, device = args.one.split("@")
         s, t = map(int, case.split("x"))
-        print(json.dumps(one_case(s, t, device, args.batch_size, args.epochs)))
+        print(json.dumps(one_case(s, t, device, args.batch_size, args.epochs, args.lookback, args.patch)))
         return
     import torch
 
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
-    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; lookback {L}, horizon {H}, LSTM 64, "
+    print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; lookback {args.lookback}, patch "
+          f"{args.patch}, horizon {H}, LSTM 64, "
           f"batch {args.batch_size}, {args.epochs} epoch(s) per case")
     print("\n| series x points | device | train windows | s / epoch | windows/s | peak memory MiB | "
           "process before training MiB | materialised windows MiB |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for device in devices:
         for case in args.cases.split(","):
             out = subprocess.run([sys.executable, __file__, "--one", f"{case}@{device}", "--batch-size",
-                                  str(args.batch_size), "--epochs", str(args.epochs)], capture_output=True, text=True)
+                                  str(args.batch_size), "--epochs", str(args.epochs), "--lookback", str(args.lookback),
+                                  "--patch", str(args.patch)], capture_output=True, text=True)
             if out.returncode:
                 print(f"| {case} | {device} | failed: {out.stderr.strip().splitlines()[-1]} |")
                 continue

@@ -111,6 +111,12 @@ def mse_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
     return torch.nn.functional.mse_loss(model(x).float(), y), len(x)
 
 
+def mae_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
+    """Mean absolute error in network units: learns the median, as sMAPE and MASE reward."""
+    x, y = batch  # (B, L, F), (B, H)
+    return torch.nn.functional.l1_loss(model(x).float(), y), len(x)
+
+
 class PinballObjective:
     """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
 

@@ -3,7 +3,7 @@ a direct multi-step forecaster and a character language model."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ class Recurrent(nn.Module):
 class ForecasterConfig(RecurrentConfig):
     horizon: int = 1
     quantiles: tuple[float, ...] = ()  # empty: one point forecast per step
+    patch: int = 1  # input steps read per recurrent step (segments of the window, as SegRNN does)
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,11 +96,14 @@ class Forecaster(nn.Module):
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Recurrent(cfg)
+        self.encoder = Recurrent(replace(cfg, input_size=cfg.input_size * cfg.patch))
         self.head = nn.Linear(self.encoder.output_size, cfg.horizon * max(len(cfg.quantiles), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (B, L, F) -> (B, H) or (B, H, Q)
+        if self.cfg.patch > 1:  # (B, L, F) -> (B, L // P, P * F): the oldest L % P steps are left out
+            P = self.cfg.patch
+            x = x[:, x.shape[1] % P :].reshape(x.shape[0], -1, P * x.shape[2])
         _, state = self.encoder(x)
         h = last_hidden(state)[-self.encoder.directions :]  # last layer, every direction: (dirs, B, Hd)
         h = h.transpose(0, 1).reshape(x.shape[0], -1)  # (B, dirs*Hd)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -38,6 +38,7 @@ WINDOW_NORMS = ("none", "last", "mean")
 BASELINES = ("none", "naive", "seasonal-naive")
 TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 DEVICES = ("auto", "cpu", "cuda")
+LOSSES = ("auto", "mse", "mae")
 
 
 @dataclass
@@ -89,7 +90,8 @@ class SeriesOptions:
 class WindowOptions:
     """How the series is split, transformed and cut into windows."""
     title = "windows and transforms"  # its group in --help (not a field: no annotation)
-    lookback: int = option(24, "input window length L")
+    lookback: int = option(0, "input window length L; 0 = 24 for one series, 7 seasons with --id-column (a week "
+                           "of hourly data)")
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
     stride: int = option(1, "step between training windows")
     val_size: float = option(0.1, "fraction of the series (after train) for validation / early stopping")
@@ -112,6 +114,9 @@ class WindowOptions:
 class ForecasterOptions(ModelOptions):
     """The forecaster's own model options: quantiles and ensemble."""
     bidirectional: bool = option(False, "read the input window both ways")
+    patch: int = option(0, "input steps the network reads per recurrent step: the window in segments of P steps "
+                        "(SegRNN), so a long lookback costs L/P steps; 0 = 1 for one series, the season with "
+                        "--id-column")
     quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
                             "q<level> column each beside forecast (the median, always included)")
     ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
@@ -123,6 +128,9 @@ class ForecasterTraining(TrainingOptions):
     """The forecaster's own training options: the moving average and the learning-rate plateau."""
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
+    loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
+                       "MASE reward); auto = mse for one series, mae with --id-column; with --quantiles: pinball",
+                       LOSSES)
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
 
@@ -145,8 +153,12 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     """The time-series flow's parameters, options and MLflow params: composed of the pieces above."""
 
     def __post_init__(self):
-        check_common(self, positive=("lookback", "horizon", "stride", "length", "ensemble"),
-                     non_negative=("max_gap", "season_length", "lr_patience"), fractions=("val_size", "test_size"))
+        check_common(self, positive=("horizon", "stride", "length", "ensemble"),
+                     non_negative=("lookback", "patch", "max_gap", "season_length", "lr_patience"),
+                     fractions=("val_size", "test_size"))
+        if not self.panel:  # one series: the automatic settings need no data
+            self.lookback, self.patch = self.lookback or 24, self.patch or 1
+            self.loss = "mse" if self.loss == "auto" else self.loss
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
         if self.source == "file" and not self.data:
@@ -177,6 +189,15 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         if self.transform == "log" or self.difference != "none":
             raise ConfigError(f"--id-column takes no --transform or --difference (got {self.transform}, "
                               f"{self.difference}); --window-norm and --baseline make series comparable")
+
+    def settled(self, season_length: int) -> TimeSeriesConfig:
+        """The config with --id-column's automatic --lookback and --patch, once the season is
+        known: a lookback of 7 seasons (a week of hourly or daily data), read a season per step,
+        and the absolute error as the loss."""
+        m = season_length if season_length > 1 else 0
+        lookback = self.lookback or (7 * m if m else 24)
+        patch = self.patch or (m if m and lookback % m == 0 else 1)
+        return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss)
 
     @property
     def panel(self) -> bool:

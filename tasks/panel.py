@@ -149,7 +149,7 @@ def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, 
         values.append(part["value"].to_numpy(dtype=np.float64))
     season = cfg.season_length or _season_for(freq)
     panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season)
-    return keep_long_enough(panel, cfg)
+    return keep_long_enough(panel, cfg.settled(season))
 
 
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:

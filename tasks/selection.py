@@ -174,7 +174,7 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
 def train_panel_directly(panel: PanelData, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
     """``train_directly`` for a global model over many series: returns (settled config,
     selection or None, split, trained)."""
-    s = steps or PLAIN_STEPS
+    s, cfg = steps or PLAIN_STEPS, cfg.settled(panel.season_length)
     selection = None
     if cfg.auto:
         cfg, selection = s.choose_panel_settings(panel, cfg, checkpoints and checkpoints / "auto")

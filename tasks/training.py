@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.forecasting import ForecastPipeline, PinballObjective, mse_objective
+from rnn_models.forecasting import ForecastPipeline, PinballObjective, mae_objective, mse_objective
 from rnn_models.generation import complete
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
@@ -162,7 +162,8 @@ def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batch
         seed_everything(seed)
         model = Forecaster(model_cfg).to(device)
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
-    objective = PinballObjective(cfg.quantile_levels) if cfg.quantile_levels else mse_objective
+    objective = (PinballObjective(cfg.quantile_levels) if cfg.quantile_levels
+                 else mae_objective if cfg.loss == "mae" else mse_objective)
     result = fit(model, batches.train, batches.val, objective, tcfg, checkpoint=checkpoint)
     return model, result
 

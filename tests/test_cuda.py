@@ -20,11 +20,11 @@ import torch
 
 from rnn_models.forecasting import ForecastPipeline, mse_objective
 from rnn_models.generation import complete
-from rnn_models.panel import Panel, PanelObjective, PanelWindows
+from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig, Recurrent, RecurrentConfig
 from rnn_models.text import LanguageModelLoss, Vocab, normalize, random_batches, save_charlm, sequential_batches
 from rnn_models.training import TrainConfig, autocast, fit, resolve_device, tensor_batches
-from rnn_models.transforms import Chain, Scale
+from rnn_models.transforms import Chain, Scale, WindowNorm
 from rnn_models.windows import make_windows, window_origins
 
 pytestmark = [pytest.mark.cuda,
@@ -207,8 +207,10 @@ def _case(name: str):
         panel = Panel.from_series([np.sin(np.arange(400) / 3.0) * (i + 1) for i in range(20)], device="cuda")
         train = PanelWindows(panel, 24, 4, np.zeros(20, int), np.full(20, 300))
         val = PanelWindows(panel, 24, 4, np.full(20, 300), np.full(20, 400))
-        return (Forecaster(ForecasterConfig(hidden_size=32, horizon=4)), lambda g: train.batches(64, g),
-                lambda: val.batches(4096), PanelObjective(), -(-len(train) // 64))
+        chain = Chain([WindowNorm("last")])
+        return (Forecaster(ForecasterConfig(hidden_size=32, horizon=4, patch=4)),
+                lambda g: encoded_batches(train, chain, 64, g), lambda: encoded_batches(val, chain, 4096), None,
+                -(-len(train) // 64))
     vocab, train, val = _corpus(40_000)
     train, val = train.cuda(), val.cuda()
     sampler = random_batches if name == "charlm-random" else sequential_batches

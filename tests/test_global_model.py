@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from flows.timeseries import timeseries_flow
 from rnn_models import synthetic
 from rnn_models.panel import Panel, PanelWindows, encode, last_windows
+from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, WindowNorm
 from rnn_models.windows import make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
@@ -186,3 +187,21 @@ def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path):
     assert out.returncode == 1, out.stderr
     assert out.stderr.strip().splitlines()[-1] == f"error: {data}: series 'a' (column 'id') has two rows at t 5"
     assert "Traceback" not in out.stderr and not (tmp_path / "m.db").exists()
+
+
+def test_a_patched_forecaster_reads_its_window_in_segments():
+    torch.manual_seed(0)
+    patched = Forecaster(ForecasterConfig(hidden_size=8, horizon=3, patch=4))
+    plain = Forecaster(ForecasterConfig(hidden_size=8, horizon=3, input_size=4))
+    plain.load_state_dict(patched.state_dict())
+    x = torch.randn(5, 18, 1)  # 18 = 4 segments of 4, the oldest 2 steps left out
+    torch.testing.assert_close(patched(x), plain(x[:, 2:].reshape(5, 4, 4)))
+
+
+def test_many_series_default_to_a_week_read_a_day_per_step():
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id")
+    assert (cfg.lookback, cfg.patch) == (0, 0)
+    assert (cfg.settled(24).lookback, cfg.settled(24).patch, cfg.settled(24).loss) == (168, 24, "mae")
+    assert (cfg.settled(1).lookback, cfg.settled(1).patch) == (24, 1)
+    one = TimeSeriesConfig()
+    assert (one.lookback, one.patch, one.loss) == (24, 1, "mse")  # one series: as before
