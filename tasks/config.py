@@ -126,6 +126,7 @@ class ForecasterOptions(ModelOptions):
 @dataclass
 class ForecasterTraining(TrainingOptions):
     """The forecaster's own training options: the moving average and the learning-rate plateau."""
+    batch_size: int = option(0, "windows per gradient step; 0 = 32 for one series, 256 with --id-column")
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
     loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
@@ -153,12 +154,12 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     """The time-series flow's parameters, options and MLflow params: composed of the pieces above."""
 
     def __post_init__(self):
-        check_common(self, positive=("horizon", "stride", "length", "ensemble"),
-                     non_negative=("lookback", "patch", "max_gap", "season_length", "lr_patience"),
-                     fractions=("val_size", "test_size"))
         if not self.panel:  # one series: the automatic settings need no data
-            self.lookback, self.patch = self.lookback or 24, self.patch or 1
+            self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
             self.loss = "mse" if self.loss == "auto" else self.loss
+        check_common(self, positive=("horizon", "stride", "length", "ensemble"),
+                     non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience"),
+                     fractions=("val_size", "test_size"))
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
         if self.source == "file" and not self.data:
@@ -193,11 +194,12 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     def settled(self, season_length: int) -> TimeSeriesConfig:
         """The config with --id-column's automatic --lookback and --patch, once the season is
         known: a lookback of 7 seasons (a week of hourly or daily data), read a season per step,
-        and the absolute error as the loss."""
+        the absolute error as the loss, and batches of 256 windows (there are many)."""
         m = season_length if season_length > 1 else 0
         lookback = self.lookback or (7 * m if m else 24)
         patch = self.patch or (m if m and lookback % m == 0 else 1)
-        return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss)
+        return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
+                       batch_size=self.batch_size or 256)
 
     @property
     def panel(self) -> bool:
@@ -303,7 +305,7 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
     experiment: str = option("charlm-training", "MLflow experiment")
 
     def __post_init__(self):
-        check_common(self, positive=("num_steps", "embedding_dim", "sample_chars"),
+        check_common(self, positive=("batch_size", "num_steps", "embedding_dim", "sample_chars"),
                      non_negative=("sample_every", "top_k"), fractions=("val_fraction",))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature must be 0 or more, got {self.temperature}")
@@ -334,7 +336,7 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)}: {getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
-    for name in ("epochs", "batch_size", "hidden_size", "num_layers", *positive):
+    for name in ("epochs", "hidden_size", "num_layers", *positive):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
     for name in ("patience", *non_negative):

@@ -15,10 +15,10 @@ import torch
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split, window_origins
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
-from tasks.data import Series, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES, Series, fetch_data, read_series
 from tasks.evaluation import forecast_with, run_backtest
 from tasks.features import split_series
-from tasks.panel import PanelData, PanelSplit, score_panel
+from tasks.panel import PanelData, PanelSplit, load_panel, score_panel, split_panel
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus
 
@@ -31,6 +31,7 @@ class EvalData:
     description: str
     cfg: TimeSeriesConfig | CharLMFlowConfig
     series: Series | None = None
+    panel: PanelData | None = None  # a global model's many series
     val_text: str = ""
 
 
@@ -50,6 +51,11 @@ def kind_of(version) -> str:
 def evaluation_data(version) -> EvalData:
     """The test series (forecaster) or validation text (char LM) of ``version``'s training run."""
     kind, params = kind_of(version), client().get_run(version.run_id).data.params
+    if kind == "forecaster" and params.get("id_column"):
+        cfg = config_from_params(TimeSeriesConfig, params)
+        panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+        return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} (v{version.version}'s data)",
+                        cfg, panel=panel)
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
         series = read_series(cfg)
@@ -93,6 +99,11 @@ def score(version, data: EvalData) -> float:
     if kind_of(version) != data.kind:
         raise RegistryError(f"v{version.version} is a {kind_of(version)}, the data is for a {data.kind}")
     uri = f"models:/{version.name}/{version.version}"
+    if data.panel is not None:
+        cfg, panel = data.cfg, data.panel
+        split = split_panel(panel, cfg)
+        return backtest_registered_panel(uri, panel, split, split.origins("test", cfg.lookback, cfg.horizon),
+                                         cfg.horizon)
     if data.kind == "forecaster":
         cfg, series = data.cfg, data.series
         split = split_series(series, cfg)

@@ -204,4 +204,16 @@ def test_many_series_default_to_a_week_read_a_day_per_step():
     assert (cfg.settled(24).lookback, cfg.settled(24).patch, cfg.settled(24).loss) == (168, 24, "mae")
     assert (cfg.settled(1).lookback, cfg.settled(1).patch) == (24, 1)
     one = TimeSeriesConfig()
-    assert (one.lookback, one.patch, one.loss) == (24, 1, "mse")  # one series: as before
+    assert (one.lookback, one.patch, one.loss, one.batch_size) == (24, 1, "mse", 32)  # one series: as before
+    assert cfg.settled(24).batch_size == 256
+
+
+def test_a_registered_global_model_scores_again_as_it_scored_in_its_run(trained):
+    from tasks.reevaluate import evaluation_data, score
+
+    uri, result = trained
+    mlflow.set_tracking_uri(uri)
+    version = MlflowClient(uri, uri).get_model_version("meters-forecaster", result["version"])
+    data = evaluation_data(version)  # the series rebuilt from the run's params, as promote and compare do
+    assert len(data.panel) == 22
+    assert score(version, data) == pytest.approx(result["scores"]["rnnflow-lstm"]["mase"], rel=1e-5)
