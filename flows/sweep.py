@@ -187,9 +187,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="parallel trials (threads or local Dask workers)")
     g.add_argument("--dask-address", default="", help="an existing Dask scheduler, e.g. tcp://host:8786")
     g.add_argument("--id-column", default="", help="long-format --data: one model per value of this column, "
-                   "registered as NAME-<id>")
+                   "registered as NAME-<id> (one global model over every series: python -m flows.timeseries "
+                   "--id-column)")
     t = p.add_argument_group("time-series options (any may be a comma-separated list)")
     for f in fields(TimeSeriesConfig):
+        if f.name == "id_column":  # here --id-column means one model per series (above)
+            continue
         t.add_argument(flag(f.name), dest=f.name, default=None, metavar="V[,V...]", help=f.metadata.get("help"))
     return p
 

@@ -28,6 +28,7 @@ from tasks.data import (
     _read_table,
     _regularise,
     _season_for,
+    _times,
 )
 
 if TYPE_CHECKING:
@@ -109,16 +110,10 @@ def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple
 
 
 def _panel_times(s: pd.Series, col: str, label: str, cfg: TimeSeriesConfig) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(s):
-        if not cfg.season_length:
-            raise ConfigError(f"{label}: column {col!r} holds plain time steps, not dates, so the season is "
-                              "unknown: give --season-length (e.g. 24 for hourly data)")
-        return s
-    t = pd.to_datetime(s, errors="coerce", format="mixed")
-    if t.isna().any():
-        row = int(np.flatnonzero(t.isna().to_numpy())[0])
-        raise DataError(f"{label}: column {col!r} has a value that is not a time, {s.iloc[row]!r} at row {row + 1}")
-    return t
+    if pd.api.types.is_numeric_dtype(s) and not cfg.season_length:
+        raise ConfigError(f"{label}: column {col!r} holds plain time steps, not dates, so the season is "
+                          "unknown: give --season-length (e.g. 24 for hourly data)")
+    return _times(s, col, label)
 
 
 def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,

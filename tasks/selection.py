@@ -113,12 +113,18 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig,
         bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
         scores[name] = bt.scores[name]["mase"]
         logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
+    choice = best(scores, reasons, f"{series.source}: no --auto candidate could run on this series")
+    return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
+
+
+def best(scores: dict[str, float], reasons: dict[str, str], none_ran: str) -> str:
+    """The candidate with the lowest validation MASE; ``none_ran`` (with the reasons) if none ran."""
     finite = {k: v for k, v in scores.items() if np.isfinite(v)}
     if not finite:
-        raise DataError(f"{series.source}: no --auto candidate could run on this series: {reasons}")
+        raise DataError(f"{none_ran}: {reasons}")
     choice = min(finite, key=finite.get)
-    logger.info("--auto chose %s (validation MASE %.4f)", choice, finite[choice])
-    return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
+    run_logger().info("--auto chose %s (validation MASE %.4f)", choice, finite[choice])
+    return choice
 
 
 def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
@@ -163,11 +169,7 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
         forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, cfg.lookback)))
         scores[name] = score_panel(panel, split, origins, cfg.horizon, {name: forecast}).scores[name]["mase"]
         logger.info("--auto: %s scores mean validation MASE %.4f", name, scores[name])
-    finite = {k: v for k, v in scores.items() if np.isfinite(v)}
-    if not finite:
-        raise DataError(f"{panel.source}: no --auto candidate could run on these series: {reasons}")
-    choice = min(finite, key=finite.get)
-    logger.info("--auto chose %s (mean validation MASE %.4f)", choice, finite[choice])
+    choice = best(scores, reasons, f"{panel.source}: no --auto candidate could run on these series")
     return apply(cfg, choice), Selection(choice, scores, reasons, trained[choice])
 
 
