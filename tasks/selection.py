@@ -144,8 +144,6 @@ def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoint
     return cfg, selection, split, windows, trained
 
 
-
-
 # ---------------------------------------------------------------- many series, one network
 
 
