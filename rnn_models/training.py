@@ -301,7 +301,9 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
     reset = getattr(objective, "reset", None)
     if reset is not None and run.step == 0:
         reset()  # (resumed half-way, the objective's carried state came with the checkpoint)
-    total = torch.tensor(run.partial[0], device=cfg.device)  # summed on the device: no host sync per step
+    # summed on the device: no host sync per step; a fill and a scalar add, not a tensor built from a
+    # Python float, which is a host-to-device copy every epoch (tests/test_cuda.py counts them)
+    total = torch.zeros((), device=cfg.device) + run.partial[0]
     count = run.partial[1]
     for k, batch in enumerate(batches):
         if k < run.step:
