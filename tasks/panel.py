@@ -57,11 +57,6 @@ class PanelData:
     def lengths(self) -> np.ndarray:
         return np.array([len(v) for v in self.values], dtype=np.int64)
 
-    def frame(self) -> pd.DataFrame:
-        """The series as a long table (id, value) in time order: what the registered model reads."""
-        return pd.DataFrame({self.id_column: np.repeat(self.ids, self.lengths),
-                             self.value_column: np.concatenate(self.values)})
-
 
 # ---------------------------------------------------------------- reading
 
