@@ -50,7 +50,6 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
             raise _bad_input(str(e)) from e
         return self.pipeline.to_frame(forecast)
 
-
     def _predict_many(self, model_input: pd.DataFrame) -> pd.DataFrame:
         """Every series of a long table in one batched call (see the module docstring)."""
         L, id_col, value_col = self.pipeline.lookback, self.id_column, self.columns[0]
@@ -72,7 +71,10 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
             raise _bad_input(f"column {value_col!r} must be numeric: {e}") from e
         time_col = self.pipeline.meta.get("time_column")
         if time_col and time_col in model_input.columns:  # each series' rows in time order
-            order = np.argsort(model_input[time_col].to_numpy(), kind="stable")
+            try:
+                order = np.argsort(model_input[time_col].to_numpy(), kind="stable")
+            except TypeError as e:  # e.g. numbers and text mixed
+                raise _bad_input(f"column {time_col!r} cannot be put in order: {e}") from e
             values, codes = values[order], codes[order]
         windows = last_windows(values, codes, L)  # (S, L)
         bad = ~np.isfinite(windows).all(axis=1)
