@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from flows.timeseries import timeseries_flow
 from rnn_models import synthetic
@@ -83,6 +84,10 @@ def test_predict_answers_every_series_of_a_request_in_order_and_an_unseen_one(tr
     np.testing.assert_allclose(alone["forecast"], out[out["id"] == "s0"]["forecast"], rtol=1e-5)
     new = out[out["id"] == "new"]["forecast"].to_numpy()
     assert 300 < new.min() and new.max() < 700  # forecast from its own history, at its own scale
+    mixed = request.astype({"t": object})
+    mixed.iloc[0, mixed.columns.get_loc("t")] = "yesterday"
+    with pytest.raises(MlflowException, match="column 't' cannot be put in order"):
+        model.predict(mixed)
 
 
 def test_the_rest_server_answers_a_many_series_request(trained, panel_file):
