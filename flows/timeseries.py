@@ -65,8 +65,7 @@ def global_model(cfg: TimeSeriesConfig, steps) -> dict:
         cfg, selection, split, trained = train_panel_directly(panel, cfg, steps, checkpoints)
         label, name = cfg.label, cfg.registered_name
         bt = steps.backtest_panel(panel, split, trained.pipeline(), label)
-        origins = split.origins("test", cfg.lookback, cfg.horizon)
-        champion = steps.score_panel_champion(name, panel, split, origins, cfg.horizon, cfg.registry_retry_minutes)
+        champion = steps.score_panel_champion(name, panel, split, bt.origins, cfg.horizon, cfg.registry_retry_minutes)
         reg = steps.register_panel_forecaster(cfg, panel, split, trained, bt, label, champion, selection)
     return report(cfg, reg, bt, champion, selection, trained)
 

@@ -203,6 +203,7 @@ class PanelBacktest:
     table: pd.DataFrame  # id, model, origins, mae, rmse, smape, mase
     season_length: int
     horizon: int
+    origins: list[np.ndarray]  # each series' forecast origins, in series order
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
@@ -254,7 +255,7 @@ def score_panel(panel: PanelData, split: PanelSplit, origins: list[np.ndarray], 
         rows += [{"id": sid, "model": name, "origins": len(o), **metrics.score(actual, f, scale)}
                  for name, f in each.items()]
         at += len(o)
-    return PanelBacktest(pd.DataFrame(rows), m, horizon)
+    return PanelBacktest(pd.DataFrame(rows), m, horizon, origins)
 
 
 def per_series_csv(bt: PanelBacktest, directory: str | Path) -> Path:

@@ -51,13 +51,12 @@ def kind_of(version) -> str:
 def evaluation_data(version) -> EvalData:
     """The test series (forecaster) or validation text (char LM) of ``version``'s training run."""
     kind, params = kind_of(version), client().get_run(version.run_id).data.params
-    if kind == "forecaster" and params.get("id_column"):
-        cfg = config_from_params(TimeSeriesConfig, params)
-        panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-        return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} (v{version.version}'s data)",
-                        cfg, panel=panel)
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
+        if cfg.panel:
+            panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+            return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} "
+                            f"(v{version.version}'s data)", cfg, panel=panel)
         series = read_series(cfg)
         return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, series=series)
     cfg = config_from_params(CharLMFlowConfig, params)

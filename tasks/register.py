@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -40,22 +41,24 @@ def score_champion(name: str, series: Series, split: Split, origins: np.ndarray,
                    retry_minutes: float = 0.0) -> ChampionScore:
     """Backtest the current champion, as loaded from the registry, on the challenger's test data
     (retrying for ``retry_minutes`` while the tracking server does not answer)."""
-    return with_retries(lambda: _score_champion(name, series, split, origins, horizon), retry_minutes,
-                        "scoring the champion")
+    return _score_champion(name, lambda uri: backtest_registered(uri, series, split, origins, horizon),
+                           retry_minutes)
 
 
-def _score_champion(name: str, series: Series, split: Split, origins: np.ndarray, horizon: int) -> ChampionScore:
-    current = champion_version(name)
-    if current is None:
-        return ChampionScore(None)
-    try:  # by number, not alias: the alias may move while we score
-        return ChampionScore(str(current.version),
-                             backtest_registered(f"models:/{name}/{current.version}", series, split, origins, horizon))
-    except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
-        if unreachable(e):
-            raise
-        return ChampionScore(str(current.version), None,
-                             f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
+def _score_champion(name: str, backtest: Callable[[str], float], retry_minutes: float) -> ChampionScore:
+    """The current champion's score by ``backtest(model URI)``, or why it has none."""
+    def attempt() -> ChampionScore:
+        current = champion_version(name)
+        if current is None:
+            return ChampionScore(None)
+        try:  # by number, not alias: the alias may move while we score
+            return ChampionScore(str(current.version), backtest(f"models:/{name}/{current.version}"))
+        except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
+            if unreachable(e):
+                raise
+            return ChampionScore(str(current.version), None,
+                                 f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
+    return with_retries(attempt, retry_minutes, "scoring the champion")
 
 
 def register_forecaster(cfg: TimeSeriesConfig, series: Series, split: Split, trained: Trained, bt: Backtest,
@@ -138,19 +141,8 @@ def log_selection(selection: Selection | None) -> None:
 def score_panel_champion(name: str, panel: PanelData, split: PanelSplit, origins: list[np.ndarray], horizon: int,
                          retry_minutes: float = 0.0) -> ChampionScore:
     """``score_champion`` for a global model: the champion's mean test MASE over the series."""
-    def attempt() -> ChampionScore:
-        current = champion_version(name)
-        if current is None:
-            return ChampionScore(None)
-        try:
-            return ChampionScore(str(current.version), backtest_registered_panel(
-                f"models:/{name}/{current.version}", panel, split, origins, horizon))
-        except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
-            if unreachable(e):
-                raise
-            return ChampionScore(str(current.version), None,
-                                 f"it could not be scored on this data ({type(e).__name__}: {e})"[:300])
-    return with_retries(attempt, retry_minutes, "scoring the champion")
+    return _score_champion(name, lambda uri: backtest_registered_panel(uri, panel, split, origins, horizon),
+                           retry_minutes)
 
 
 def register_panel_forecaster(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, trained: Trained,
@@ -166,7 +158,6 @@ def _register_panel(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, 
                     bt: PanelBacktest, label: str, champion: ChampionScore, selection: Selection | None
                     ) -> Registration:
     name, pipeline, mase = cfg.registered_name, trained.pipeline(), bt.scores[label]["mase"]
-    origins = split.origins("test", cfg.lookback, cfg.horizon)
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created, tempfile.TemporaryDirectory() as tmp:
         log_training(cfg, trained, bt.scores, label, {
             "series": len(panel), "skipped_series": len(panel.skipped), "rows": int(panel.lengths.sum()),
@@ -180,10 +171,9 @@ def _register_panel(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, 
         mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
         log_selection(selection)
         ids, L = panel.ids[:2], pipeline.lookback  # the example: two series' last lookback values
-        example = pd.DataFrame({panel.id_column: np.repeat(ids, L),
-                                panel.value_column: np.concatenate([v[-L:] for v in panel.values[:2]])})
-        windows = np.stack([v[-L:] for v in panel.values[:2]])[..., None]
-        output = pipeline.to_frame(pipeline.predict(windows), ids=pd.Index(ids, name=panel.id_column))
+        tails = np.stack([v[-L:] for v in panel.values[:2]])  # (2, L)
+        example = pd.DataFrame({panel.id_column: np.repeat(ids, L), panel.value_column: tails.ravel()})
+        output = pipeline.to_frame(pipeline.predict(tails[..., None]), ids=pd.Index(ids, name=panel.id_column))
         created["version"] = log_pyfunc(name, "forecaster.py", pipeline.save, example, output, lenient_inputs=True,
                                         optional_inputs=(panel.time_column,) if panel.time_column else ())
         tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": panel.sha256,
@@ -192,7 +182,7 @@ def _register_panel(cfg: TimeSeriesConfig, panel: PanelData, split: PanelSplit, 
                 "ensemble": str(cfg.ensemble), "quantiles": ",".join(map(str, pipeline.quantiles)),
                 "transforms": pipeline.chain.describe()}
         return finish_registration(name, created["version"], mase, champion, "mean test MASE over series", tags,
-                                   rescore=lambda: score_panel_champion(name, panel, split, origins, cfg.horizon))
+                                   rescore=lambda: score_panel_champion(name, panel, split, bt.origins, cfg.horizon))
 
 
 def _source(s: str) -> str | None:
