@@ -1,7 +1,7 @@
-"""A REST scoring server for a registered model: MLflow's own scoring app (``/invocations``,
-``/ping``, the same request and response formats as ``mlflow models serve``), run by uvicorn
-with ``--workers`` processes, with a limit on the request body (413 beyond it: a 10 MB body
-would otherwise be parsed whole before the model sees its last rows).
+"""A REST scoring server for a registered model: MLflow's scoring protocol (``/invocations``,
+``/ping``, the same request and response formats as ``mlflow models serve``, answered by
+MLflow's own ``invocations`` function), run by uvicorn with ``--workers`` processes, with a
+limit on the request body (413 beyond it).
 
     python -m flows.serve NAME [--alias champion | --version N] [--port 5001] [--workers 2]
 
@@ -24,69 +24,104 @@ MAX_BODY = "RNNFLOW_SERVE_MAX_BODY_BYTES"
 
 
 def create_app():
-    """The uvicorn factory each worker calls: MLflow's scoring app for the downloaded model,
-    behind the body-size limit."""
+    """The uvicorn factory each worker calls: MLflow's scoring protocol for the downloaded model."""
     import mlflow.pyfunc
     import torch
-    from mlflow.pyfunc import scoring_server
 
     # one thread per worker: a one-series forecast is too small to split, and two workers each
     # spreading over every core fight for them (p99 under 8 clients: see docs/BENCHMARKS.md)
     torch.set_num_threads(1)
-    return BodyLimit(scoring_server.init(mlflow.pyfunc.load_model(os.environ[MODEL_PATH])),
-                     int(os.environ.get(MAX_BODY, 5 * 2**20)))
+    return ScoringApp(mlflow.pyfunc.load_model(os.environ[MODEL_PATH]), int(os.environ.get(MAX_BODY, 5 * 2**20)))
 
 
-class BodyLimit:
-    """ASGI middleware: a request whose body exceeds ``limit`` bytes (by its Content-Length, or as
-    it streams in) is answered 413 with a message, before the app reads it."""
+class ScoringApp:
+    """MLflow's scoring protocol as a bare ASGI app: ``POST /invocations`` answered by MLflow's
+    own ``scoring_server.invocations`` (the same request formats, content types, responses and
+    error bodies as ``mlflow models serve``), ``GET /ping``, ``/health`` and ``/version``, and a
+    limit on the request body (413 beyond it: a 10 MB body would otherwise be parsed whole
+    before the model sees its last rows).
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    Not MLflow's FastAPI app around that function: its per-request middleware (a timeout),
+    routing and the hop to a worker thread cost more CPU than a small model's forecast (about
+    2 ms a request against 1.4 ms), and under 8 clients on 2 cores that CPU is the latency: p99
+    53 ms with it, 23-26 ms without (docs/BENCHMARKS.md). The forecast runs in the worker's
+    event loop: a worker answers one request at a time, as its one torch thread would anyway;
+    more at once is what ``--workers`` is for. (MLflow's request timeout is not enforced here:
+    a forecast cannot be cut short in either app, only its answer dropped.)"""
+
+    def __init__(self, model, limit: int):
+        from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+        from mlflow.pyfunc import scoring_server
+        from mlflow.version import VERSION
+
+        self.model, self.limit, self.version = model, limit, VERSION.encode()
+        self.schema = model.metadata.get_input_schema()
+        self.invocations = scoring_server.invocations
+        os.environ[_MLFLOW_IS_IN_SERVING_ENVIRONMENT.name] = "true"  # as scoring_server.init sets it
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._drain(receive, int(length))
-            return await self._too_large(send)
-        seen = 0
+            return
+        path, method = scope["path"], scope["method"]
+        if path in ("/ping", "/health", "/version"):
+            if method != "GET":
+                return await _answer(send, 405, b'{"message": "use GET"}')
+            return await _answer(send, 200, self.version if path == "/version" else b"\n")
+        if path != "/invocations":
+            return await _answer(send, 404, json.dumps({"message": f"no route {path}; POST /invocations"}).encode())
+        if method != "POST":
+            return await _answer(send, 405, b'{"message": "POST a frame to /invocations"}')
+        headers = dict(scope.get("headers") or [])
+        body = await self._body(receive, headers.get(b"content-length"))
+        if body is None:
+            return await _answer(send, 413, json.dumps({
+                "error_code": "REQUEST_TOO_LARGE",
+                "message": f"the request body is over the server's limit of {self.limit:,} bytes; "
+                           f"send the last rows of the history only"}).encode())
+        status, content, mimetype = self.respond(body, headers.get(b"content-type", b"").decode("latin-1"))
+        await _answer(send, status, content, mimetype)
 
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+    def respond(self, body: bytes, content_type: str) -> tuple[int, bytes, str]:
+        """(status, content, media type) for one /invocations request, as MLflow's app answers it."""
+        from mlflow.exceptions import MlflowException
 
         try:
-            return await self.app(scope, counted, send)
-        except _TooLarge:
-            return await self._too_large(send)
+            result = self.invocations(body, content_type, self.model, self.schema)
+        except MlflowException as e:
+            return e.get_http_status_code(), e.serialize_as_json().encode(), "application/json"
+        content = result.response
+        return result.status, content.encode() if isinstance(content, str) else content, result.mimetype
 
-    async def _drain(self, receive, length: int) -> None:
-        """Read (and drop) a body that is not too far over the limit, so the client sees the 413
+    async def _body(self, receive, length: bytes | None) -> bytes | None:
+        """The request body, or None once it is over the limit (by its Content-Length, or as it
+        streams in); a body not too far over it is still read, so the client sees the 413
         rather than a connection reset while it is still sending."""
-        if length > 16 * self.limit:
-            return
+        declared = int(length) if length is not None and length.isdigit() else None
+        too_large = declared is not None and declared > self.limit
+        if too_large and declared > 16 * self.limit:
+            return None
+        chunks, seen = [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request" or not message.get("more_body"):
-                return
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            too_large = too_large or seen > self.limit
+            if not too_large:
+                chunks.append(chunk)
+            if not message.get("more_body"):
+                return None if too_large else b"".join(chunks)
 
-    async def _too_large(self, send):
-        body = json.dumps({"error_code": "REQUEST_TOO_LARGE",
-                           "message": f"the request body is over the server's limit of {self.limit:,} bytes; "
-                                      f"send the last rows of the history only"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
 
-
-class _TooLarge(Exception):
-    pass
+async def _answer(send, status: int, content: bytes, mimetype: str = "application/json") -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", mimetype.encode()), (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
 
 
 class NoDelayH11Protocol(H11Protocol):
