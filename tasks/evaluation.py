@@ -82,16 +82,11 @@ def backtest(series: Series, split: Split, origins: np.ndarray, pipeline: Foreca
 
 
 def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Series, origins: np.ndarray,
-                  horizon: int, tail: int | None = None) -> np.ndarray:
-    """Forecasts (N, H) from a served-model style ``predict(history frame) -> frame`` (e.g. the
-    champion loaded from the registry), one origin at a time as a user would call it. ``tail``:
-    send only the last ``tail`` rows of history (a model that reads its last ``lookback`` rows
-    forecasts the same from them; MLflow checks every value it is sent, so the whole history
-    made scoring a champion on a long series take seconds)."""
-    cols = [series.value_column, *series.covariate_columns]
-    frame = series.frame[cols]
-    rows = [predict(frame.iloc[max(0, o - tail) if tail else 0 : o])["forecast"].to_numpy()[:horizon]
-            for o in origins]
+                  horizon: int) -> np.ndarray:
+    """Forecasts (N, H) from a served-model style ``predict(history frame) -> frame`` (e.g. a
+    champion loaded from the registry), one origin at a time as a user would call it."""
+    frame = series.frame[[series.value_column, *series.covariate_columns]]
+    rows = [predict(frame.iloc[:o])["forecast"].to_numpy()[:horizon] for o in origins]
     return np.stack(rows)
 
 

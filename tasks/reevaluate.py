@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from rnn_models.forecasting import ForecastPipeline
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split, window_origins
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
@@ -66,11 +67,20 @@ def evaluation_data(version) -> EvalData:
 
 
 def backtest_registered(model_uri: str, series: Series, split: Split, origins, horizon: int) -> float:
-    """Test MASE of a registered forecaster, called as a user calls it, one origin at a time."""
+    """Test MASE of a registered forecaster loaded from the registry. An rnnflow forecaster
+    (tasks/pyfunc/forecaster.py) answers a history with its pipeline's forecast from the last
+    ``lookback`` rows, so every origin's window goes through that pipeline in one batch (the
+    same numbers, tests/test_flow_timeseries.py; one call per origin through MLflow's predict
+    took seconds); any other model is called as a user calls it, one origin at a time."""
     model = mlflow.pyfunc.load_model(model_uri)
-    # the registered forecaster reads the last `lookback` rows of what it is sent (tasks/pyfunc/forecaster.py)
-    lookback = getattr(getattr(model.unwrap_python_model(), "pipeline", None), "lookback", None)
-    forecasts = forecast_with(model.predict, series, origins, horizon, tail=lookback)
+    pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
+    if isinstance(pipeline, ForecastPipeline):
+        cols = [series.value_column, *series.covariate_columns]
+        values = series.frame[cols].to_numpy(dtype=np.float64)
+        windows = np.stack([values[o - pipeline.lookback : o] for o in origins])  # (N, L, F)
+        forecasts = pipeline.point(pipeline.predict(windows))[:, :horizon]
+    else:
+        forecasts = forecast_with(model.predict, series, origins, horizon)
     return run_backtest(series, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
 
 
