@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rnn_models import NonFiniteLossError  # raised here; defined without torch for the CLI
+from rnn_models import PRECISIONS, NonFiniteLossError  # defined without torch for the CLI
 from rnn_models.checkpoint import Checkpoint
 
 
@@ -34,6 +34,8 @@ class TrainConfig:
     lr_patience: int = 0  # epochs without a better validation loss before the lr is halved; 0: constant lr
     ema: float = 0.0  # per-step decay of a moving average of the weights, which is validated and kept; 0: off
     minutes: float = 0.0  # wall-clock budget: train until it is spent, the lr on a cosine over it; 0: by epochs
+    cosine: bool = False  # without a budget: the lr on a cosine over the epochs, set at each epoch's start
+    precision: str = "auto"  # the training step's, see autocast(); validation on CPU is always float32
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -45,6 +47,7 @@ class EpochStats:
     train_loss: float
     val_loss: float
     seconds: float
+    lr: float = math.nan  # the learning rate the epoch began with
 
 
 @dataclass
@@ -79,10 +82,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA (fast, no loss scaling needed); full precision on CPU."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
+    roughly doubles an LSTM's training speed; elsewhere it is emulated and slower than float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def autocast(device: str, precision: str = "auto"):
+    """The training step's precision. ``auto``: bf16 autocast on CUDA (no loss scaling needed),
+    float32 on CPU; ``bf16``: bf16 autocast on either (float32 master weights, bf16 matmuls);
+    ``fp32``: float32 throughout."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if precision == "bf16" or (precision == "auto" and kind == "cuda"):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -118,13 +132,17 @@ def fit(
             break
         t0 = time.perf_counter()
         model.train()
+        if cfg.cosine and run.budget is None:
+            for group in run.opt.param_groups:
+                group["lr"] = cfg.lr * cosine((epoch - 1) / cfg.epochs)
+        lr = run.opt.param_groups[0]["lr"]
         train_loss, n = _train_pass(run, train_batches(run.start_epoch()), checkpoint)
         run.result.samples += n
         model.eval()
         run.scored.eval()
         with torch.no_grad():
             val_loss = _eval_pass(run.scored, val_batches(), objective, cfg)
-        stats = EpochStats(epoch, train_loss, val_loss, time.perf_counter() - t0)
+        stats = EpochStats(epoch, train_loss, val_loss, time.perf_counter() - t0, lr)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         run.end_epoch(stats)
         if on_epoch is not None:
@@ -267,6 +285,11 @@ class MovingAverage:
             self.started = True
 
 
+def cosine(frac: float, floor: float = 0.1) -> float:
+    """The learning rate's factor ``frac`` of the way through a cosine schedule: 1 down to ``floor``."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
 class Budget:
     """A wall-clock training budget: sets the learning rate on a cosine from its start value
     down to ``floor`` times it as the budget is spent, and says when it is."""
@@ -287,9 +310,8 @@ class Budget:
     def step(self) -> bool:
         """After an optimizer step: update the learning rate; True once the budget is spent."""
         frac = min(self.elapsed() / self.seconds, 1.0)
-        scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * frac))
         for group, base in zip(self.opt.param_groups, self.base, strict=True):
-            group["lr"] = base * scale
+            group["lr"] = base * cosine(frac, self.floor)
         self.spent = frac >= 1.0
         return self.spent
 
@@ -308,7 +330,7 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
     for k, batch in enumerate(batches):
         if k < run.step:
             continue
-        with autocast(cfg.device):
+        with autocast(cfg.device, cfg.precision):
             loss, n = objective(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,8 +357,10 @@ def _eval_pass(model: nn.Module, batches: Iterable[Batch], objective: Objective,
         reset()
     total = torch.zeros((), device=cfg.device)
     count = 0
+    # on CPU in float32 whatever the training step ran in: the loss of the model as it is served
+    precision = cfg.precision if cfg.device.startswith("cuda") else "fp32"
     for batch in batches:
-        with autocast(cfg.device):
+        with autocast(cfg.device, precision):
             loss, n = objective(model, batch)
         total += loss.detach().float() * n
         count += n

@@ -236,10 +236,11 @@ def with_retries(fn: Callable[[], object], minutes: float, what: str):
 
 
 def log_history(history) -> None:
-    """Per-epoch losses of the active run, in one request rather than one per epoch."""
+    """Per-epoch losses (and learning rate) of the active run, in one request rather than one per epoch."""
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, s.epoch) for s in history
-               for k, v in (("train_loss", s.train_loss), ("val_loss", s.val_loss), ("epoch_seconds", s.seconds))]
+               for k, v in (("train_loss", s.train_loss), ("val_loss", s.val_loss), ("epoch_seconds", s.seconds),
+                            ("lr", s.lr)) if math.isfinite(v)]
     client().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 

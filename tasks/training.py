@@ -17,7 +17,7 @@ from rnn_models.generation import complete
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
-from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
+from rnn_models.training import FitResult, TrainConfig, fit, native_bf16_cpu, resolve_device, tensor_batches
 from rnn_models.transforms import Chain
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
@@ -220,13 +220,21 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
     result = fit(model, lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
                  lambda: sequential_batches(val, val_batch, cfg.num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
-                 project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs),
+                 project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs,
+                         cosine=True, precision=charlm_precision(cfg.precision, device)),
                  on_epoch=on_epoch, checkpoint=open_checkpoint(checkpoints, cfg, ""))
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainedLM(state, model.config_dict(), result, device, samples)
+
+
+def charlm_precision(precision: str, device: str) -> str:
+    """``auto`` on a CPU that multiplies bf16 natively is bf16 for the char LM: its LSTM trains
+    about 1.7x faster in the same minutes (docs/BENCHMARKS.md). Forecasters keep float32 on CPU:
+    their small networks gain nothing from it."""
+    return "bf16" if precision == "auto" and device == "cpu" and native_bf16_cpu() else precision
 
 
 def continue_prompts(model: CharLM, corpus: Corpus, cfg: CharLMFlowConfig) -> dict[str, str]:

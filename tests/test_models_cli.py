@@ -61,7 +61,7 @@ def test_charlm_rescoring_matches_training(mlflow_store, shared_data, tmp_path, 
     corpus.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     params = {"data": str(corpus), "hidden_size": 32, "embedding_dim": 16, "num_steps": 20, "batch_size": 16,
               "epochs": 2, "patience": 0, "sample_every": 0, "sample_chars": 10, "device": "cpu"}
-    first = charlm_flow(**params)
+    first = charlm_flow(**params, precision="bf16")  # trained in bf16, validated and served in float32
     charlm_flow(**{**params, "epochs": 1, "lr": 1e-5})
     rc, out, _ = cli(capsys, "compare", "tm-charlm", "1", "2")
     assert rc == 0 and "validation bits/char" in out

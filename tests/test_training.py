@@ -10,7 +10,7 @@ import torch
 from rnn_models import synthetic
 from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import Budget, NonFiniteLossError, TrainConfig, fit, tensor_batches
+from rnn_models.training import Budget, NonFiniteLossError, TrainConfig, autocast, cosine, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
 
 
@@ -135,3 +135,27 @@ def test_the_budget_sets_a_cosine_learning_rate_over_its_time():
         budget.start = time.perf_counter() - frac * 100.0
         assert budget.step() is (frac == 1.0)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * scale, rel=1e-3)
+
+
+def test_cosine_sets_each_epochs_learning_rate_from_the_start_value_down():
+    x_tr, y_tr, x_va, y_va = _data()
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(cell="lstm", input_size=1, hidden_size=8, horizon=2))
+    cfg = TrainConfig(epochs=4, lr=0.02, patience=0, progress=False, cosine=True)
+    result = fit(model, lambda g: tensor_batches(x_tr, y_tr, batch_size=16, generator=g),
+                 lambda: tensor_batches(x_va, y_va, batch_size=64), mse_objective, cfg)
+    assert [s.lr for s in result.history] == pytest.approx([0.02 * cosine(e / 4) for e in range(4)], rel=1e-9)
+    assert result.history[0].lr == 0.02 and result.history[-1].lr < 0.005
+    _, constant = _train(epochs=2, lr=0.02)
+    assert [s.lr for s in constant.history] == [0.02, 0.02]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("auto", torch.float32),
+                                              ("bf16", torch.bfloat16)])
+def test_precision_on_cpu(precision, dtype):
+    lstm = torch.nn.LSTM(3, 8, batch_first=True)
+    with autocast("cpu", precision):
+        out, _ = lstm(torch.randn(2, 5, 3))
+    assert out.dtype == dtype  # auto is float32 on CPU unless a flow asks for bf16 (the char LM's auto does)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        autocast("cpu", "fp16")
