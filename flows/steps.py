@@ -7,15 +7,27 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from tasks import data, evaluation, features, panel, register, registry, selection, sweep, text, training
 
-# Cached by what goes in (a file's sha256, the config) and the step's code: a scheduled run
-# whose data and config did not change reuses the persisted result instead of redoing the work.
-CONTENT = INPUTS + TASK_SOURCE
+
+def _libraries(ctx, params: dict) -> str:
+    # a persisted result is a pickle of pandas and numpy objects: one written under other versions
+    # can load as objects this pandas cannot use (pandas 3's Arrow-backed columns read by pandas 2
+    # broke the registration of a run that reused them), so a new version means new results
+    return hash_objects(np.__version__, pd.__version__, raise_on_failure=True)
+
+
+LIBRARIES = CachePolicy.from_cache_key_fn(_libraries)
+# Cached by what goes in (a file's sha256, the config), the step's code and the versions of the
+# libraries its result is made of: a scheduled run whose data and config did not change reuses
+# the persisted result instead of redoing the work.
+CONTENT = INPUTS + TASK_SOURCE + LIBRARIES
 
 
 def _by_series_content(ctx, params: dict) -> str:
@@ -24,7 +36,7 @@ def _by_series_content(ctx, params: dict) -> str:
     return hash_objects(params["series"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
 
 
-SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
+SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE + LIBRARIES
 
 
 def _transient(task, run, state) -> bool:

@@ -257,3 +257,16 @@ def test_unchanged_data_and_config_reuse_cached_ingest_and_windows(mlflow_store,
     data.write_text(data.read_text() + "400,0.5\n")  # the file changed: its hash changed
     changed = states(timeseries_flow(**params, return_state=True))
     assert changed["load-series"] == "Completed" and changed["scale-and-window"] == "Completed"
+
+
+def test_a_cached_result_is_not_reused_under_other_pandas_or_numpy_versions(monkeypatch):
+    """Persisted results are pickles of pandas/numpy objects: another version must not read them."""
+    from flows import steps
+
+    key = steps._libraries(None, {})
+    assert steps._libraries(None, {}) == key
+    monkeypatch.setattr(pd, "__version__", pd.__version__ + ".other")
+    assert steps._libraries(None, {}) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(np, "__version__", np.__version__ + ".other")
+    assert steps._libraries(None, {}) != key
