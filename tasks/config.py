@@ -264,7 +264,7 @@ class CorpusOptions:
     val_fraction: float = option(0.1, "last part of the corpus held out for validation")
     sampling: str = option("sequential", "sequential carries the state across batches (truncated BPTT); "
                            "random draws independent windows", SAMPLINGS)
-    num_steps: int = option(128, "characters per training sequence (BPTT length)")
+    num_steps: int = option(64, "characters per training sequence (BPTT length)")
 
 
 @dataclass
@@ -282,7 +282,7 @@ class CharModelOptions(ModelOptions):
 class CharTraining(TrainingOptions):
     """The char LM's training defaults, and the time budget."""
     epochs: int = option(10, "maximum epochs")
-    batch_size: int = option(64, "sequences per gradient step")
+    batch_size: int = option(32, "sequences per gradient step")
     lr: float = option(3e-3, "AdamW learning rate at the start of its cosine")
     patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
     minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
