@@ -76,7 +76,10 @@ class ScoringApp:
         if method != "POST":
             return await _answer(send, 405, b'{"message": "POST a frame to /invocations"}')
         headers = dict(scope.get("headers") or [])
-        body = await self._body(receive, headers.get(b"content-length"))
+        try:
+            body = await self._body(receive, headers.get(b"content-length"))
+        except _Disconnected:  # the client went away while sending: nobody to answer
+            return
         if body is None:
             return await _answer(send, 413, json.dumps({
                 "error_code": "REQUEST_TOO_LARGE",
@@ -99,7 +102,8 @@ class ScoringApp:
     async def _body(self, receive, length: bytes | None) -> bytes | None:
         """The request body, or None once it is over the limit (by its Content-Length, or as it
         streams in); a body not too far over it is still read, so the client sees the 413
-        rather than a connection reset while it is still sending."""
+        rather than a connection reset while it is still sending. _Disconnected if the client
+        leaves first."""
         declared = int(length) if length is not None and length.isdigit() else None
         too_large = declared is not None and declared > self.limit
         if too_large and declared > 16 * self.limit:
@@ -108,7 +112,7 @@ class ScoringApp:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return None
+                raise _Disconnected
             chunk = message.get("body", b"")
             seen += len(chunk)
             too_large = too_large or seen > self.limit
@@ -116,6 +120,10 @@ class ScoringApp:
                 chunks.append(chunk)
             if not message.get("more_body"):
                 return None if too_large else b"".join(chunks)
+
+
+class _Disconnected(Exception):
+    pass
 
 
 async def _answer(send, status: int, content: bytes, mimetype: str = "application/json") -> None:

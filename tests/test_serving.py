@@ -1,6 +1,7 @@
 """Registered models served over real HTTP by ``mlflow models serve``."""
 
 import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -89,6 +90,12 @@ def test_every_bad_request_answers_4xx_naming_it_and_the_server_goes_on(store):
         assert not wrong, wrong
         status, answer = post(base, good.encode())
         assert status == 200 and len(answer["predictions"]) == 3, answer
+
+        host, port = base.removeprefix("http://").split(":")  # a client that leaves half-way through its body
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + good.encode()[:100])
+        assert post(base, good.encode())[0] == 200
 
         with ThreadPoolExecutor(8) as pool:  # 8 clients at once, 20 requests each: all answered
             codes = list(pool.map(lambda _: post(base, good.encode())[0], range(160)))
