@@ -75,8 +75,7 @@ def backtest_registered(model_uri: str, series: Series, split: Split, origins, h
     model = mlflow.pyfunc.load_model(model_uri)
     pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
     if isinstance(pipeline, ForecastPipeline):
-        cols = [series.value_column, *series.covariate_columns]
-        values = series.frame[cols].to_numpy(dtype=np.float64)
+        values = series.features  # (T, F): the value column, then the covariates, as the pyfunc reads them
         windows = np.stack([values[o - pipeline.lookback : o] for o in origins])  # (N, L, F)
         forecasts = pipeline.point(pipeline.predict(windows))[:, :horizon]
     else:
