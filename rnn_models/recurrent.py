@@ -119,6 +119,7 @@ class CharLMConfig(RecurrentConfig):
     vocab_size: int = 0
     input: str = "embedding"  # or "onehot"
     embedding_dim: int = 64
+    input_dropout: float = 0.0  # on the embedded (or one-hot) characters, before the first layer
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,6 +137,7 @@ class CharLM(nn.Module):
         width = cfg.embedding_dim if cfg.input == "embedding" else cfg.vocab_size
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, width) if cfg.input == "embedding" else None
+        self.drop_in = nn.Dropout(cfg.input_dropout)
         self.encoder = Recurrent(RecurrentConfig(**{**_recurrent_fields(cfg), "input_size": width}))
         # dropout on the last layer's output too, not only between layers (Zaremba et al., 2014):
         # a one-layer char LM on a small corpus otherwise overfits within a few epochs
@@ -148,7 +150,7 @@ class CharLM(nn.Module):
             x = self.embed(idx)  # (B, T, E)
         else:
             x = nn.functional.one_hot(idx, self.cfg.vocab_size).to(self.head.weight.dtype)  # (B, T, V)
-        out, state = self.encoder(x, state)  # (B, T, H)
+        out, state = self.encoder(self.drop_in(x), state)  # (B, T, H)
         return self.head(self.drop(out)), state
 
     @torch.no_grad()

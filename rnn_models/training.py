@@ -35,6 +35,7 @@ class TrainConfig:
     ema: float = 0.0  # per-step decay of a moving average of the weights, which is validated and kept; 0: off
     minutes: float = 0.0  # wall-clock budget: train until it is spent, the lr on a cosine over it; 0: by epochs
     cosine: bool = False  # without a budget: the lr on a cosine over the epochs, set at each epoch's start
+    warmup: int = 0  # optimizer steps over which the lr rises linearly to the schedule's; 0: none
     precision: str = "auto"  # the training step's, see autocast(); validation on CPU is always float32
     device: str = "cpu"
     seed: int = 0
@@ -172,6 +173,7 @@ class TrainingRun:
         self.result, self.best_state, self.stale = FitResult(), None, 0
         self.epoch, self.finished = 0, False  # epochs done; stopped (early, by budget or at the last epoch)
         self.step, self.partial = 0, (0.0, 0)  # batches done in the epoch under way, their summed loss and count
+        self.updates = 0  # optimizer steps over the whole run (the warm-up counts them)
         self.epoch_gen = self.gen.get_state()  # the shuffling generator as the epoch under way began
 
     def start_epoch(self) -> torch.Generator:
@@ -214,6 +216,7 @@ class TrainingRun:
         tensors.update(_prefixed("objective.", getattr(self.objective, "state_dict", dict)()))
         result = self.result
         meta = {"epoch": self.epoch, "epochs": self.cfg.epochs, "step": self.step, "partial": self.partial,
+                "updates": self.updates,
                 "finished": self.finished, "stale": self.stale, "opt_groups": opt["param_groups"],
                 "ema_started": self.averaged.started if self.averaged is not None else False,
                 "plateau": self.plateau.state_dict() if self.plateau is not None else None,
@@ -249,6 +252,7 @@ class TrainingRun:
         if self.budget is not None:
             self.budget.resume(meta["budget_elapsed"])
         self.epoch, self.step, self.partial = meta["epoch"], meta["step"], tuple(meta["partial"])
+        self.updates = meta.get("updates", 0)  # a checkpoint from before warm-ups were counted had none
         self.finished, self.stale = meta["finished"], meta["stale"]
         self.result = FitResult([EpochStats(**s) for s in meta["history"]], meta["best_epoch"], meta["best_val_loss"],
                                 meta["train_seconds"], meta["samples"])
@@ -288,6 +292,24 @@ class MovingAverage:
 def cosine(frac: float, floor: float = 0.1) -> float:
     """The learning rate's factor ``frac`` of the way through a cosine schedule: 1 down to ``floor``."""
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+@contextlib.contextmanager
+def warmed_up(opt: torch.optim.Optimizer, update: int, warmup: int):
+    """For one optimizer step, the ``update``-th (from 0): the learning rate the schedule set,
+    times ``(update + 1) / warmup`` while ``update < warmup`` (a linear warm-up); put back after.
+    It composes with any schedule (per epoch, per step, on a plateau) without touching it."""
+    if update >= warmup:
+        yield
+        return
+    scheduled = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] *= (update + 1) / warmup
+    try:
+        yield
+    finally:
+        for group, lr in zip(opt.param_groups, scheduled, strict=True):
+            group["lr"] = lr
 
 
 class Budget:
@@ -336,7 +358,9 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
         loss.backward()
         if cfg.clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
+        with warmed_up(opt, run.updates, cfg.warmup):
+            opt.step()
+        run.updates += 1
         if run.averaged is not None:
             run.averaged.update(model)
         total += loss.detach().float() * n

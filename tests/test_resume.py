@@ -98,10 +98,11 @@ def train_charlm(sampling, checkpoint=None, stop_after=0):
     train, val = ids[:5000], ids[5000:]
     torch.manual_seed(0)
     model = CharLM(CharLMConfig(vocab_size=20, cell="lstm", hidden_size=24, num_layers=2, dropout=0.3,
-                                embedding_dim=8))
+                                embedding_dim=8, input_dropout=0.1))
     sample = random_batches if sampling == "random" else sequential_batches
     loss = StopAfter(sampling == "sequential", stop_after) if stop_after else LanguageModelLoss(sampling == "sequential")
-    cfg = TrainConfig(epochs=3, lr=3e-3, ema=0.0, patience=0, seed=5, progress=False)
+    # the char LM's schedule: a warm-up (still under way at the interruption) under a cosine
+    cfg = TrainConfig(epochs=3, lr=3e-3, ema=0.0, patience=0, seed=5, progress=False, cosine=True, warmup=100)
     result = fit(model, lambda g: sample(train, 8, 10, g), lambda: sequential_batches(val, 8, 10), loss, cfg,
                  checkpoint=checkpoint)
     return model, result
@@ -110,7 +111,7 @@ def train_charlm(sampling, checkpoint=None, stop_after=0):
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
 def test_resumed_half_way_through_an_epoch_ends_like_an_uninterrupted_run(tmp_path, sampling):
     """Inside an epoch the checkpoint also holds the position in the epoch, the carried hidden
-    state (sequential sampling) and the dropout RNG."""
+    state (sequential sampling), the dropout RNG and the warm-up's count of steps."""
     whole = train_charlm(sampling)
     batches_per_epoch = 5000 // (8 * 10)  # about 62
     ckpt = Checkpoint(tmp_path / "ckpt", every_seconds=1e-9)  # a checkpoint after every step

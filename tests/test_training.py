@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rnn_models import synthetic
 from rnn_models.forecasting import mse_objective
@@ -135,6 +136,28 @@ def test_the_budget_sets_a_cosine_learning_rate_over_its_time():
         budget.start = time.perf_counter() - frac * 100.0
         assert budget.step() is (frac == 1.0)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * scale, rel=1e-3)
+
+
+def test_the_warm_up_raises_the_scheduled_learning_rate_linearly_over_its_steps():
+    """Step k (from 0) of a warm-up of W steps runs at (k + 1) / W of the schedule's rate, here
+    a cosine over the epochs; the schedule itself is untouched (the epochs' logged rates)."""
+    x_tr, y_tr, x_va, y_va = _data()  # 227 training windows: 15 steps an epoch of 16
+    torch.manual_seed(0)
+    model = Forecaster(ForecasterConfig(cell="lstm", input_size=1, hidden_size=8, horizon=2))
+    cfg = TrainConfig(epochs=3, lr=0.02, patience=0, progress=False, cosine=True, warmup=20)
+    used: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        result = fit(model, lambda g: tensor_batches(x_tr, y_tr, batch_size=16, generator=g),
+                     lambda: tensor_batches(x_va, y_va, batch_size=64), mse_objective, cfg)
+    finally:
+        hook.remove()
+    per_epoch = len(used) // 3
+    scheduled = [0.02 * cosine(k // per_epoch / 3) for k in range(len(used))]
+    assert used == pytest.approx([s * min(1.0, (k + 1) / 20) for k, s in enumerate(scheduled)], rel=1e-9)
+    assert used[0] == pytest.approx(0.02 / 20) and used[-1] == pytest.approx(scheduled[-1])
+    assert [s.lr for s in result.history] == pytest.approx([0.02 * cosine(e / 3) for e in range(3)], rel=1e-9)
 
 
 def test_cosine_sets_each_epochs_learning_rate_from_the_start_value_down():
