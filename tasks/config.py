@@ -276,6 +276,7 @@ class CharModelOptions(ModelOptions):
     dropout: float = option(0.3, "dropout between stacked layers and on the last layer's output")
     input: str = option("embedding", "how characters enter the network", INPUTS)
     embedding_dim: int = option(64, "embedding width (with --input embedding)")
+    input_dropout: float = option(0.1, "dropout on the embedded characters, before the first layer")
 
 
 @dataclass
@@ -283,7 +284,8 @@ class CharTraining(TrainingOptions):
     """The char LM's training defaults, and the time budget."""
     epochs: int = option(10, "maximum epochs")
     batch_size: int = option(32, "sequences per gradient step")
-    lr: float = option(3e-3, "AdamW learning rate at the start of its cosine")
+    lr: float = option(6e-3, "AdamW learning rate at the top of its cosine")
+    warmup: int = option(100, "optimizer steps over which the learning rate rises linearly to --lr (0 = none)")
     patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
     minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
                             "rate falling on a cosine over them (0 = train by --epochs, the cosine over the epochs)")
@@ -311,7 +313,8 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
 
     def __post_init__(self):
         check_common(self, positive=("batch_size", "num_steps", "embedding_dim", "sample_chars"),
-                     non_negative=("sample_every", "top_k"), fractions=("val_fraction",))
+                     non_negative=("sample_every", "top_k", "warmup"), fractions=("val_fraction",),
+                     probabilities=("input_dropout",))
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"--temperature must be 0 or more, got {self.temperature}")
         if not (math.isfinite(self.minutes) and self.minutes >= 0):
@@ -335,7 +338,7 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
         return asdict(self)
 
 
-def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
+def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=()) -> None:
     """The checks every flow config shares: choices, counts, learning rate, dropout, checksum."""
     for f in fields(cfg):
         choices = f.metadata.get("choices")
@@ -352,8 +355,9 @@ def check_common(cfg, positive=(), non_negative=(), fractions=()) -> None:
     for name in ("weight_decay", "clip"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
-    if not 0 <= cfg.dropout < 1:
-        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for name in ("dropout", *probabilities):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
     for name in ("checkpoint_minutes", "registry_retry_minutes"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")

@@ -116,6 +116,8 @@ BAD = {
     "num_steps": (lambda t, url: {"num_steps": 0}, ConfigError, r"--num-steps must be at least 1, got 0"),
     "temperature": (lambda t, url: {"temperature": -0.5}, ConfigError, r"--temperature must be 0 or more, got -0\.5"),
     "top_k": (lambda t, url: {"top_k": -1}, ConfigError, r"--top-k must be 0 or more, got -1"),
+    "warmup": (lambda t, url: {"warmup": -5}, ConfigError, r"--warmup must be 0 or more, got -5"),
+    "input dropout": (lambda t, url: {"input_dropout": 1.0}, ConfigError, r"--input-dropout must be in \[0, 1\), got 1\.0"),
     "empty prefix": (lambda t, url: {"prefixes": ","}, ConfigError, r"--prefixes holds no prompt"),
 }
 
