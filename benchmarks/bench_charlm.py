@@ -35,7 +35,8 @@ compare with issue #15's bar: 1.42 nats/char in 15 minutes on the 2-core CPU.
 
 Run:  cd /work/main && .venv/bin/python benchmarks/bench_charlm.py [--steps 150 --repeats 3]
       cd /work/main && .venv/bin/python benchmarks/bench_charlm.py --mode quality --minutes 15 --threads 2 \
-          --layers 2 --hidden 512 --dropout 0.3 --lr 3e-3 --schedule cosine --precision bf16
+          --layers 2 --hidden 512 --dropout 0.3 --input-dropout 0.1 --lr 6e-3 --warmup 100 --schedule cosine \
+          --precision bf16 --batch 32 --num-steps 64            # the flow's default recipe
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch import nn
 from rnn_models import PRECISIONS
 from rnn_models.recurrent import CharLM, CharLMConfig
 from rnn_models.text import LanguageModelLoss, Vocab, sequential_batches
-from rnn_models.training import Budget, TrainConfig, autocast, cosine, fit
+from rnn_models.training import Budget, MovingAverage, TrainConfig, autocast, cosine, fit, warmed_up
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 VAL_FRACTION, WD, CLIP, SEED = 0.1, 0.01, 1.0, 0
@@ -195,17 +196,60 @@ def evaluate(model: CharLM, val: torch.Tensor, batch: int, num_steps: int) -> fl
     return total / count
 
 
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Variational dropout (Gal & Ghahramani): one mask per stream, the same at every time step."""
+    if not training or p == 0:
+        return x
+    return x * x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1 - p) / (1 - p)
+
+
+class LockedLM(nn.Module):
+    """SCREENING ONLY: a char LM with variational dropout on the embedding, between layers and
+    on the output (AWD-LSTM without weight drop), one nn.LSTM a layer."""
+
+    def __init__(self, cfg: CharLMConfig, p_in: float):
+        super().__init__()
+        self.cfg, self.p_in = cfg, p_in
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
+        self.layers = nn.ModuleList(nn.LSTM(cfg.embedding_dim if i == 0 else cfg.hidden_size, cfg.hidden_size,
+                                            batch_first=True) for i in range(cfg.num_layers))
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, idx, state=None):
+        x = locked_dropout(self.embed(idx), self.p_in, self.training)
+        hs, cs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (h, c) = layer(x, None if state is None else (state[0][i : i + 1], state[1][i : i + 1]))
+            hs.append(h)
+            cs.append(c)
+            x = locked_dropout(x, self.cfg.dropout, self.training)
+        return self.head(x), (torch.cat(hs), torch.cat(cs))
+
+
+def build_model(args, vocab_size: int) -> nn.Module:
+    cfg = CharLMConfig(cell=args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
+                       vocab_size=vocab_size, input="embedding", embedding_dim=args.embedding,
+                       input_dropout=args.input_dropout)
+    return LockedLM(cfg, args.input_dropout) if args.locked else CharLM(cfg)
+
+
+def lr_factor(args, frac: float) -> float:
+    """The schedule's factor ``frac`` of the way through a budget of steps."""
+    if args.schedule == "linear":
+        return 1 - (1 - args.lr_floor) * min(frac, 1.0)
+    return cosine(frac, args.lr_floor) if args.schedule == "cosine" else 1.0
+
+
 def quality(args, vocab, train, val) -> None:
     device = args.device
     train, val = train.to(device), val.to(device)
     torch.manual_seed(args.seed)
-    cfg = CharLMConfig(cell=args.cell, hidden_size=args.hidden, num_layers=args.layers, dropout=args.dropout,
-                       vocab_size=len(vocab), input="embedding", embedding_dim=args.embedding)
-    model = CharLM(cfg).to(device)
+    model = build_model(args, len(vocab)).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"mode quality: {args.cell.upper()} {args.layers}x{args.hidden}, embedding {args.embedding}, dropout "
-          f"{args.dropout}, vocabulary {len(vocab)}, {n_params:,} parameters; batch {args.batch} x num_steps "
-          f"{args.num_steps}, AdamW lr {args.lr} ({args.schedule}) weight decay {args.weight_decay}, clip {CLIP}, "
+          f"{args.dropout} (input {args.input_dropout}), vocabulary {len(vocab)}, {n_params:,} parameters; batch "
+          f"{args.batch} x num_steps {args.num_steps}, AdamW lr {args.lr} ({args.schedule}, warm-up {args.warmup} "
+          f"steps) weight decay {args.weight_decay}, clip {args.clip}, "
           f"seed {args.seed}; "
           f"{len(train):,} train / {len(val):,} val characters")
     if args.budget_steps:
@@ -216,7 +260,9 @@ def quality(args, vocab, train, val) -> None:
               f"{args.eval_every} min of training (evaluation time not counted)\n")
 
     objective = LanguageModelLoss(carry_state=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # one for the budget
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(0.9, args.beta2))  # one for the budget
+    ema = MovingAverage(model, args.ema) if args.ema else None
     gen = torch.Generator().manual_seed(args.seed)
     budget, every = args.minutes * 60.0, args.eval_every * 60.0
     # --schedule cosine: the flow's --minutes schedule (rnn_models.training.Budget); with --budget-steps
@@ -229,7 +275,7 @@ def quality(args, vocab, train, val) -> None:
     def report(train_loss: float) -> None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        v = evaluate(model, val, args.batch, args.num_steps)
+        v = evaluate(ema.module if ema else model, val, args.batch, args.num_steps)
         eval_seconds += time.perf_counter() - t0
         rows.append((trained / 60, steps, v, v / math.log(2)))
         print(f"{trained / 60:>9.2f} {steps:>7d} {steps / steps_per_epoch:>7.2f} {train_loss:>11.4f} "
@@ -253,16 +299,19 @@ def quality(args, vocab, train, val) -> None:
                 loss, n = objective(model, batch)  # the step of rnn_models.training._run_pass
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-            opt.step()
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            with warmed_up(opt, steps, args.warmup):  # the flow's warm-up, on top of either schedule
+                opt.step()
+            if ema is not None:
+                ema.update(model)
             window += loss.detach()
             window_n += 1
             steps += 1
             if clock is not None:
                 clock.step()
-            elif args.budget_steps and args.schedule == "cosine":
+            elif args.budget_steps and args.schedule != "constant":
                 for group in opt.param_groups:
-                    group["lr"] = args.lr * cosine(steps / args.budget_steps, args.lr_floor)
+                    group["lr"] = args.lr * lr_factor(args, steps / args.budget_steps)
             trained += time.perf_counter() - t0
             if eval_due() or done():
                 report(window.item() / window_n)
@@ -297,7 +346,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="default: 32 (speed), 64 (quality)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=WD, help="quality: AdamW's decoupled weight decay")
-    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+    ap.add_argument("--schedule", choices=("constant", "cosine", "linear"), default="constant",
                     help="quality: the learning rate over the budget (cosine: the flow's --minutes schedule)")
     ap.add_argument("--lr-floor", type=float, default=0.1, help="quality: the cosine's end, a fraction of --lr")
     ap.add_argument("--budget-steps", type=int, default=0,
@@ -307,6 +356,13 @@ def main():
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="quality: the training step's autocast (rnn_models.training.autocast)")
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--clip", type=float, default=CLIP, help="quality: the gradient norm clip")
+    ap.add_argument("--warmup", type=int, default=0, help="quality: the flow's --warmup (steps of linear warm-up)")
+    ap.add_argument("--input-dropout", type=float, default=0.0, help="quality: the flow's --input-dropout")
+    # screening only (the GPU replays of docs/gpu/charlm-recipes2): options the flow does not have
+    ap.add_argument("--beta2", type=float, default=0.999, help="quality: AdamW's second-moment decay")
+    ap.add_argument("--locked", action="store_true", help="quality: variational (time-locked) dropout masks")
+    ap.add_argument("--ema", type=float, default=0.0, help="quality: evaluate an EMA of the weights (decay)")
     args = ap.parse_args()
     quality_mode = args.mode == "quality"
     for name, s, q in (("hidden", 256, 512), ("num_steps", 64, 128), ("batch", 32, 64)):
