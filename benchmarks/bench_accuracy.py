@@ -2,6 +2,7 @@
 
     .venv/bin/pip install statsforecast            # benchmark-only, not a runtime dependency
     .venv/bin/python benchmarks/bench_accuracy.py [--seeds 0,1,2] [--series airline,births]
+    .venv/bin/python benchmarks/bench_accuracy.py --rnnflow-only --variants default   # no statsforecast
 
 Protocol, the same for every model and taken from the flow itself: the flow's chronological
 split (last 20 % test, 10 % before it validation); every test step whose full horizon lies in
@@ -137,11 +138,22 @@ def main() -> None:
     ap.add_argument("--realizations", type=int, default=4,
                     help="also score the default and AutoETS on this many other noise draws of each noisy generated "
                          "series (data seeds 1..N), 0 to skip")
+    ap.add_argument("--rnnflow-only", action="store_true",
+                    help="only rnnflow's rows, without statsforecast (which needs pandas < 3): a before/after check")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     names, variants = args.series.split(","), args.variants.split(",")
 
     jobs = [(s, v, seed) for s in names for v in variants for seed in seeds]
+    if args.rnnflow_only:
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(run_rnnflow, jobs))
+        print(f"# {len(jobs)} rnnflow runs in {time.perf_counter() - t0:.0f} s on {args.jobs} processes\n")
+        print("| model | " + " | ".join(names) + " |")
+        print("|---|" + "---:|" * len(names))
+        print_rnnflow_rows(names, variants, seeds, results)
+        return
     draws = [(s, d) for s in names if noiseless(s, config(s, "default", 0)) is not None
              for d in range(1, args.realizations + 1)]
     t0 = time.perf_counter()
@@ -169,6 +181,21 @@ def main() -> None:
                                                               for s in names) + " |")
     print("| oracle: the generator's noiseless signal | " + " | ".join(
         f"{classical[s][0]['oracle']:.3f}" if "oracle" in classical[s][0] else "-" for s in names) + " |")
+    print_rnnflow_rows(names, variants, seeds, results)
+    # what the default beats, per series (to 3 decimals: both exact on a straight line is a tie)
+    for s in names if "default" in variants else []:
+        d = round(float(np.mean([r[3] for r in results if r[0] == s and r[1] == "default"])), 3)
+        verdicts = []
+        for c in ("SeasonalNaive", "AutoETS", "AutoARIMA"):
+            other = round(classical[s][0][c], 3)
+            verdicts.append(f"{c} {other:.3f} ({'beats' if d < other else 'ties' if d == other else 'LOSES'})")
+        print(f"{s}: default {d:.3f} vs " + ", ".join(verdicts))
+    if on_draws:
+        print_draws(names, classical, results, on_draws)
+
+
+def print_rnnflow_rows(names, variants, seeds, results) -> None:
+    """One table row per variant (mean ± std of test MASE over the seeds), what --auto chose, times."""
     for v in variants:
         cells = []
         for s in names:
@@ -185,16 +212,6 @@ def main() -> None:
             print(f"--auto on {s} chose: " + "; ".join(chosen))
     secs = {v: np.mean([r[4] for r in results if r[1] == v]) for v in variants}
     print("\nmean seconds per rnnflow training: " + ", ".join(f"{v} {t:.1f}" for v, t in secs.items()))
-    # what the default beats, per series (to 3 decimals: both exact on a straight line is a tie)
-    for s in names if "default" in variants else []:
-        d = round(float(np.mean([r[3] for r in results if r[0] == s and r[1] == "default"])), 3)
-        verdicts = []
-        for c in ("SeasonalNaive", "AutoETS", "AutoARIMA"):
-            other = round(classical[s][0][c], 3)
-            verdicts.append(f"{c} {other:.3f} ({'beats' if d < other else 'ties' if d == other else 'LOSES'})")
-        print(f"{s}: default {d:.3f} vs " + ", ".join(verdicts))
-    if on_draws:
-        print_draws(names, classical, results, on_draws)
 
 
 def print_draws(names, classical, results, on_draws) -> None:
