@@ -54,7 +54,7 @@ from torch import nn
 
 from rnn_models import PRECISIONS
 from rnn_models.recurrent import CharLM, CharLMConfig
-from rnn_models.text import LanguageModelLoss, Vocab, sequential_batches
+from rnn_models.text import LanguageModelLoss, Vocab, mean_loss, sequential_batches
 from rnn_models.training import Budget, MovingAverage, TrainConfig, autocast, cosine, fit, warmed_up
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -181,19 +181,12 @@ def speed(args, vocab, train, val) -> None:
 # ---------------------------------------------------------------- quality
 
 
-@torch.no_grad()
 def evaluate(model: CharLM, val: torch.Tensor, batch: int, num_steps: int) -> float:
     """Mean validation cross-entropy (nats/char), computed as tasks.training.train_charlm's fit() does."""
     model.eval()
-    objective = LanguageModelLoss(carry_state=True)
-    val_batch = max(1, min(batch, (len(val) - 1) // num_steps))
-    total, count = 0.0, 0
-    for b in sequential_batches(val, val_batch, num_steps):
-        loss, n = objective(model, b)
-        total += loss.item() * n
-        count += n
+    loss = mean_loss(model, val, batch, num_steps)
     model.train()
-    return total / count
+    return loss
 
 
 def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
