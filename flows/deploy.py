@@ -19,6 +19,7 @@ import sys
 from prefect import serve
 
 from flows.charlm import charlm_flow
+from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from flows.timeseries import timeseries_flow
 
 FLOWS = {"timeseries": (timeseries_flow, "nightly-retrain", "0 3 * * *"),
@@ -37,7 +38,6 @@ def deployments(which: list[str], interval: float | None = None, crons: dict[str
     return out
 
 
-HEARTBEAT_SECONDS = 30  # how often a deployment's flow run says it is alive (Prefect's minimum)
 ZOMBIES = "rnnflow: crash flow runs that stopped beating"
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="JSON defaults for the forecaster's config")
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
     args = ap.parse_args(argv)
-    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))  # the flow runs inherit it
+    os.environ.setdefault(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))  # the flow runs inherit it
     ensure_zombie_automation()
     serve(*deployments(args.only or sorted(FLOWS, reverse=True), args.interval,
                        {"timeseries": args.timeseries_cron, "charlm": args.charlm_cron},

@@ -24,9 +24,20 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
 
 START_SECONDS = float(os.environ.get("RNNFLOW_PREFECT_START_SECONDS", "180"))
+# How often a flow run tells the server it is alive (Prefect's minimum; its default is 180 s).
+# Every run uses it, from the command line too: the zombie automation that `flows.deploy`
+# creates crashes any flow run silent for three beats, and at Prefect's default it crashed a
+# command-line run that was still training after 90 s.
+HEARTBEAT_SECONDS = 30
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
 
 class PrefectUnavailable(ConnectionError):
@@ -98,22 +109,27 @@ def _start(url: str, home: Path) -> None:
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
-    """Run the body against the shared (or configured) server; the environment carries its URL
-    to child processes (Dask workers, say)."""
+    """Run the body against the shared (or configured) server, its flow runs beating every
+    ``HEARTBEAT_SECONDS`` unless $PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise; the
+    environment carries both to child processes (Dask workers, say)."""
     url, started = ensure_server()
     if started:
         print(f"started a local Prefect server at {url.removesuffix('/api')} (its UI); it stays up for later "
               f"runs: `python -m flows.server stop` stops it", file=sys.stderr)
-    before = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    env, updates = {"PREFECT_API_URL": url}, {PREFECT_API_URL: url}
+    if HEARTBEAT_ENV not in os.environ:
+        env[HEARTBEAT_ENV], updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = str(HEARTBEAT_SECONDS), HEARTBEAT_SECONDS
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates=updates):
             yield url
     finally:
-        if before is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def stop() -> bool:

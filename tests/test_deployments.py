@@ -1,6 +1,7 @@
 """Deployments on a real Prefect server: triggered runs, interval schedules, concurrent runs."""
 
 import json
+import os
 import re
 import time
 
@@ -114,3 +115,27 @@ def test_a_run_whose_serving_process_dies_ends_crashed_and_the_next_run_resumes(
     assert re.search(r"resuming from epoch \d+ of 30", logs), logs[-3000:]
     versions = MlflowClient(store, store).search_model_versions("name='corpus-charlm'")
     assert len(versions) == 1
+
+
+def test_command_line_runs_beat_at_the_zombie_automations_cadence(monkeypatch):
+    """The zombie automation crashes a flow run silent for three beats of ``HEARTBEAT_SECONDS``;
+    at Prefect's default beat (180 s) it marked a command-line run Crashed ("its process died")
+    while that run was still training, 34 s in with a 30 s silence (seen). Every run rnnflow
+    starts beats at that cadence, unless $PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise."""
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS, prefect_api
+
+    @flow
+    def beat() -> int:
+        return get_current_settings().flows.heartbeat_frequency
+
+    monkeypatch.delenv(HEARTBEAT_ENV, raising=False)
+    with prefect_api():
+        assert beat() == HEARTBEAT_SECONDS < 180
+        assert os.environ[HEARTBEAT_ENV] == str(HEARTBEAT_SECONDS)  # what child processes inherit
+    assert HEARTBEAT_ENV not in os.environ
+    monkeypatch.setenv(HEARTBEAT_ENV, "120")
+    with prefect_api():
+        assert os.environ[HEARTBEAT_ENV] == "120"
