@@ -4,11 +4,11 @@ register. Run ``python -m flows.charlm --help`` for every option."""
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
+from flows import exit_process
 from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
 from tasks import data, text
 from tasks.config import CharLMFlowConfig, checkpoint_dir
@@ -80,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

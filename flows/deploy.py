@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from prefect import serve
 
+from flows import exit_process
 from flows.charlm import charlm_flow
 from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from flows.timeseries import timeseries_flow
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from flows import exit_process
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
 from tasks.registry import (
     RegistryError,
@@ -167,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

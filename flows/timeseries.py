@@ -3,12 +3,12 @@ register. Run ``python -m flows.timeseries --help`` for every option."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
+from flows import exit_process
 from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, checkpoint_dir
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
@@ -106,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
