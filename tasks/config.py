@@ -284,7 +284,8 @@ class CharTraining(TrainingOptions):
     """The char LM's training defaults, and the time budget."""
     epochs: int = option(10, "maximum epochs")
     batch_size: int = option(32, "sequences per gradient step")
-    lr: float = option(6e-3, "AdamW learning rate at the top of its cosine")
+    lr: float = option(4e-3, "AdamW learning rate at the top of its cosine")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay")
     warmup: int = option(100, "optimizer steps over which the learning rate rises linearly to --lr (0 = none)")
     patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
     minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
