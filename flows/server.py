@@ -34,8 +34,8 @@ from prefect.settings import (
 START_SECONDS = float(os.environ.get("RNNFLOW_PREFECT_START_SECONDS", "180"))
 # How often a flow run tells the server it is alive (Prefect's minimum; its default is 180 s).
 # Every run uses it, from the command line too: the zombie automation that `flows.deploy`
-# creates crashes any flow run silent for three beats, and at Prefect's default it crashed a
-# command-line run that was still training after 90 s.
+# creates crashes any flow run silent for three beats, and at Prefect's default it marked a
+# command-line run Crashed while that run was still training (seen).
 HEARTBEAT_SECONDS = 30
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
