@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prefect.settings import (
@@ -63,9 +63,9 @@ def answers(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def ensure_server() -> tuple[str, bool]:
-    """The API URL to use, and whether this call started the server. Raises
-    ``PrefectUnavailable`` with what to do when none answers."""
+def ensure_server(meanwhile: Callable[[], object] | None = None) -> tuple[str, bool]:
+    """The API URL to use, and whether this call started the server (running ``meanwhile``
+    while it boots). Raises ``PrefectUnavailable`` with what to do when none answers."""
     url = PREFECT_API_URL.value()
     if url:
         if not answers(url):
@@ -80,11 +80,11 @@ def ensure_server() -> tuple[str, bool]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one run starts it; the others wait here, then find it up
         if answers(url):
             return url, False
-        _start(url, home)
+        _start(url, home, meanwhile)
     return url, True
 
 
-def _start(url: str, home: Path) -> None:
+def _start(url: str, home: Path, meanwhile: Callable[[], object] | None) -> None:
     api = get_current_settings().server.api
     log = home / "rnnflow-server.log"
     with open(log, "ab") as out:
@@ -94,6 +94,8 @@ def _start(url: str, home: Path) -> None:
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     (home / "rnnflow-server.pid").write_text(str(proc.pid))
+    if meanwhile is not None:
+        meanwhile()  # the server takes seconds to answer: the run's own start-up goes on beside it
     deadline = time.monotonic() + START_SECONDS
     while time.monotonic() < deadline:
         if answers(url, timeout=2.0):
@@ -108,11 +110,12 @@ def _start(url: str, home: Path) -> None:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
+def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
     """Run the body against the shared (or configured) server, its flow runs beating every
     ``HEARTBEAT_SECONDS`` unless $PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise; the
-    environment carries both to child processes (Dask workers, say)."""
-    url, started = ensure_server()
+    environment carries both to child processes (Dask workers, say). ``meanwhile`` runs while
+    a server this call starts boots (on another core than the server's)."""
+    url, started = ensure_server(meanwhile)
     if started:
         print(f"started a local Prefect server at {url.removesuffix('/api')} (its UI); it stays up for later "
               f"runs: `python -m flows.server stop` stops it", file=sys.stderr)
