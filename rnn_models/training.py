@@ -146,10 +146,10 @@ def fit(
         stats = EpochStats(epoch, train_loss, val_loss, time.perf_counter() - t0, lr)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         run.end_epoch(stats)
+        if checkpoint is not None:  # first: an epoch announced by on_epoch (a log line) survives a kill
+            checkpoint.write(*run.snapshot())
         if on_epoch is not None:
             on_epoch(stats, model)
-        if checkpoint is not None:
-            checkpoint.write(*run.snapshot())
     bar.close()
     if run.best_state is not None:
         model.load_state_dict(run.best_state)

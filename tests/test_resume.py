@@ -55,9 +55,9 @@ def assert_same(a, b):
 def test_resumed_at_an_epoch_end_ends_like_an_uninterrupted_run(tmp_path):
     whole = train_forecaster()
     ckpt = Checkpoint(tmp_path / "ckpt")
-    with pytest.raises(Interrupted):  # on_epoch runs before epoch 4's checkpoint: the file holds epoch 3
+    with pytest.raises(Interrupted):  # on_epoch runs after epoch 4's checkpoint: the file holds epoch 4
         train_forecaster(Checkpoint(tmp_path / "ckpt"), stop_at_epoch=4)
-    assert ckpt.meta()["epoch"] == 3 and not ckpt.meta()["finished"]
+    assert ckpt.meta()["epoch"] == 4 and not ckpt.meta()["finished"]
     resumed = train_forecaster(Checkpoint(tmp_path / "ckpt"))
     assert_same(whole, resumed)
     assert ckpt.meta()["finished"]
