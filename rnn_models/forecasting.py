@@ -105,26 +105,42 @@ class ForecastPipeline:
         return cls(list(members.to(device)), chain, cfg)
 
 
-def mse_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
-    """The training loop's objective for point forecasters: mean squared error in network units."""
-    x, y = batch  # (B, L, F), (B, H)
-    return torch.nn.functional.mse_loss(model(x).float(), y), len(x)
+class ForecastObjective:
+    """The training loop's objective for forecasters: an elementwise loss in network units,
+    averaged. ``per_member`` scores K members' outputs at once (the grouped training's)."""
 
-
-def mae_objective(model: Forecaster, batch) -> tuple[torch.Tensor, int]:
-    """Mean absolute error in network units: learns the median, as sMAPE and MASE reward."""
-    x, y = batch  # (B, L, F), (B, H)
-    return torch.nn.functional.l1_loss(model(x).float(), y), len(x)
-
-
-class PinballObjective:
-    """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
-
-    def __init__(self, quantiles: tuple[float, ...]):
-        self.q = torch.tensor(quantiles, dtype=torch.float32)
+    def __init__(self, elementwise):
+        self.elementwise = elementwise
 
     def __call__(self, model: Forecaster, batch) -> tuple[torch.Tensor, int]:
         x, y = batch  # (B, L, F), (B, H)
-        err = y[..., None] - model(x).float()  # (B, H, Q)
+        return self.elementwise(model(x).float(), y).mean(), len(x)
+
+    def per_member(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """out (K, B, H[, Q]), y (K, B, H) -> each member's mean loss (K,)."""
+        return self.elementwise(out.float(), y).flatten(1).mean(1)
+
+
+def squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y) ** 2
+
+
+def absolute_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y).abs()
+
+
+mse_objective = ForecastObjective(squared_error)  # mean squared error
+mae_objective = ForecastObjective(absolute_error)  # learns the median, as sMAPE and MASE reward
+
+
+class PinballObjective(ForecastObjective):
+    """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
+
+    def __init__(self, quantiles: tuple[float, ...]):
+        super().__init__(self.pinball)
+        self.q = torch.tensor(quantiles, dtype=torch.float32)
+
+    def pinball(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        err = y[..., None] - pred  # (..., H, Q)
         q = self.q.to(err.device)
-        return torch.maximum(q * err, (q - 1) * err).mean(), len(x)
+        return torch.maximum(q * err, (q - 1) * err)

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.forecasting import ForecastPipeline, PinballObjective, mae_objective, mse_objective
+from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballObjective, mae_objective, mse_objective
 from rnn_models.generation import complete
+from rnn_models.grouped import available as grouped_available
+from rnn_models.grouped import fit_grouped, groupable
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
@@ -134,37 +136,80 @@ def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeri
 
 def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: Trained | None,
                   checkpoints: Path | None) -> tuple[list[Forecaster], list[FitResult]]:
-    """Each ensemble member in turn (seed + i), on the CPU once trained."""
-    logger, members, fits = run_logger(), [], []
-    for i, cell in enumerate(cfg.member_cells):
-        who = f"member {i + 1}/{cfg.ensemble}: " if cfg.ensemble > 1 else ""
-        if i == 0 and first is not None:
-            logger.info("%s%s trained by --auto, kept", who, cell)
-            model, result = first.forecaster.members[0], first.fit
-        else:
-            logger.info("%straining %s on %s: %d train / %d validation windows", who, cell, device, *batches.sizes)
+    """Every ensemble member (seed + i), on the CPU once trained. Members of one cell train
+    together as one batched network where they can (``rnn_models.grouped``: on the CPU, for the
+    shapes it covers); the rest one after another."""
+    logger, K = run_logger(), cfg.ensemble
+    trained: dict[int, tuple[Forecaster, FitResult]] = {}
+    if first is not None:
+        logger.info("%s%s trained by --auto, kept", f"member 1/{K}: " if K > 1 else "", cfg.member_cells[0])
+        trained[0] = first.forecaster.members[0], first.fit
+    todo = [i for i in range(K) if i not in trained]
+    for cell in dict.fromkeys(cfg.member_cells[i] for i in todo):
+        same = [i for i in todo if cfg.member_cells[i] == cell]
+        if len(same) > 1:
+            trained.update(train_together(cell, same, cfg, device, batches, checkpoints))
+    for i in todo:
+        if i not in trained:
+            who = f"member {i + 1}/{K}: " if K > 1 else ""
+            logger.info("%straining %s on %s: %d train / %d validation windows", who, cfg.member_cells[i], device,
+                        *batches.sizes)
             ckpt = open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, who)
-            model, result = train_member(cell, cfg, cfg.seed + i, device, batches, checkpoint=ckpt)
-            logger.info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who,
-                        result.best_epoch, len(result.history), result.best_val_loss, result.train_seconds,
-                        result.samples_per_second)
-        members.append(model.cpu())
-        fits.append(result)
-    return members, fits
+            trained[i] = train_member(cfg.member_cells[i], cfg, cfg.seed + i, device, batches, checkpoint=ckpt)
+            log_member(who, trained[i][1])
+    members = [trained[i][0].cpu() for i in range(K)]
+    return members, [trained[i][1] for i in range(K)]
+
+
+def train_together(cell: str, which: list[int], cfg: TimeSeriesConfig, device: str, batches: Batches,
+                   checkpoints: Path | None) -> dict[int, tuple[Forecaster, FitResult]]:
+    """Members ``which`` (indices, one cell) trained as one batched network; {} where they
+    cannot be (a GPU, a shape the grouped operation does not cover, no C++ compiler, checkpoints
+    of an interrupted run that stopped at different places): they then train one by one."""
+    models = [new_member(cell, cfg, cfg.seed + i, device, batches.input_size) for i in which]
+    if device != "cpu" or not groupable(models[0]) or not grouped_available():
+        return {}
+    K = cfg.ensemble
+    names = ", ".join(str(i + 1) for i in which)
+    ckpts = [open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, f"member {i + 1}/{K}: ")
+             for i in which]
+    run_logger().info("members %s/%d: training %s together as one batched network on %s: %d train / %d "
+                      "validation windows", names, K, cell, device, *batches.sizes)
+    results = fit_grouped(models, batches.train, batches.val, forecast_objective(cfg),
+                          [project(TrainConfig, cfg, device=device, seed=cfg.seed + i) for i in which], ckpts)
+    if results is None:
+        run_logger().info("members %s/%d: their checkpoints stopped at different places; training them one by "
+                          "one", names, K)
+        return {}
+    for i, result in zip(which, results, strict=True):
+        log_member(f"member {i + 1}/{K}: ", result)
+    return dict(zip(which, zip(models, results, strict=True), strict=True))
+
+
+def log_member(who: str, result: FitResult) -> None:
+    run_logger().info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who, result.best_epoch,
+                      len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
+
+
+def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_size: int) -> Forecaster:
+    """A network of the config's shape with ``cell``, its weights drawn from ``seed``."""
+    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
+    with init_lock():
+        seed_everything(seed)
+        return Forecaster(model_cfg).to(device)
+
+
+def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
+    return (PinballObjective(cfg.quantile_levels) if cfg.quantile_levels
+            else mae_objective if cfg.loss == "mae" else mse_objective)
 
 
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,
                  checkpoint: Checkpoint | None = None) -> tuple[Forecaster, FitResult]:
     """One network of the config's shape with ``cell``, trained on ``batches``."""
-    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=batches.input_size,
-                        quantiles=cfg.quantile_levels)
-    with init_lock():
-        seed_everything(seed)
-        model = Forecaster(model_cfg).to(device)
+    model = new_member(cell, cfg, seed, device, batches.input_size)
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
-    objective = (PinballObjective(cfg.quantile_levels) if cfg.quantile_levels
-                 else mae_objective if cfg.loss == "mae" else mse_objective)
-    result = fit(model, batches.train, batches.val, objective, tcfg, checkpoint=checkpoint)
+    result = fit(model, batches.train, batches.val, forecast_objective(cfg), tcfg, checkpoint=checkpoint)
     return model, result
 
 

@@ -1,0 +1,157 @@
+"""Ensemble members trained as one batched network (rnn_models.grouped): the grouped pass equals
+each member's own nn.LSTM, grouped training equals training the members one by one, it resumes
+from its checkpoints, and the flow's members go through it."""
+
+import logging
+import pytest
+import torch
+
+from rnn_models import synthetic
+from rnn_models.checkpoint import Checkpoint
+from rnn_models.forecasting import PinballObjective, mae_objective, mse_objective
+from rnn_models.grouped import GroupedForecasters, available, fit_grouped, groupable, unstacked
+from rnn_models.recurrent import Forecaster, ForecasterConfig
+from rnn_models.training import TrainConfig, fit, tensor_batches
+from rnn_models.windows import make_windows, window_origins
+from tasks.config import TimeSeriesConfig
+from tasks.training import Batches, train_member, train_members
+
+pytestmark = pytest.mark.skipif(not available(), reason="the grouped C++ operation could not be built here")
+
+
+def _members(cfg: ForecasterConfig, seeds=(1, 2, 3)) -> list[Forecaster]:
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(Forecaster(cfg))
+    return out
+
+
+@pytest.mark.parametrize("layers, patch, quantiles, objective", [
+    (1, 1, (), mse_objective),
+    (2, 1, (), mae_objective),
+    (1, 4, (0.1, 0.5, 0.9), PinballObjective((0.1, 0.5, 0.9))),
+])
+def test_grouped_pass_equals_each_members_own(layers, patch, quantiles, objective):
+    cfg = ForecasterConfig(cell="lstm", input_size=2, hidden_size=32, num_layers=layers, horizon=3, patch=patch,
+                           quantiles=quantiles)
+    members = _members(cfg)
+    group = GroupedForecasters(members)
+    x, y = torch.randn(3, 20, 24, 2), torch.randn(3, 20, 3)
+    out, tape = group.forward(x)
+    own = torch.stack([m(x[k]) for k, m in enumerate(members)])
+    torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-6)
+    out.requires_grad_(True)
+    objective.per_member(out, y).sum().backward()
+    grads = unstacked(group.backward(tape, out.grad))
+    sum(objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)).backward()
+    assert len(grads) == len(group.params)
+    for g, p in zip(grads, group.params, strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_shapes_it_does_not_cover_are_refused():
+    for cfg in (ForecasterConfig(cell="gru"), ForecasterConfig(hidden_size=20), ForecasterConfig(bidirectional=True),
+                ForecasterConfig(num_layers=2, dropout=0.2)):
+        assert not groupable(Forecaster(cfg))
+        with pytest.raises(ValueError, match="groupable"):
+            GroupedForecasters([Forecaster(cfg), Forecaster(cfg)])
+
+
+def _data():
+    y = synthetic.sine(700, period=20, noise=0.1, seed=3)["value"].to_numpy()
+    tr, va = window_origins(0, 560, 24, 1), window_origins(560, 700, 24, 1)
+    x_tr, y_tr, x_va, y_va = (torch.from_numpy(a) for a in (*make_windows(y[:, None], y, tr, 24, 1),
+                                                            *make_windows(y[:, None], y, va, 24, 1)))
+    return (lambda g: tensor_batches(x_tr, y_tr, batch_size=32, generator=g),
+            lambda: tensor_batches(x_va, y_va, batch_size=4096))
+
+
+# three members that differ in seed, epochs (so they leave the group at different epochs) and
+# learning rate (so the one fused AdamW step splits by settings); moving average and plateau on
+CFGS = [TrainConfig(epochs=e, lr=lr, seed=s, ema=0.9, lr_patience=1, patience=3, progress=False)
+        for s, e, lr in ((1, 3, 3e-3), (2, 5, 1e-2), (3, 4, 3e-3))]
+SHAPE = ForecasterConfig(cell="lstm", hidden_size=32)
+
+
+def test_grouped_training_equals_one_by_one():
+    train, val = _data()
+    alone = _members(SHAPE)
+    expected = [fit(m, train, val, mse_objective, cfg) for m, cfg in zip(alone, CFGS, strict=True)]
+    grouped = _members(SHAPE)
+    results = fit_grouped(grouped, train, val, mse_objective, CFGS)
+    for a, b, ma, mb in zip(expected, results, alone, grouped, strict=True):
+        assert [s.epoch for s in b.history] == [s.epoch for s in a.history]
+        assert b.best_epoch == a.best_epoch
+        torch.testing.assert_close([s.val_loss for s in b.history], [s.val_loss for s in a.history], rtol=1e-4, atol=0)
+        torch.testing.assert_close([s.lr for s in b.history], [s.lr for s in a.history])
+        assert b.samples == a.samples
+        for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+    assert len(results[1].history) == 5 and len(results[0].history) == 3  # each left at its own end
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_grouped_training_resumes_from_its_checkpoints(tmp_path):
+    train, val = _data()
+    uninterrupted = _members(SHAPE)
+    fit_grouped(uninterrupted, train, val, mse_objective, CFGS)
+
+    seen = []
+
+    def dies_in_epoch_3(gen):
+        for i, batch in enumerate(train(gen)):
+            seen.append(i)
+            if len(seen) == 3 * 2 * 17 + 5:  # 17 batches an epoch, 3 members: 5 batches into epoch 3
+                raise Interrupted
+            yield batch
+
+    ckpts = [Checkpoint(tmp_path / f"member-{k}", every_seconds=0) for k in range(3)]
+    with pytest.raises(Interrupted):
+        fit_grouped(_members(SHAPE), dies_in_epoch_3, val, mse_objective, CFGS, ckpts)
+    assert [c.meta()["epoch"] for c in ckpts] == [2, 2, 2]
+    resumed = _members(SHAPE, seeds=(7, 8, 9))  # other weights: the checkpoints must replace them
+    fit_grouped(resumed, train, val, mse_objective, CFGS, ckpts)
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(pa, pb), name
+
+
+def test_checkpoints_at_different_places_are_left_to_one_by_one(tmp_path):
+    train, val = _data()
+    ckpts = [Checkpoint(tmp_path / f"member-{k}") for k in range(2)]
+
+    def interrupt(stats, model):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):  # member 0 killed after its first epoch, member 1 before it began
+        fit(_members(SHAPE, seeds=(1,))[0], train, val, mse_objective, CFGS[0], interrupt, ckpts[0])
+    assert fit_grouped(_members(SHAPE, seeds=(1, 2)), train, val, mse_objective, CFGS[:2], ckpts) is None
+
+
+def test_the_flows_members_train_together_as_one_by_one(caplog):
+    train, val = _data()
+    cfg = TimeSeriesConfig(hidden_size=32, epochs=3, ensemble=3, seed=4)
+    batches = Batches(train, val, 1, (536, 116))
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        members, fits = train_members(cfg, "cpu", batches, None, None)
+    assert "members 1, 2, 3/3: training lstm together as one batched network" in caplog.text
+    for i, (member, result) in enumerate(zip(members, fits, strict=True)):
+        alone, expected = train_member("lstm", cfg, cfg.seed + i, "cpu", batches)
+        assert result.best_epoch == expected.best_epoch
+        for (name, pa), pb in zip(alone.state_dict().items(), member.state_dict().values(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_members_of_other_cells_still_train_one_by_one(caplog):
+    train, val = _data()
+    cfg = TimeSeriesConfig(hidden_size=16, epochs=1, ensemble=3, ensemble_cells="lstm,gru", seed=4)
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        members, fits = train_members(cfg, "cpu", Batches(train, val, 1, (536, 116)), None, None)
+    assert [m.cfg.cell for m in members] == ["lstm", "gru", "lstm"]
+    assert "members 1, 3/3: training lstm together" in caplog.text
+    assert "member 2/3: training gru" in caplog.text
+    assert all(len(f.history) == 1 for f in fits)
