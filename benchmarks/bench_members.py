@@ -1,7 +1,10 @@
-"""What training K ensemble members together would cost on this CPU, per optimizer step, against
-one network: the designs issue #15 names for "members trained as one batched network".
+"""What training K ensemble members together costs on this CPU against one network: the designs
+issue #15 names for "members trained as one batched network", and the one rnnflow uses.
 
-    .venv/bin/python benchmarks/bench_members.py [--members 3] [--threads 2]
+    .venv/bin/python benchmarks/bench_members.py [--members 3] [--threads 2]          # per step
+    .venv/bin/python benchmarks/bench_members.py --fit [--members 3] [--epochs 6]     # whole trainings
+
+Per step (the default):
 
 The flow's default member (LSTM, hidden 64, lookback 24, one feature, horizon 1, batch 32;
 AdamW, clipping) trained by a plain loop, and K of them trained at once three ways:
@@ -14,9 +17,19 @@ AdamW, clipping) trained by a plain loop, and K of them trained at once three wa
                   step with batched matrix products (torch.baddbmm), autograd through the loop:
                   K x the work of one member, but ~10 small ops per time step.
 
+- grouped C++   -- rnnflow's ``rnn_models.grouped``: the members' LSTMs as one C++ operation per
+                  layer (every member and slice of the batch its own recurrence, spread over the
+                  threads), one fused AdamW per member, clipping for all members at once.
+
 (torch.func.vmap over nn.LSTM is not an option: PyTorch has no batching rule for aten::lstm.)
 Printed: milliseconds per optimizer step (mean of 300 after 20 warm-up; the fastest of
 ``--repeats`` such runs), and each as a multiple of one network's step. The issue's target is 1.5x for K=3.
+
+With ``--fit``: the flow's own training code end to end on a noisy sine (2,400 training windows,
+validation every epoch, moving average, plateau, fixed ``--epochs`` with no early stopping):
+one network (``rnn_models.training.fit``), K members one by one (``fit`` K times, as the flow
+trained them before), and K members grouped (``rnn_models.grouped.fit_grouped``), alternated
+``--repeats`` times; the fastest of each and its multiple of one network.
 """
 
 from __future__ import annotations
@@ -27,13 +40,18 @@ import time
 import torch
 from torch import nn
 
+from rnn_models.forecasting import mse_objective
+from rnn_models.grouped import GroupedForecasters, GroupStep, available, fit_grouped
+from rnn_models.recurrent import Forecaster, ForecasterConfig
+from rnn_models.training import TrainConfig, TrainingRun, fit, tensor_batches
+
 B, L, F, H = 32, 24, 1, 64
 
 
 def one_network():
     lstm, head = nn.LSTM(F, H, batch_first=True), nn.Linear(H, 1)
     params = [*lstm.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)  # as the flow's TrainingRun
     x, y = torch.randn(B, L, F), torch.randn(B, 1)
 
     def step():
@@ -87,31 +105,102 @@ def grouped_bmm(k: int):
     return step
 
 
-def ms_per_step(step, n: int = 300, warm: int = 20) -> float:
-    for _ in range(warm):
-        step()
+def grouped_cpp(k: int):
+    members = [Forecaster(ForecasterConfig(cell="lstm", input_size=F, hidden_size=H)) for _ in range(k)]
+    runs = [TrainingRun(m, mse_objective, TrainConfig(lr=1e-3, clip=1.0, ema=0.0)) for m in members]
+    step = GroupStep(GroupedForecasters(members), runs, mse_objective)
+    x, y = torch.randn(k, B, L, F), torch.randn(k, B, 1)
+    return lambda: step(x, y)
+
+
+def whole_trainings(k: int, epochs: int, repeats: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    s = torch.sin(torch.arange(3000, dtype=torch.float32) * 0.1) + 0.1 * torch.randn(3000, generator=gen)
+    x = torch.stack([s[i:i + L] for i in range(len(s) - L)])[..., None]
+    y = s[L:][:, None]
+    xt, yt, xv, yv = x[:2400], y[:2400], x[2400:], y[2400:]
+    train = lambda g: tensor_batches(xt, yt, batch_size=B, generator=g)  # noqa: E731
+    val = lambda: tensor_batches(xv, yv, batch_size=4096)  # noqa: E731
+    cfgs = [TrainConfig(epochs=epochs, lr=3e-3, patience=0, lr_patience=3, ema=0.98, seed=i, progress=False)
+            for i in range(k)]
+
+    def members():
+        out = []
+        for i in range(k):
+            torch.manual_seed(i)
+            out.append(Forecaster(ForecasterConfig(cell="lstm", hidden_size=H)))
+        return out
+
+    def one():
+        fit(members()[0], train, val, mse_objective, cfgs[0])
+
+    def one_by_one():
+        for m, cfg in zip(members(), cfgs, strict=True):
+            fit(m, train, val, mse_objective, cfg)
+
+    def grouped():
+        fit_grouped(members(), train, val, mse_objective, cfgs)
+
+    runs = {"one network": one, f"{k} one-by-one": one_by_one, f"{k} grouped": grouped}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):  # alternated, so that a slow spell of the machine hits every row
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); LSTM hidden {H}, lookback {L}, "
+          f"batch {B}; {epochs} epochs of 2,400 windows; {repeats} alternated trainings of each")
+    report(times, "s", "{:7.2f}")
+
+
+def ms_per_step(step, n: int = 100) -> float:
     t0 = time.perf_counter()
     for _ in range(n):
         step()
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def report(times: dict[str, list[float]], unit: str, fmt: str) -> None:
+    """Each row's fastest time and its multiple of one network's: the median over the repeats of
+    the ratio within a repeat (the rows of a repeat run back to back, so a slow spell of this VM
+    hits them alike; the fastest times alone may come from different spells)."""
+    base = times["one network"]
+    for name, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, base, strict=True))
+        print(f"{name:<20} {fmt.format(min(ts))} {unit}   {ratios[len(ratios) // 2]:5.2f}x one network "
+              f"(ratios {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each; the fastest is shown")
+    ap.add_argument("--repeats", type=int, default=0, help="alternated timed runs of each (default: 15 steps "
+                    "of 100, 5 --fit trainings)")
+    ap.add_argument("--fit", action="store_true", help="whole trainings through the flow's code, not single steps")
+    ap.add_argument("--epochs", type=int, default=6, help="with --fit: epochs per training")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     k = args.members
-    steps = {"one network": one_network(), f"{k} block-diagonal": block_diagonal(k), f"{k} grouped bmm": grouped_bmm(k)}
-    best = {name: min(ms_per_step(step) for _ in range(args.repeats)) for name, step in steps.items()}
-    one = best.pop("one network")
-    rows = [("one network", one), (f"{k} one-by-one", k * one), *best.items()]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); LSTM hidden {H}, lookback {L}, batch {B}")
-    for name, ms in rows:
-        print(f"{name:<20} {ms:8.3f} ms/step   {ms / one:5.2f}x one network")
+    if not available():
+        raise SystemExit("the grouped operation could not be built (see the warning above)")
+    if args.fit:
+        whole_trainings(k, args.epochs, args.repeats or 5)
+        return
+    steps = {"one network": one_network(), f"{k} block-diagonal": block_diagonal(k), f"{k} grouped bmm": grouped_bmm(k),
+             f"{k} grouped C++": grouped_cpp(k)}
+    for step in steps.values():  # warm-up
+        ms_per_step(step, 20)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats or 15):
+        for name, step in steps.items():
+            times[name].append(ms_per_step(step))
+    times = {"one network": times["one network"], f"{k} one-by-one": [k * t for t in times["one network"]],
+             **{name: ts for name, ts in times.items() if name != "one network"}}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); LSTM hidden {H}, lookback {L}, "
+          f"batch {B}; {len(times['one network'])} alternated runs of 100 steps")
+    report(times, "ms/step", "{:8.3f}")
 
 
 if __name__ == "__main__":
