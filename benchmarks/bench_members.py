@@ -139,7 +139,7 @@ def whole_trainings(k: int, epochs: int, repeats: int) -> None:
             fit(m, train, val, mse_objective, cfg)
 
     def grouped():
-        fit_grouped(members(), train, val, mse_objective, cfgs)
+        fit_grouped(members(), [train] * k, [val] * k, mse_objective, cfgs)
 
     runs = {"one network": one, f"{k} one-by-one": one_by_one, f"{k} grouped": grouped}
     times: dict[str, list[float]] = {name: [] for name in runs}

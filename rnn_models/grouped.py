@@ -146,14 +146,17 @@ def unstacked(stacked: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t[k] for k in range(len(stacked[0])) for t in stacked]
 
 
-def fit_grouped(members: list[Forecaster], train_batches: Callable[[torch.Generator], Iterable],
-                val_batches: Callable[[], Iterable], objective: ForecastObjective, cfgs: list[TrainConfig],
+def fit_grouped(members: list[Forecaster], train_batches: list[Callable[[torch.Generator], Iterable]],
+                val_batches: list[Callable[[], Iterable]], objective: ForecastObjective, cfgs: list[TrainConfig],
                 checkpoints: list[Checkpoint | None] | None = None) -> list[FitResult] | None:
     """Train K members at once: what ``rnn_models.training.fit`` does for each, one optimizer
-    step for all per batch. Each member keeps its own state as ``fit`` keeps it (its seed's
-    shuffling of ``train_batches``, AdamW, gradient clipping, moving average, learning-rate
-    plateau, early stopping, best weights, checkpoint), so each ends as it would trained alone,
-    to float rounding; a member that stops early leaves the group and costs nothing after.
+    step for all per batch. Each member keeps its own state as ``fit`` keeps it (its data, its
+    seed's shuffling of it, AdamW, gradient clipping, moving average, learning-rate plateau,
+    early stopping, best weights, checkpoint), so each ends as it would trained alone, to float
+    rounding; a member that stops early leaves the group and costs nothing after. Member k's
+    training and validation batches are ``train_batches[k]`` and ``val_batches[k]`` (the same
+    function for every member, or each its own data set); every member's pass over its training
+    data must hold as many batches, of one size at each step.
 
     Returns each member's result, or None where the members cannot go on together: a budget
     (``minutes``), or checkpoints that stopped at different places (a run killed between two
@@ -182,15 +185,15 @@ def fit_grouped(members: list[Forecaster], train_batches: Callable[[torch.Genera
                 for g in run.opt.param_groups:
                     g["lr"] = run.cfg.lr * cosine((epoch - 1) / run.cfg.epochs)
             lrs.append(run.opt.param_groups[0]["lr"])
-        losses = _train_pass_grouped(group, [runs[k] for k in active], train_batches, objective,
-                                     [checkpoints[k] for k in active])
+        losses = _train_pass_grouped(group, [runs[k] for k in active], [train_batches[k] for k in active],
+                                     objective, [checkpoints[k] for k in active])
         seconds = (time.perf_counter() - t0) / len(active)  # each member's share of the group's time
         for k, lr, train_loss in zip(active, lrs, losses, strict=True):
             run = runs[k]
             run.result.samples += run.partial[1]
             run.scored.eval()
             with torch.no_grad():
-                val_loss = eval_pass(run.scored, val_batches(), objective, run.cfg)
+                val_loss = eval_pass(run.scored, val_batches[k](), objective, run.cfg)
             run.end_epoch(EpochStats(epoch, train_loss, val_loss, seconds, lr))
             if checkpoints[k] is not None:
                 checkpoints[k].write(*run.snapshot())
@@ -203,12 +206,12 @@ def fit_grouped(members: list[Forecaster], train_batches: Callable[[torch.Genera
     return [run.result for run in runs]
 
 
-def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], train_batches, objective,
+def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], train_batches: list, objective,
                         checkpoints: list[Checkpoint | None]) -> list[float]:
     """One pass over every member's shuffling of the batches; the members' mean losses. Leaves
     each run's ``partial`` at (summed loss, count) of the whole pass, for the caller."""
     start = runs[0].step
-    streams = [train_batches(run.start_epoch()) for run in runs]
+    streams = [batches(run.start_epoch()) for run, batches in zip(runs, train_batches, strict=True)]
     total = torch.tensor([run.partial[0] for run in runs])
     count = runs[0].partial[1]
     step = GroupStep(group, runs, objective)

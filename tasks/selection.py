@@ -23,7 +23,7 @@ from tasks.data import DataError, Series
 from tasks.evaluation import history_windows, run_backtest
 from tasks.features import build_chain, check_lookback, scale_and_window, split_series
 from tasks.panel import PanelData, panel_windows, score_panel, split_panel
-from tasks.training import Trained, train_forecaster, train_panel
+from tasks.training import Trained, train_candidates, train_forecaster, train_panel
 
 CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benchmarks/bench_accuracy.py
     "plain": ("none", "none", "none", "none"),
@@ -89,7 +89,7 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig,
     """The config with the transform settings of the candidate with the best validation MASE.
     ``checkpoints``: a folder for each candidate's training checkpoints."""
     logger = run_logger()
-    scores, reasons, trained, widened = {}, {}, {}, ""
+    scores, reasons, prepared, widened = {}, {}, {}, ""
     for name in CANDIDATES:
         trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
@@ -105,14 +105,17 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig,
                        f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
                        f"flow's split.")
             logger.info("--auto: %s", widened)
-        windows = scale_and_window(series, split, trial)
-        trained[name] = train_forecaster(series, windows, trial,
-                                         checkpoints=checkpoints and checkpoints / name.replace(" ", "-"))
+        prepared[name] = split, scale_and_window(series, split, trial), trial
+    # candidates whose networks and windows have one shape train together (tasks.training)
+    trained = train_candidates(series, {name: (windows, trial) for name, (_, windows, trial) in prepared.items()},
+                               {name: checkpoints and checkpoints / name.replace(" ", "-") for name in prepared})
+    for name, (split, windows, _) in prepared.items():
         pipeline = trained[name].pipeline()
         forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
         bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
         scores[name] = bt.scores[name]["mase"]
         logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
+    scores = {name: scores[name] for name in CANDIDATES}  # in the candidates' order, skipped ones too
     choice = best(scores, reasons, f"{series.source}: no --auto candidate could run on this series")
     return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
 

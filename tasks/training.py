@@ -98,20 +98,55 @@ class Batches:
 
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
                      checkpoints: Path | None = None) -> Trained:
-    """Train the config's network, or each of its ``--ensemble`` members in turn (seed + i).
+    """Train the config's network, or its ``--ensemble`` members (seed + i).
     ``first``: member 1 already trained on these windows with this config (--auto's choice).
     ``checkpoints``: a folder for each member's checkpoint (member-1, ...), resumed from if there."""
     device = resolve_device(cfg.device)
-    # the whole data set lives on the device; batches are index slices, not a DataLoader
+    members, fits = train_members(cfg, device, window_batches(windows, cfg, device), first, checkpoints)
+    return Trained(ForecastPipeline(members, windows.chain, series_meta(series, cfg)), fits, device)
+
+
+def train_candidates(series: Series, jobs: dict[str, tuple[Windows, TimeSeriesConfig]],
+                     checkpoints: dict[str, Path | None]) -> dict[str, Trained]:
+    """One network for each of several configs, each on its own windows (--auto's candidates).
+    Those whose networks and data have one shape (the cell, the number of training windows)
+    train together as one batched network, where they can; the rest one by one."""
+    trained: dict[str, Trained] = {}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, (windows, cfg) in jobs.items():
+        by_shape.setdefault((cfg.member_cells[0], len(windows.x_train), resolve_device(cfg.device)), []).append(name)
+    for (cell, _, device), names in by_shape.items():
+        if len(names) < 2 or not_groupable(cell, jobs[names[0]][1], device, jobs[names[0]][0].x_train.shape[2]):
+            continue
+        batches = {n: window_batches(jobs[n][0], jobs[n][1], device) for n in names}
+        ckpts = {n: open_checkpoint(checkpoints[n] and checkpoints[n] / "member-1", jobs[n][1], f"{n}: ")
+                 for n in names}
+        run_logger().info("--auto: training the candidates %s together as one batched network on %s",
+                          ", ".join(names), device)
+        done = fit_together(cell, [(jobs[n][1], jobs[n][1].seed, batches[n], ckpts[n]) for n in names], device)
+        for n, (model, result) in zip(names, done or [], strict=False):
+            log_member(f"{n}: ", result)
+            trained[n] = Trained(ForecastPipeline([model.cpu()], jobs[n][0].chain, series_meta(series, jobs[n][1])),
+                                 [result], device)
+    for name, (windows, cfg) in jobs.items():
+        if name not in trained:
+            trained[name] = train_forecaster(series, windows, cfg, checkpoints=checkpoints[name])
+    return {name: trained[name] for name in jobs}
+
+
+def window_batches(windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
+    """A forecaster's windows as the training loop reads them: the whole data set lives on the
+    device; batches are index slices, not a DataLoader."""
     x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
                               for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
-    batches = Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                      lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)))
-    members, fits = train_members(cfg, device, batches, first, checkpoints)
-    meta = {"lookback": cfg.lookback, "value_column": series.value_column,
+    return Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
+                   lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)))
+
+
+def series_meta(series: Series, cfg: TimeSeriesConfig) -> dict:
+    return {"lookback": cfg.lookback, "value_column": series.value_column,
             "covariate_columns": series.covariate_columns, "frequency": series.freq,
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
-    return Trained(ForecastPipeline(members, windows.chain, meta), fits, device)
 
 
 def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
@@ -147,8 +182,11 @@ def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: T
     todo = [i for i in range(K) if i not in trained]
     for cell in dict.fromkeys(cfg.member_cells[i] for i in todo):
         same = [i for i in todo if cfg.member_cells[i] == cell]
-        if len(same) > 1:
+        refusal = not_groupable(cell, cfg, device, batches.input_size) if len(same) > 1 else "one member"
+        if not refusal:
             trained.update(train_together(cell, same, cfg, device, batches, checkpoints))
+        elif len(same) > 1:
+            logger.info("members %s/%d train one by one: %s", ", ".join(str(i + 1) for i in same), K, refusal)
     for i in todo:
         if i not in trained:
             who = f"member {i + 1}/{K}: " if K > 1 else ""
@@ -163,27 +201,45 @@ def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: T
 
 def train_together(cell: str, which: list[int], cfg: TimeSeriesConfig, device: str, batches: Batches,
                    checkpoints: Path | None) -> dict[int, tuple[Forecaster, FitResult]]:
-    """Members ``which`` (indices, one cell) trained as one batched network; {} where they
-    cannot be (a GPU, a shape the grouped operation does not cover, no C++ compiler, checkpoints
-    of an interrupted run that stopped at different places): they then train one by one."""
-    models = [new_member(cell, cfg, cfg.seed + i, device, batches.input_size) for i in which]
-    if device != "cpu" or not groupable(models[0]) or not grouped_available():
-        return {}
-    K = cfg.ensemble
-    names = ", ".join(str(i + 1) for i in which)
+    """Ensemble members ``which`` (indices, one cell) trained as one batched network; {} where
+    they cannot be (see ``fit_together``): they then train one by one."""
+    K, names = cfg.ensemble, ", ".join(str(i + 1) for i in which)
     ckpts = [open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, f"member {i + 1}/{K}: ")
              for i in which]
     run_logger().info("members %s/%d: training %s together as one batched network on %s: %d train / %d "
                       "validation windows", names, K, cell, device, *batches.sizes)
-    results = fit_grouped(models, batches.train, batches.val, forecast_objective(cfg),
-                          [project(TrainConfig, cfg, device=device, seed=cfg.seed + i) for i in which], ckpts)
-    if results is None:
-        run_logger().info("members %s/%d: their checkpoints stopped at different places; training them one by "
-                          "one", names, K)
-        return {}
-    for i, result in zip(which, results, strict=True):
+    done = fit_together(cell, [(cfg, cfg.seed + i, batches, c) for i, c in zip(which, ckpts, strict=True)], device)
+    for i, (_, result) in zip(which, done or [], strict=False):
         log_member(f"member {i + 1}/{K}: ", result)
-    return dict(zip(which, zip(models, results, strict=True), strict=True))
+    return dict(zip(which, done, strict=True)) if done else {}
+
+
+def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:
+    """Why networks of ``cfg`` with ``cell`` cannot train as one batched network here; '' if they can."""
+    if device != "cpu":
+        return "the grouped operation runs on the CPU"
+    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
+    if not groupable(Forecaster(model_cfg)):
+        return "not a shape the grouped operation covers (rnn_models.grouped.groupable)"
+    if not grouped_available():
+        return "the grouped operation could not be built"
+    return ""
+
+
+def fit_together(cell: str, jobs: list[tuple[TimeSeriesConfig, int, Batches, Checkpoint | None]], device: str
+                 ) -> list[tuple[Forecaster, FitResult]] | None:
+    """Networks of one shape with ``cell``, each (config, seed, batches, checkpoint), trained as
+    one batched network (``rnn_models.grouped.fit_grouped``; ``not_groupable`` must have said yes).
+    None, said in the log, where the checkpoints of an interrupted run stopped at different places."""
+    models = [new_member(cell, cfg, seed, device, batches.input_size) for cfg, seed, batches, _ in jobs]
+    results = fit_grouped(models, [b.train for _, _, b, _ in jobs], [b.val for _, _, b, _ in jobs],
+                          forecast_objective(jobs[0][0]),
+                          [project(TrainConfig, cfg, device=device, seed=seed) for cfg, seed, _, _ in jobs],
+                          [c for *_, c in jobs])
+    if results is None:
+        run_logger().info("(not as one batched network: their checkpoints stopped at different places; one by one)")
+        return None
+    return list(zip(models, results, strict=True))
 
 
 def log_member(who: str, result: FitResult) -> None:

@@ -3,6 +3,8 @@ each member's own nn.LSTM, grouped training equals training the members one by o
 from its checkpoints, and the flow's members go through it."""
 
 import logging
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -14,7 +16,10 @@ from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
 from tasks.config import TimeSeriesConfig
-from tasks.training import Batches, train_member, train_members
+from tasks.data import generate_series
+from tasks.features import scale_and_window, split_series
+from tasks.selection import apply
+from tasks.training import Batches, train_candidates, train_forecaster, train_member, train_members
 
 pytestmark = pytest.mark.skipif(not available(), reason="the grouped C++ operation could not be built here")
 
@@ -79,7 +84,7 @@ def test_grouped_training_equals_one_by_one():
     alone = _members(SHAPE)
     expected = [fit(m, train, val, mse_objective, cfg) for m, cfg in zip(alone, CFGS, strict=True)]
     grouped = _members(SHAPE)
-    results = fit_grouped(grouped, train, val, mse_objective, CFGS)
+    results = fit_grouped(grouped, [train] * 3, [val] * 3, mse_objective, CFGS)
     for a, b, ma, mb in zip(expected, results, alone, grouped, strict=True):
         assert [s.epoch for s in b.history] == [s.epoch for s in a.history]
         assert b.best_epoch == a.best_epoch
@@ -98,7 +103,7 @@ class Interrupted(Exception):
 def test_grouped_training_resumes_from_its_checkpoints(tmp_path):
     train, val = _data()
     uninterrupted = _members(SHAPE)
-    fit_grouped(uninterrupted, train, val, mse_objective, CFGS)
+    fit_grouped(uninterrupted, [train] * 3, [val] * 3, mse_objective, CFGS)
 
     seen = []
 
@@ -111,10 +116,10 @@ def test_grouped_training_resumes_from_its_checkpoints(tmp_path):
 
     ckpts = [Checkpoint(tmp_path / f"member-{k}", every_seconds=0) for k in range(3)]
     with pytest.raises(Interrupted):
-        fit_grouped(_members(SHAPE), dies_in_epoch_3, val, mse_objective, CFGS, ckpts)
+        fit_grouped(_members(SHAPE), [dies_in_epoch_3] * 3, [val] * 3, mse_objective, CFGS, ckpts)
     assert [c.meta()["epoch"] for c in ckpts] == [2, 2, 2]
     resumed = _members(SHAPE, seeds=(7, 8, 9))  # other weights: the checkpoints must replace them
-    fit_grouped(resumed, train, val, mse_objective, CFGS, ckpts)
+    fit_grouped(resumed, [train] * 3, [val] * 3, mse_objective, CFGS, ckpts)
     for a, b in zip(uninterrupted, resumed, strict=True):
         for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(pa, pb), name
@@ -129,7 +134,7 @@ def test_checkpoints_at_different_places_are_left_to_one_by_one(tmp_path):
 
     with pytest.raises(Interrupted):  # member 0 killed after its first epoch, member 1 before it began
         fit(_members(SHAPE, seeds=(1,))[0], train, val, mse_objective, CFGS[0], interrupt, ckpts[0])
-    assert fit_grouped(_members(SHAPE, seeds=(1, 2)), train, val, mse_objective, CFGS[:2], ckpts) is None
+    assert fit_grouped(_members(SHAPE, seeds=(1, 2)), [train] * 2, [val] * 2, mse_objective, CFGS[:2], ckpts) is None
 
 
 def test_the_flows_members_train_together_as_one_by_one(caplog):
@@ -155,3 +160,22 @@ def test_members_of_other_cells_still_train_one_by_one(caplog):
     assert "members 1, 3/3: training lstm together" in caplog.text
     assert "member 2/3: training gru" in caplog.text
     assert all(len(f.history) == 1 for f in fits)
+
+
+def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
+    cfg = TimeSeriesConfig(length=600, epochs=3, hidden_size=32)
+    series = generate_series(cfg)
+    jobs = {}
+    for name in ("plain", "window-norm last", "window-norm mean"):
+        trial = replace(apply(cfg, name), ensemble=1)
+        jobs[name] = scale_and_window(series, split_series(series, trial), trial), trial
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        together = train_candidates(series, jobs, dict.fromkeys(jobs))
+    assert "training the candidates plain, window-norm last, window-norm mean together" in caplog.text
+    for name, (windows, trial) in jobs.items():
+        alone = train_forecaster(series, windows, trial).forecaster
+        mine = together[name].forecaster
+        assert mine.chain.to_list() == windows.chain.to_list() and mine.meta == alone.meta
+        for (key, pa), pb in zip(alone.members[0].state_dict().items(), mine.members[0].state_dict().values(),
+                                 strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
