@@ -107,38 +107,38 @@ class ForecastPipeline:
 
 class ForecastObjective:
     """The training loop's objective for forecasters: an elementwise loss in network units,
-    averaged. ``per_member`` scores K members' outputs at once (the grouped training's)."""
+    averaged. ``per_member`` scores K members' outputs at once, with the gradient the grouped
+    training steps on (``derivative``: the elementwise loss's, by the prediction; no autograd)."""
 
-    def __init__(self, elementwise):
-        self.elementwise = elementwise
+    def __init__(self, elementwise, derivative):
+        self.elementwise, self.derivative = elementwise, derivative
 
     def __call__(self, model: Forecaster, batch) -> tuple[torch.Tensor, int]:
         x, y = batch  # (B, L, F), (B, H)
         return self.elementwise(model(x).float(), y).mean(), len(x)
 
-    def per_member(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """out (K, B, H[, Q]), y (K, B, H) -> each member's mean loss (K,)."""
-        return self.elementwise(out.float(), y).flatten(1).mean(1)
+    def per_member(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """out (K, B, H[, Q]), y (K, B, H) -> (each member's mean loss (K,), the gradient of
+        their sum by ``out``)."""
+        out = out.float()
+        return self.elementwise(out, y).flatten(1).mean(1), self.derivative(out, y) / out[0].numel()
 
 
-def squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (pred - y) ** 2
-
-
-def absolute_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (pred - y).abs()
-
-
-mse_objective = ForecastObjective(squared_error)  # mean squared error
-mae_objective = ForecastObjective(absolute_error)  # learns the median, as sMAPE and MASE reward
+mse_objective = ForecastObjective(lambda pred, y: (pred - y) ** 2, lambda pred, y: 2 * (pred - y))
+# learns the median, as sMAPE and MASE reward
+mae_objective = ForecastObjective(lambda pred, y: (pred - y).abs(), lambda pred, y: (pred - y).sign())
 
 
 class PinballObjective(ForecastObjective):
     """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
 
     def __init__(self, quantiles: tuple[float, ...]):
-        super().__init__(self.pinball)
+        super().__init__(self.pinball, self.pinball_derivative)
         self.q = torch.tensor(quantiles, dtype=torch.float32)
+
+    def pinball_derivative(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        q = self.q.to(pred.device)
+        return torch.where(y[..., None] >= pred, -q, 1 - q)  # d/dpred of max(q e, (q - 1) e), e = y - pred
 
     def pinball(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         err = y[..., None] - pred  # (..., H, Q)

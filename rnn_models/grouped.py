@@ -136,8 +136,7 @@ class GroupedForecasters:
             grad, dw_ih, dw_hh, db = torch.ops.rnnflow_grouped.lstm_backward(grad, seq, w_ih, w_hh, h, c, gates,
                                                                            layer > 0)
             per_layer.insert(0, (dw_ih, dw_hh, db))
-        stacked = [t for dw_ih, dw_hh, db in per_layer for t in (dw_ih, dw_hh, db, db.clone())] + [head_w, head_b]
-        return stacked  # (two bias tensors: clipping scales each member's gradients in place)
+        return [t for dw_ih, dw_hh, db in per_layer for t in (dw_ih, dw_hh, db, db)] + [head_w, head_b]
 
 
 def unstacked(stacked: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -220,13 +219,14 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
             continue
         losses = step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
         n = len(batches[0][0])
-        total += losses.detach() * n
+        total += losses * n
         count += n
         if any(c is not None and c.due() for c in checkpoints):
             for run, ckpt, t in zip(runs, checkpoints, total.tolist(), strict=True):
                 run.step, run.partial = i + 1, (t, count)
                 if ckpt is not None:
                     ckpt.write(*run.snapshot())
+    step.close()
     for run, t in zip(runs, total.tolist(), strict=True):
         run.partial = (t, count)
     return [t / count if count else math.nan for t in total.tolist()]
@@ -264,27 +264,36 @@ class GroupStep:
         self.clip = torch.tensor(clips) if all(clips) else None
         if self.clip is None and any(clips):
             raise ValueError("grouped members clip alike: all of them or none")
-        self.plan: dict[tuple, list[int]] = {}  # AdamW settings -> the members that step with them
         self.states: list[list[torch.Tensor]] = []  # each parameter's step, exp_avg, exp_avg_sq
+        # every member's gradients in one row of one buffer, so that clipping each member to its own
+        # norm is two operations; the parameters' .grad are views into it, set once
+        shapes = [p.shape for p in self.params[:self.per_member]]
+        sizes = [p.numel() for p in self.params[:self.per_member]]
+        self.flat = torch.zeros(len(runs), sum(sizes))
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        self.stacked = [self.flat[:, a:a + n].view(len(runs), *shape) for a, n, shape in zip(starts, sizes, shapes,
+                                                                                               strict=True)]
+        self.grads = unstacked(self.stacked)
+        for p, g in zip(self.params, self.grads, strict=True):
+            p.grad = g
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (K, B, L, F), y (K, B, H): member k's batch in [k]. Returns the losses (K,), detached."""
         out, tape = self.group.forward(x)
-        out.requires_grad_(True)
-        losses = self.objective.per_member(out, y)
-        losses.sum().backward()
-        stacked = self.group.backward(tape, out.grad)
+        losses, grad_out = self.objective.per_member(out, y)
+        for into, grad in zip(self.stacked, self.group.backward(tape, grad_out), strict=True):
+            into.copy_(grad)
         if self.clip is not None:  # nn.utils.clip_grad_norm_ on each member's gradients
-            norms = torch.linalg.vector_norm(torch.cat([t.reshape(len(t), -1) for t in stacked], 1), dim=1)
-            coef = (self.clip / (norms + 1e-6)).clamp_(max=1.0)
-            for t in stacked:
-                t.mul_(coef.view(-1, *(1,) * (t.dim() - 1)))
-        grads = unstacked(stacked)
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = g
-        self._adamw(grads)
+            coef = (self.clip / (torch.linalg.vector_norm(self.flat, dim=1) + 1e-6)).clamp_(max=1.0)
+            self.flat.mul_(coef[:, None])
+        self._adamw(self.grads)
         self._average()
-        return losses.detach()
+        return losses
+
+    def close(self) -> None:
+        """Let go of the gradient buffer (the parameters' .grad)."""
+        for p in self.params:
+            p.grad = None
 
     def _adamw(self, grads: list[torch.Tensor]) -> None:
         plan: dict[tuple, list[int]] = {}

@@ -109,12 +109,13 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
 def train_candidates(series: Series, jobs: dict[str, tuple[Windows, TimeSeriesConfig]],
                      checkpoints: dict[str, Path | None]) -> dict[str, Trained]:
     """One network for each of several configs, each on its own windows (--auto's candidates).
-    Those whose networks and data have one shape (the cell, the number of training windows)
-    train together as one batched network, where they can; the rest one by one."""
+    Those whose networks and windows have one shape (the cell; the number, length and features
+    of the training windows) train together as one batched network, where they can; the rest
+    one by one."""
     trained: dict[str, Trained] = {}
     by_shape: dict[tuple, list[str]] = {}
     for name, (windows, cfg) in jobs.items():
-        by_shape.setdefault((cfg.member_cells[0], len(windows.x_train), resolve_device(cfg.device)), []).append(name)
+        by_shape.setdefault((cfg.member_cells[0], windows.x_train.shape, resolve_device(cfg.device)), []).append(name)
     for (cell, _, device), names in by_shape.items():
         if len(names) < 2 or not_groupable(cell, jobs[names[0]][1], device, jobs[names[0]][0].x_train.shape[2]):
             continue

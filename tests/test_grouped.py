@@ -46,9 +46,12 @@ def test_grouped_pass_equals_each_members_own(layers, patch, quantiles, objectiv
     out, tape = group.forward(x)
     own = torch.stack([m(x[k]) for k, m in enumerate(members)])
     torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-6)
-    out.requires_grad_(True)
-    objective.per_member(out, y).sum().backward()
-    grads = unstacked(group.backward(tape, out.grad))
+    losses, grad = objective.per_member(out, y)
+    mine = out.detach().requires_grad_(True)  # the objective's own gradient is autograd's
+    torch.testing.assert_close(losses, objective.per_member(mine, y)[0])
+    objective.elementwise(mine.float(), y).flatten(1).mean(1).sum().backward()
+    torch.testing.assert_close(grad, mine.grad)
+    grads = unstacked(group.backward(tape, grad))
     sum(objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)).backward()
     assert len(grads) == len(group.params)
     for g, p in zip(grads, group.params, strict=True):
@@ -169,9 +172,12 @@ def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
     for name in ("plain", "window-norm last", "window-norm mean"):
         trial = replace(apply(cfg, name), ensemble=1)
         jobs[name] = scale_and_window(series, split_series(series, trial), trial), trial
+    longer = replace(apply(cfg, "plain"), ensemble=1, lookback=30)  # windows of another length: on its own
+    jobs["plain, lookback 30"] = scale_and_window(series, split_series(series, longer), longer), longer
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         together = train_candidates(series, jobs, dict.fromkeys(jobs))
     assert "training the candidates plain, window-norm last, window-norm mean together" in caplog.text
+    assert together["plain, lookback 30"].forecaster.lookback == 30
     for name, (windows, trial) in jobs.items():
         alone = train_forecaster(series, windows, trial).forecaster
         mine = together[name].forecaster
