@@ -20,7 +20,9 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -50,19 +52,21 @@ def build_directory() -> Path:
 @functools.cache
 def available() -> bool:
     """Whether the grouped operation is loaded (built first if need be); False, with the reason
-    logged once, where it cannot be built (no C++ compiler, say)."""
-    directory = build_directory()
-    library = directory / "rnnflow_grouped.so"
+    logged once, where it cannot be built (no C++ compiler, say). A build happens in a folder of
+    its own and its library is renamed into place whole, so runs that start at once on a fresh
+    install each build or load a complete one, and an interrupted build leaves nothing behind."""
+    library = build_directory() / "rnnflow_grouped.so"
     try:
         if library.exists():
             torch.ops.load_library(str(library))
         else:
             from torch.utils import cpp_extension
 
-            directory.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load("rnnflow_grouped", [str(SOURCE)], build_directory=str(directory),
-                               extra_cflags=CFLAGS,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent, prefix="build-") as tmp:
+                cpp_extension.load("rnnflow_grouped", [str(SOURCE)], build_directory=tmp, extra_cflags=CFLAGS,
+                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+                os.replace(Path(tmp) / library.name, library)  # loaded already, from its build folder
     except Exception as exc:  # noqa: BLE001 -- any build failure means: train one by one
         log.warning("grouped training unavailable, members train one by one (%s)",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
