@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@# ensemble members train as one batched network through a C++ operation: build it now (a
-	@# minute, once) rather than in the first run; without a compiler they train one by one
+	@# ensemble members train as one batched network through a C++ operation: build it now (10-30
+	@# s, once) rather than in the first run; without a compiler they train one by one
 	-$(PY) -m rnn_models.grouped
 	touch $(STAMP)
 

@@ -124,9 +124,24 @@ class ForecastObjective:
         return self.elementwise(out, y).flatten(1).mean(1), self.derivative(out, y) / out[0].numel()
 
 
-mse_objective = ForecastObjective(lambda pred, y: (pred - y) ** 2, lambda pred, y: 2 * (pred - y))
-# learns the median, as sMAPE and MASE reward
-mae_objective = ForecastObjective(lambda pred, y: (pred - y).abs(), lambda pred, y: (pred - y).sign())
+def _squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y) ** 2
+
+
+def _squared_derivative(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 2 * (pred - y)
+
+
+def _absolute(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y).abs()
+
+
+def _absolute_derivative(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred - y).sign()
+
+
+mse_objective = ForecastObjective(_squared, _squared_derivative)
+mae_objective = ForecastObjective(_absolute, _absolute_derivative)  # learns the median, as sMAPE and MASE reward
 
 
 class PinballObjective(ForecastObjective):

@@ -219,8 +219,7 @@ def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int
     """Why networks of ``cfg`` with ``cell`` cannot train as one batched network here; '' if they can."""
     if device != "cpu":
         return "the grouped operation runs on the CPU"
-    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
-    if not groupable(Forecaster(model_cfg)):
+    if not groupable(Forecaster(member_config(cell, cfg, input_size))):
         return "not a shape the grouped operation covers (rnn_models.grouped.groupable)"
     if not grouped_available():
         return "the grouped operation could not be built"
@@ -250,10 +249,13 @@ def log_member(who: str, result: FitResult) -> None:
 
 def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_size: int) -> Forecaster:
     """A network of the config's shape with ``cell``, its weights drawn from ``seed``."""
-    model_cfg = project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
     with init_lock():
         seed_everything(seed)
-        return Forecaster(model_cfg).to(device)
+        return Forecaster(member_config(cell, cfg, input_size)).to(device)
+
+
+def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int) -> ForecasterConfig:
+    return project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
 
 
 def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
