@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -49,12 +50,21 @@ def build_directory() -> Path:
     return Path(sys.prefix) / "rnnflow-ext" / f"grouped-{key}"
 
 
-@functools.cache
 def available() -> bool:
     """Whether the grouped operation is loaded (built first if need be); False, with the reason
     logged once, where it cannot be built (no C++ compiler, say). A build happens in a folder of
     its own and its library is renamed into place whole, so runs that start at once on a fresh
-    install each build or load a complete one, and an interrupted build leaves nothing behind."""
+    install each build or load a complete one, and an interrupted build leaves nothing behind.
+    Threads of one process (a sweep's trials) take turns: the library is loaded once."""
+    with _LOADING:
+        return _load()
+
+
+_LOADING = threading.Lock()
+
+
+@functools.cache
+def _load() -> bool:
     library = build_directory() / "rnnflow_grouped.so"
     try:
         if library.exists():

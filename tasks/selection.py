@@ -23,7 +23,7 @@ from tasks.data import DataError, Series
 from tasks.evaluation import history_windows, run_backtest
 from tasks.features import build_chain, check_lookback, scale_and_window, split_series
 from tasks.panel import PanelData, panel_windows, score_panel, split_panel
-from tasks.training import Trained, train_candidates, train_forecaster, train_panel
+from tasks.training import Trained, panel_candidate, series_candidate, train_candidates, train_forecaster, train_panel
 
 CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benchmarks/bench_accuracy.py
     "plain": ("none", "none", "none", "none"),
@@ -107,8 +107,9 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig,
             logger.info("--auto: %s", widened)
         prepared[name] = split, scale_and_window(series, split, trial), trial
     # candidates whose networks and windows have one shape train together (tasks.training)
-    trained = train_candidates(series, {name: (windows, trial) for name, (_, windows, trial) in prepared.items()},
-                               {name: checkpoints and checkpoints / name.replace(" ", "-") for name in prepared})
+    folders = {name: checkpoints and checkpoints / name.replace(" ", "-") for name in prepared}
+    trained = train_candidates({name: series_candidate(series, windows, trial, folders[name])
+                                for name, (_, windows, trial) in prepared.items()}, folders)
     for name, (split, windows, _) in prepared.items():
         pipeline = trained[name].pipeline()
         forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
@@ -155,7 +156,8 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
     """--auto for a global model: each candidate trains one network on every series' training
     part and is scored by the mean over series of its validation MASE."""
     logger, split = run_logger(), split_panel(panel, cfg)
-    scores, reasons, trained = {}, {}, {}
+    scores, reasons, candidates = {}, {}, {}
+    folders = {name: checkpoints and checkpoints / name.replace(" ", "-") for name in PANEL_CANDIDATES}
     for name in PANEL_CANDIDATES:
         trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
@@ -163,13 +165,15 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
         except ConfigError as e:
             scores[name], reasons[name] = float("nan"), str(e)
             continue
-        trained[name] = train_panel(panel, split, build_chain(trial, panel.season_length), trial,
-                                    checkpoints=checkpoints and checkpoints / name.replace(" ", "-"))
+        candidates[name] = panel_candidate(panel, split, build_chain(trial, panel.season_length), trial, folders[name])
+    trained = train_candidates(candidates, folders)  # those of one shape together (tasks.training)
+    for name in trained:
         pipeline = trained[name].pipeline()
         origins = split.origins("val", cfg.lookback, cfg.horizon)
         forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, cfg.lookback)))
         scores[name] = score_panel(panel, split, origins, cfg.horizon, {name: forecast}).scores[name]["mase"]
         logger.info("--auto: %s scores mean validation MASE %.4f", name, scores[name])
+    scores = {name: scores[name] for name in PANEL_CANDIDATES}  # in the candidates' order, skipped ones too
     choice = best(scores, reasons, f"{panel.source}: no --auto candidate could run on these series")
     return apply(cfg, choice), Selection(choice, scores, reasons, trained[choice])
 

@@ -106,33 +106,51 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
     return Trained(ForecastPipeline(members, windows.chain, series_meta(series, cfg)), fits, device)
 
 
-def train_candidates(series: Series, jobs: dict[str, tuple[Windows, TimeSeriesConfig]],
-                     checkpoints: dict[str, Path | None]) -> dict[str, Trained]:
-    """One network for each of several configs, each on its own windows (--auto's candidates).
-    Those whose networks and windows have one shape (the cell; the number, length and features
-    of the training windows) train together as one batched network, where they can; the rest
-    one by one."""
+@dataclass
+class Candidate:
+    """One network to train among several (``train_candidates``): its config, its data, and how
+    its trained network becomes a ``Trained`` (``finish``) or, where it cannot be grouped, is
+    trained on its own (``alone``)."""
+
+    cfg: TimeSeriesConfig
+    batches: Batches
+    windows: tuple  # the shape of its training data: (number, length, features) of windows
+    finish: Callable[[Forecaster, FitResult], Trained]
+    alone: Callable[[], Trained]
+
+
+def train_candidates(candidates: dict[str, Candidate], checkpoints: dict[str, Path | None]) -> dict[str, Trained]:
+    """One network for each of several configs, each on its own data (--auto's candidates).
+    Those whose networks and data have one shape (the cell; the number, length and features of
+    the training windows) train together as one batched network, where they can; the rest one
+    by one."""
     trained: dict[str, Trained] = {}
     by_shape: dict[tuple, list[str]] = {}
-    for name, (windows, cfg) in jobs.items():
-        by_shape.setdefault((cfg.member_cells[0], windows.x_train.shape, resolve_device(cfg.device)), []).append(name)
+    for name, c in candidates.items():
+        by_shape.setdefault((c.cfg.member_cells[0], c.windows, resolve_device(c.cfg.device)), []).append(name)
     for (cell, _, device), names in by_shape.items():
-        if len(names) < 2 or not_groupable(cell, jobs[names[0]][1], device, jobs[names[0]][0].x_train.shape[2]):
+        first = candidates[names[0]]
+        if len(names) < 2 or not_groupable(cell, first.cfg, device, first.batches.input_size):
             continue
-        batches = {n: window_batches(jobs[n][0], jobs[n][1], device) for n in names}
-        ckpts = {n: open_checkpoint(checkpoints[n] and checkpoints[n] / "member-1", jobs[n][1], f"{n}: ")
+        ckpts = {n: open_checkpoint(checkpoints[n] and checkpoints[n] / "member-1", candidates[n].cfg, f"{n}: ")
                  for n in names}
         run_logger().info("--auto: training the candidates %s together as one batched network on %s",
                           ", ".join(names), device)
-        done = fit_together(cell, [(jobs[n][1], jobs[n][1].seed, batches[n], ckpts[n]) for n in names], device)
+        done = fit_together(cell, [(candidates[n].cfg, candidates[n].cfg.seed, candidates[n].batches, ckpts[n])
+                                   for n in names], device)
         for n, (model, result) in zip(names, done or [], strict=False):
             log_member(f"{n}: ", result)
-            trained[n] = Trained(ForecastPipeline([model.cpu()], jobs[n][0].chain, series_meta(series, jobs[n][1])),
-                                 [result], device)
-    for name, (windows, cfg) in jobs.items():
-        if name not in trained:
-            trained[name] = train_forecaster(series, windows, cfg, checkpoints=checkpoints[name])
-    return {name: trained[name] for name in jobs}
+            trained[n] = candidates[n].finish(model.cpu(), result)
+    return {name: trained[name] if name in trained else c.alone() for name, c in candidates.items()}
+
+
+def series_candidate(series: Series, windows: Windows, cfg: TimeSeriesConfig, checkpoints: Path | None) -> Candidate:
+    """A candidate network on one series' windows (``choose_settings``)."""
+    device = resolve_device(cfg.device)
+    return Candidate(cfg, window_batches(windows, cfg, device), windows.x_train.shape,
+                     lambda model, result: Trained(ForecastPipeline([model], windows.chain, series_meta(series, cfg)),
+                                                   [result], device),
+                     lambda: train_forecaster(series, windows, cfg, checkpoints=checkpoints))
 
 
 def window_batches(windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
@@ -156,18 +174,35 @@ def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeri
     live on the device end to end, each batch of windows is gathered there by index and
     normalised window by window (``rnn_models.panel``), never materialised all at once."""
     device = resolve_device(cfg.device)
+    members, fits = train_members(cfg, device, panel_batches(panel, split, chain, cfg, device), first, checkpoints)
+    return Trained(ForecastPipeline(members, chain, panel_meta(panel, cfg)), fits, device)
+
+
+def panel_candidate(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
+                    checkpoints: Path | None) -> Candidate:
+    """A candidate global network (``choose_panel_settings``)."""
+    device = resolve_device(cfg.device)
+    batches = panel_batches(panel, split, chain, cfg, device)
+    return Candidate(cfg, batches, (batches.sizes[0], cfg.lookback, 1),
+                     lambda model, result: Trained(ForecastPipeline([model], chain, panel_meta(panel, cfg)), [result],
+                                                   device),
+                     lambda: train_panel(panel, split, chain, cfg, checkpoints=checkpoints))
+
+
+def panel_batches(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig, device: str) -> Batches:
     data = Panel.from_series(panel.values, panel.ids, device=device)
     L, H = cfg.lookback, cfg.horizon
     train = PanelWindows(data, L, H, *split.part("train"), stride=cfg.stride)
     val = PanelWindows(data, L, H, *split.part("val"))
-    batches = Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
-                      lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)))
-    members, fits = train_members(cfg, device, batches, first, checkpoints)
-    meta = {"lookback": L, "value_column": panel.value_column, "covariate_columns": [],
+    return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
+                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)))
+
+
+def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
+    return {"lookback": cfg.lookback, "value_column": panel.value_column, "covariate_columns": [],
             "id_column": panel.id_column, "time_column": panel.time_column, "series": len(panel),
             "frequency": panel.freq, "season_length": panel.season_length, "trained_on": panel.source,
             "data_sha256": panel.sha256}
-    return Trained(ForecastPipeline(members, chain, meta), fits, device)
 
 
 def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: Trained | None,

@@ -17,9 +17,18 @@ from rnn_models.training import TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
-from tasks.features import scale_and_window, split_series
-from tasks.selection import apply
-from tasks.training import Batches, train_candidates, train_forecaster, train_member, train_members
+from tasks.features import build_chain, scale_and_window, split_series
+from tasks.panel import load_panel, split_panel
+from tasks.selection import apply, choose_panel_settings
+from tasks.training import (
+    Batches,
+    series_candidate,
+    train_candidates,
+    train_forecaster,
+    train_member,
+    train_members,
+    train_panel,
+)
 
 pytestmark = pytest.mark.skipif(not available(), reason="the grouped C++ operation could not be built here")
 
@@ -175,7 +184,8 @@ def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
     longer = replace(apply(cfg, "plain"), ensemble=1, lookback=30)  # windows of another length: on its own
     jobs["plain, lookback 30"] = scale_and_window(series, split_series(series, longer), longer), longer
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        together = train_candidates(series, jobs, dict.fromkeys(jobs))
+        together = train_candidates({n: series_candidate(series, w, c, None) for n, (w, c) in jobs.items()},
+                                    dict.fromkeys(jobs))
     assert "training the candidates plain, window-norm last, window-norm mean together" in caplog.text
     assert together["plain, lookback 30"].forecaster.lookback == 30
     for name, (windows, trial) in jobs.items():
@@ -185,3 +195,21 @@ def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
         for (key, pa), pb in zip(alone.members[0].state_dict().items(), mine.members[0].state_dict().values(),
                                  strict=True):
             torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
+    path = tmp_path / "meters.csv"
+    synthetic.panel(8, 200, seed=3, min_length=200).to_csv(path, index=False)
+    cfg = TimeSeriesConfig(source="file", data=str(path), id_column="id", season_length=24, lookback=24, horizon=6,
+                           hidden_size=16, epochs=2, batch_size=64, ensemble=1, device="cpu")
+    panel = load_panel(cfg.data, "", cfg)
+    cfg = cfg.settled(panel.season_length)
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        _, selection = choose_panel_settings(panel, cfg)
+    assert "--auto: training the candidates window-norm last, window-norm mean, window-norm last + seasonal " \
+           "baseline together" in caplog.text
+    chosen = replace(apply(cfg, selection.choice), ensemble=1)
+    alone = train_panel(panel, split_panel(panel, chosen), build_chain(chosen, panel.season_length), chosen)
+    for (key, pa), pb in zip(alone.forecaster.members[0].state_dict().items(),
+                             selection.trained.forecaster.members[0].state_dict().values(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=key)
