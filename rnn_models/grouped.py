@@ -1,16 +1,18 @@
 """K forecasters of one shape trained as one batched network on the CPU.
 
 Ensemble members differ only in their seed: same shape, own weights, own shuffling of the same
-windows. :class:`GroupedForecasters` runs the K members' forward and backward passes as one
-operation per layer (``csrc/grouped_lstm.cpp``: every member and slice of the batch an independent
-recurrence, spread over the threads; two small GEMMs and one fused gate pass per time step), so
-that K members cost far less than K times one network. The members stay ordinary
+windows (``--auto``'s candidates: same shape, each its own windows). :class:`GroupedForecasters`
+runs the K members' forward and backward passes as one operation per layer
+(``csrc/grouped_lstm.cpp``: every member and slice of the batch an independent recurrence,
+spread over the threads; one recurrent product and one fused gate pass per time step), so that
+K members cost far less than K times one network. The members stay ordinary
 :class:`~rnn_models.recurrent.Forecaster` modules: their parameters are the ones trained, and
 what is saved and served is unchanged.
 
-The operation is C++ compiled on first use (``torch.utils.cpp_extension``, a minute, cached in
-the Python environment; ``python -m rnn_models.grouped`` builds it ahead). Where it cannot be
-built, or a member's shape is not one it covers (:func:`groupable`), members train one by one.
+The operation is C++ compiled on first use (``torch.utils.cpp_extension``, 10-30 s, cached in
+the Python environment; ``python -m rnn_models.grouped`` builds it ahead, as ``make install``
+does). Where it cannot be built, or a member's shape is not one it covers (:func:`groupable`),
+members train one by one.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class GroupedForecasters:
     what its backward pass needs; ``backward(tape, grad)`` gives each member's parameter gradients
     from the outputs' gradient, in ``params`` order (each member's ``parameters()`` in turn). The
     recurrence runs in the C++ operation, one call per layer for all members; the heads are batched
-    matrix products. Only the loss on the outputs is left to autograd (``GroupStep``)."""
+    matrix products. No autograd: the outputs' gradient comes from the objective's own derivative
+    (``GroupStep``)."""
 
     def __init__(self, members: list[Forecaster]):
         first = members[0].cfg
@@ -137,7 +140,7 @@ class GroupedForecasters:
     @torch.no_grad()
     def backward(self, tape: list, grad: torch.Tensor) -> list[torch.Tensor]:
         """The gradients of every member, stacked: one (K, ...) tensor per parameter of a member,
-        in ``parameters()`` order (see ``unstacked``)."""
+        in ``parameters()`` order (see ``unstacked``); b_ih's and b_hh's are one tensor, twice."""
         grad = grad.reshape(*grad.shape[:2], -1)  # (K, B, O)
         last, w_out = tape.pop()
         head_w = torch.bmm(grad.transpose(1, 2), last)  # (K, O, H)

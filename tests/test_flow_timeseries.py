@@ -90,9 +90,10 @@ def test_served_model_reproduces_the_flow_backtest(mlflow_store):
     whole = forecast_with(model.predict, series, origins, 3)
     bt = run_backtest(series, split, origins, 3, {"served": whole})
     assert bt.scores["served"]["mase"] == pytest.approx(result["scores"]["rnnflow-lstm"]["mase"], rel=1e-5)
-    # re-scoring it as a champion (every origin in one batch through its pipeline) gives the same score
+    # re-scoring it as a champion (every origin in one batch through its pipeline) gives the same score,
+    # to float32 rounding: oneDNN's LSTM rounds a batch of 240 windows and one window apart in the last bit
     assert backtest_registered(result["model_uri"], series, split, origins, 3) == pytest.approx(
-        bt.scores["served"]["mase"], rel=1e-9)
+        bt.scores["served"]["mase"], rel=1e-6)
 
 
 def test_champion_moves_only_to_a_better_model(mlflow_store):

@@ -3,9 +3,10 @@
 //
 // Every (member, slice of the batch) pair is an independent recurrence, so the work is cut into
 // K x chunks tasks that at::parallel_for spreads over the threads with no synchronisation inside
-// the time loop. Each time step is two small GEMMs (the BLAS's sgemm) and one fused
-// pass over the gates. The backward pass keeps every step's gate gradients and forms the weight
-// gradients after the loop as one large GEMM per member (over all steps and rows at once).
+// the time loop. Each time step is one recurrent product (small_mm, in vector registers) and one
+// fused pass over the gates (the input projection folded into it). The backward pass keeps every
+// step's gate gradients and forms the weight gradients after the loop as one large BLAS product
+// per member and gate (over all steps and rows at once).
 //
 // Layout: time-major. x (K, T, B, I); h and c (K, T+1, B, H), index 0 the zero initial state;
 // gates (K, T, B, 4H) after their activations, in PyTorch's order i, f, g, o. Weights are
