@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import os
+import platform
 import sys
 import tempfile
 import threading
@@ -47,9 +48,18 @@ log = logging.getLogger(__name__)
 
 def build_directory() -> Path:
     """Where the compiled operation is cached: inside the Python environment, keyed by the
-    source, the flags and torch's version, so a change to any of them rebuilds it."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS]).encode()).hexdigest()[:12]
-    return Path(sys.prefix) / "rnnflow-ext" / f"grouped-{key}"
+    source, the flags, torch's version and the CPU's instruction sets (it is compiled for this
+    CPU: an environment copied to another machine builds its own rather than crash)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS, _cpu_flags()]).encode())
+    return Path(sys.prefix) / "rnnflow-ext" / f"grouped-{key.hexdigest()[:12]}"
+
+
+def _cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
 
 
 def available() -> bool:
