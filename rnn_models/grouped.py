@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastObjective
 from rnn_models.recurrent import Forecaster
-from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, cosine, eval_pass
+from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "grouped_lstm.cpp"
 # -ffast-math lets the gate loops call glibc's vector exp and tanh; it is not passed to the link,
@@ -192,8 +192,7 @@ def fit_grouped(members: list[Forecaster], train_batches: list[Callable[[torch.G
     if any(run.budget is not None for run in runs):
         return None
     for run, ckpt in zip(runs, checkpoints, strict=True):
-        if ckpt is not None and ckpt.exists():
-            run.restore(*ckpt.read())
+        run.resume_from(ckpt)
     active = [k for k, run in enumerate(runs) if not run.finished]
     if len({(runs[k].epoch, runs[k].step) for k in active}) > 1:
         return None
@@ -204,31 +203,19 @@ def fit_grouped(members: list[Forecaster], train_batches: list[Callable[[torch.G
         t0 = time.perf_counter()
         group = GroupedForecasters([members[k] for k in active])
         epoch = runs[active[0]].epoch + 1
-        lrs = []
-        for k in active:
-            run = runs[k]
-            if run.cfg.cosine:
-                for g in run.opt.param_groups:
-                    g["lr"] = run.cfg.lr * cosine((epoch - 1) / run.cfg.epochs)
-            lrs.append(run.opt.param_groups[0]["lr"])
+        lrs = [runs[k].begin_epoch(epoch) for k in active]
         losses = _train_pass_grouped(group, [runs[k] for k in active], [train_batches[k] for k in active],
                                      objective, [checkpoints[k] for k in active])
         seconds = (time.perf_counter() - t0) / len(active)  # each member's share of the group's time
         for k, lr, train_loss in zip(active, lrs, losses, strict=True):
             run = runs[k]
-            run.result.samples += run.partial[1]
-            run.scored.eval()
-            with torch.no_grad():
-                val_loss = eval_pass(run.scored, val_batches[k](), objective, run.cfg)
-            run.end_epoch(EpochStats(epoch, train_loss, val_loss, seconds, lr))
-            if checkpoints[k] is not None:
-                checkpoints[k].write(*run.snapshot())
+            val_loss = run.validate(val_batches[k](), run.partial[1])
+            run.end_epoch(EpochStats(epoch, train_loss, val_loss, seconds, lr), checkpoints[k])
         bar.update(1)
         active = [k for k in active if not runs[k].finished]
     bar.close()
-    for member, run in zip(members, runs, strict=True):
-        if run.best_state is not None:
-            member.load_state_dict(run.best_state)
+    for run in runs:
+        run.keep_best()
     return [run.result for run in runs]
 
 

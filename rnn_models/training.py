@@ -123,8 +123,7 @@ def fit(
     every ``checkpoint.every_seconds`` inside one; if the checkpoint exists, training resumes
     from it and ends exactly where an uninterrupted run would (on the CPU)."""
     run = TrainingRun(model, objective, cfg)
-    if checkpoint is not None and checkpoint.exists():
-        run.restore(*checkpoint.read())
+    run.resume_from(checkpoint)
     # disable=None: a bar only on a terminal, not in logs
     bar = tqdm(range(run.epoch + 1, cfg.epochs + 1), desc="train", unit="epoch", leave=False,
                disable=None if cfg.progress and not run.finished else True)
@@ -133,26 +132,16 @@ def fit(
             break
         t0 = time.perf_counter()
         model.train()
-        if cfg.cosine and run.budget is None:
-            for group in run.opt.param_groups:
-                group["lr"] = cfg.lr * cosine((epoch - 1) / cfg.epochs)
-        lr = run.opt.param_groups[0]["lr"]
+        lr = run.begin_epoch(epoch)
         train_loss, n = _train_pass(run, train_batches(run.start_epoch()), checkpoint)
-        run.result.samples += n
-        model.eval()
-        run.scored.eval()
-        with torch.no_grad():
-            val_loss = eval_pass(run.scored, val_batches(), objective, cfg)
+        val_loss = run.validate(val_batches(), n)
         stats = EpochStats(epoch, train_loss, val_loss, time.perf_counter() - t0, lr)
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-        run.end_epoch(stats)
-        if checkpoint is not None:  # first: an epoch announced by on_epoch (a log line) survives a kill
-            checkpoint.write(*run.snapshot())
+        run.end_epoch(stats, checkpoint)  # first: an epoch announced by on_epoch (a log line) survives a kill
         if on_epoch is not None:
             on_epoch(stats, model)
     bar.close()
-    if run.best_state is not None:
-        model.load_state_dict(run.best_state)
+    run.keep_best()
     return run.result
 
 
@@ -185,7 +174,36 @@ class TrainingRun:
             self.gen.set_state(self.epoch_gen)
         return self.gen
 
-    def end_epoch(self, stats: EpochStats) -> None:
+    def resume_from(self, checkpoint: Checkpoint | None) -> None:
+        """Go on from ``checkpoint`` where it exists."""
+        if checkpoint is not None and checkpoint.exists():
+            self.restore(*checkpoint.read())
+
+    def begin_epoch(self, epoch: int) -> float:
+        """The learning rate epoch ``epoch`` begins with, set first where it follows a cosine over
+        the epochs (``cfg.cosine`` without a budget)."""
+        if self.cfg.cosine and self.budget is None:
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.lr * cosine((epoch - 1) / self.cfg.epochs)
+        return self.opt.param_groups[0]["lr"]
+
+    def validate(self, batches: Iterable[Batch], samples: int) -> float:
+        """After a training pass over ``samples`` examples: the validation loss of the weights
+        that are scored (the moving average, if any)."""
+        self.result.samples += samples
+        self.model.eval()
+        self.scored.eval()
+        with torch.no_grad():
+            return eval_pass(self.scored, batches, self.objective, self.cfg)
+
+    def keep_best(self) -> None:
+        """Put the best weights validated back into the model."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    def end_epoch(self, stats: EpochStats, checkpoint: Checkpoint | None = None) -> None:
+        """Record the epoch: best weights, plateau, whether training is finished; then write the
+        whole state to ``checkpoint``, if any."""
         if not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss)):
             bad = stats.train_loss if not math.isfinite(stats.train_loss) else stats.val_loss
             raise NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} (lr={self.cfg.lr}, clip={self.cfg.clip});"
@@ -202,6 +220,8 @@ class TrainingRun:
         self.epoch, self.step, self.partial = stats.epoch, 0, (0.0, 0)
         self.finished = (stats.epoch >= self.cfg.epochs or bool(self.cfg.patience and self.stale >= self.cfg.patience)
                          or (self.budget is not None and self.budget.spent))
+        if checkpoint is not None:
+            checkpoint.write(*self.snapshot())
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able rest) of the whole state, for ``Checkpoint.write``."""
