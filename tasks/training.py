@@ -132,14 +132,11 @@ def train_candidates(candidates: dict[str, Candidate], checkpoints: dict[str, Pa
         first = candidates[names[0]]
         if len(names) < 2 or not_groupable(cell, first.cfg, device, first.batches.input_size):
             continue
-        ckpts = {n: open_checkpoint(checkpoints[n] and checkpoints[n] / "member-1", candidates[n].cfg, f"{n}: ")
-                 for n in names}
         run_logger().info("--auto: training the candidates %s together as one batched network on %s",
                           ", ".join(names), device)
-        done = fit_together(cell, [(candidates[n].cfg, candidates[n].cfg.seed, candidates[n].batches, ckpts[n])
-                                   for n in names], device)
+        done = fit_together(cell, [(f"{n}: ", candidates[n].cfg, candidates[n].cfg.seed, candidates[n].batches,
+                                    checkpoints[n] and checkpoints[n] / "member-1") for n in names], device)
         for n, (model, result) in zip(names, done or [], strict=False):
-            log_member(f"{n}: ", result)
             trained[n] = candidates[n].finish(model.cpu(), result)
     return {name: trained[name] if name in trained else c.alone() for name, c in candidates.items()}
 
@@ -240,13 +237,10 @@ def train_together(cell: str, which: list[int], cfg: TimeSeriesConfig, device: s
     """Ensemble members ``which`` (indices, one cell) trained as one batched network; {} where
     they cannot be (see ``fit_together``): they then train one by one."""
     K, names = cfg.ensemble, ", ".join(str(i + 1) for i in which)
-    ckpts = [open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, f"member {i + 1}/{K}: ")
-             for i in which]
     run_logger().info("members %s/%d: training %s together as one batched network on %s: %d train / %d "
                       "validation windows", names, K, cell, device, *batches.sizes)
-    done = fit_together(cell, [(cfg, cfg.seed + i, batches, c) for i, c in zip(which, ckpts, strict=True)], device)
-    for i, (_, result) in zip(which, done or [], strict=False):
-        log_member(f"member {i + 1}/{K}: ", result)
+    done = fit_together(cell, [(f"member {i + 1}/{K}: ", cfg, cfg.seed + i, batches,
+                                checkpoints and checkpoints / f"member-{i + 1}") for i in which], device)
     return dict(zip(which, done, strict=True)) if done else {}
 
 
@@ -261,19 +255,22 @@ def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int
     return ""
 
 
-def fit_together(cell: str, jobs: list[tuple[TimeSeriesConfig, int, Batches, Checkpoint | None]], device: str
+def fit_together(cell: str, jobs: list[tuple[str, TimeSeriesConfig, int, Batches, Path | None]], device: str
                  ) -> list[tuple[Forecaster, FitResult]] | None:
-    """Networks of one shape with ``cell``, each (config, seed, batches, checkpoint), trained as
-    one batched network (``rnn_models.grouped.fit_grouped``; ``not_groupable`` must have said yes).
-    None, said in the log, where the checkpoints of an interrupted run stopped at different places."""
-    models = [new_member(cell, cfg, seed, device, batches.input_size) for cfg, seed, batches, _ in jobs]
-    results = fit_grouped(models, [b.train for _, _, b, _ in jobs], [b.val for _, _, b, _ in jobs],
-                          forecast_objective(jobs[0][0]),
-                          [project(TrainConfig, cfg, device=device, seed=seed) for cfg, seed, _, _ in jobs],
-                          [c for *_, c in jobs])
+    """Networks of one shape with ``cell``, each (who, config, seed, batches, checkpoint folder),
+    trained as one batched network (``rnn_models.grouped.fit_grouped``; ``not_groupable`` must
+    have said yes), each one's result logged after ``who``. None, said in the log, where the
+    checkpoints of an interrupted run stopped at different places."""
+    ckpts = [open_checkpoint(folder, cfg, who) for who, cfg, _, _, folder in jobs]
+    models = [new_member(cell, cfg, seed, device, batches.input_size) for _, cfg, seed, batches, _ in jobs]
+    results = fit_grouped(models, [b.train for *_, b, _ in jobs], [b.val for *_, b, _ in jobs],
+                          forecast_objective(jobs[0][1]),
+                          [project(TrainConfig, cfg, device=device, seed=seed) for _, cfg, seed, _, _ in jobs], ckpts)
     if results is None:
         run_logger().info("(not as one batched network: their checkpoints stopped at different places; one by one)")
         return None
+    for (who, *_), result in zip(jobs, results, strict=True):
+        log_member(who, result)
     return list(zip(models, results, strict=True))
 
 
