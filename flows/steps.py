@@ -77,7 +77,7 @@ split_panel = task(name="split-panel", cache_policy=NO_CACHE)(panel.split_panel)
 train_panel = task(name="train-global-forecaster", cache_policy=NO_CACHE)(training.train_panel)
 backtest_panel = task(name="backtest", cache_policy=NO_CACHE)(panel.backtest_panel)
 train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(training.train_charlm)
-run_trial = task(name="sweep-trial", cache_policy=NO_CACHE)(sweep.run_trial)
+run_trials = task(name="sweep-trials", cache_policy=NO_CACHE)(sweep.run_trials)
 backtest = task(name="backtest", cache_policy=NO_CACHE)(evaluation.backtest)
 plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plot_backtest)
 

@@ -31,7 +31,7 @@ from flows.steps import (
     backtest,
     plot_backtest,
     register_forecaster,
-    run_trial,
+    run_trials,
     score_champion,
     split_by_id,
     split_series,
@@ -44,24 +44,51 @@ from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
 
 
-def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str):
-    """Every (base, grid point) as a trial, in parallel on the flow's task runner; returns the
+def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
+    """Every (base, grid point) as a trial, in parallel on the flow's task runner, in one group of
+    trials per worker (``packs``) whose networks of one shape train together; returns the
     results in job order and the wall time of the phase."""
-    start_workers()  # not part of the phase: a cluster's start is paid once per sweep, not per trial
+    workers = start_workers(workers)  # not part of the phase: a cluster's start is paid once per sweep
     t0 = time.perf_counter()
-    futures = [run_trial.submit(i, point, base, parent_id, experiment_id) for i, (base, point) in enumerate(jobs)]
-    return [f.result() for f in futures], time.perf_counter() - t0
+    futures = [run_trials.with_options(task_run_name=f"sweep-trials-{'-'.join(str(i) for i, _, _ in pack)}")
+               .submit(pack, parent_id, experiment_id)
+               for pack in packs([(i, point, base) for i, (base, point) in enumerate(jobs)], workers)]
+    results = sorted((r for f in futures for r in f.result()), key=lambda r: r.index)
+    return results, time.perf_counter() - t0
 
 
-def start_workers() -> None:
-    """Start (or connect to) the flow's Dask cluster now. DaskTaskRunner does so on first use,
-    which would put the workers' start and warm-up (tasks.dask_worker) inside the first
-    trials; the thread runner has nothing to start."""
+# what decides whether two trials' networks can train as one batched network (tasks.training.
+# Network.shape): trials alike in these are put on one worker; a field left out here costs only
+# grouping, never correctness (each worker groups exactly what matches)
+SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "max_gap", "lookback", "horizon",
+                "stride", "val_size", "test_size", "cell", "ensemble_cells", "hidden_size", "num_layers", "dropout",
+                "bidirectional", "patch", "batch_size", "loss", "quantiles", "clip", "device")
+
+
+def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple[int, dict, dict]]]:
+    """The trials (index, point, base) cut into one group per worker, as near equal in number as
+    can be, trials alike in ``SHAPE_FIELDS`` next to each other so that they share a worker."""
+    def shape(trial):
+        cfg = {**trial[2], **trial[1]}
+        return tuple(str(cfg.get(f, "")) for f in SHAPE_FIELDS), trial[0]
+
+    ordered = sorted(trials, key=shape)
+    n = min(workers, len(ordered))
+    cuts = [round(k * len(ordered) / n) for k in range(n + 1)]
+    return [ordered[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+def start_workers(workers: int) -> int:
+    """Start (or connect to) the flow's Dask cluster now, and return how many workers it has.
+    DaskTaskRunner starts it on first use, which would put the workers' start and warm-up
+    (tasks.dask_worker) inside the first trials; the thread runner has nothing to start and
+    runs ``workers`` threads."""
     from prefect_dask import DaskTaskRunner
 
     runner = FlowRunContext.get().task_runner
     if isinstance(runner, DaskTaskRunner):
-        runner.client  # noqa: B018 - the property creates the client and its cluster
+        return len(runner.client.scheduler_info()["workers"]) or workers  # the property starts the cluster
+    return workers
 
 
 def register_best(base: dict, best, out: str):
@@ -94,12 +121,12 @@ def parent_run(experiment: str, name: str, tags: dict):
 
 
 @flow(name="timeseries-sweep", log_prints=True)
-def sweep_flow(base: dict, grid: list[dict]) -> dict:
+def sweep_flow(base: dict, grid: list[dict], workers: int = 2) -> dict:
     cfg0 = TimeSeriesConfig(**base)
     name = cfg0.registered_name
     with parent_run(cfg0.experiment, f"sweep-{name}", {"trials": str(len(grid))}) as (experiment_id, parent_id):
         with tempfile.TemporaryDirectory() as out:
-            results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id)
+            results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id, workers)
             best = min(results, key=lambda r: r.val_loss)
             _, bt, reg = register_best(base, best, out)
     table = results_markdown(results, best)
@@ -119,7 +146,7 @@ def sweep_flow(base: dict, grid: list[dict]) -> dict:
 
 
 @flow(name="timeseries-many-series", log_prints=True)
-def many_series_flow(base: dict, grid: list[dict], id_column: str) -> dict:
+def many_series_flow(base: dict, grid: list[dict], id_column: str, workers: int = 2) -> dict:
     """One model per series of a long-format file (id, time, value), all trials in parallel,
     each series' best registered under NAME-<id> with its own champion gate."""
     cfg0 = TimeSeriesConfig(**base)
@@ -130,7 +157,7 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str) -> dict:
                  for sid, path in files.items()}
         jobs = [(sid, p) for sid in bases for p in grid]
         with parent_run(cfg0.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
-            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id)
+            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, workers)
             rows = []
             for sid in bases:
                 mine = [r for (s, _), r in zip(jobs, results, strict=True) if s == sid]
@@ -214,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         with prefect_api():  # one server for the sweep and its Dask workers (they inherit its URL)
             if sweep["id_column"]:
                 result = many_series_flow.with_options(task_runner=runner)(base=base, grid=grid,
-                                                                          id_column=sweep["id_column"])
+                                                                          id_column=sweep["id_column"],
+                                                                          workers=sweep["workers"])
             else:
-                result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid)
+                result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid, workers=sweep["workers"])
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

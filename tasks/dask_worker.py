@@ -1,19 +1,20 @@
 """Imported by each Dask worker as it starts (distributed's ``preload``): the one-time costs a
 worker would otherwise pay inside its first trial (about 4 s here: imports, the tracking
-store's first connection, torch's first recurrent pass) are paid while the cluster starts,
-and each worker trains on one core. Local clusters get it from ``flows.sweep``; for a cluster
-of your own, start the workers with
+store's first connection, torch's first recurrent pass, loading the grouped operation) are
+paid while the cluster starts, and each worker trains on one core. Local clusters get it from
+``flows.sweep``; for a cluster of your own, start the workers with
 ``dask worker tcp://SCHEDULER:8786 --nthreads 1 --preload tasks.dask_worker``."""
 
 import logging
 
 import torch
 
+from rnn_models.grouped import available as grouped_available
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.registry import client
 from tasks.selection import train_directly
-from tasks.sweep import run_trial  # noqa: F401  (the trial task and everything it imports)
+from tasks.sweep import run_trials  # noqa: F401  (the trials' task and everything it imports)
 
 
 def dask_setup(worker) -> None:
@@ -22,6 +23,7 @@ def dask_setup(worker) -> None:
     cfg = TimeSeriesConfig(length=120, lookback=8, hidden_size=4, epochs=1, auto=False, ensemble=1,
                            device="cpu")
     train_directly(generate_series(cfg), cfg)
+    grouped_available()  # loads the grouped operation (built by `make install`)
     try:
         client().search_experiments(max_results=1)  # opens (and for SQLite, migrates) the store
     except Exception as e:  # an unreachable store is reported by the flow, not here

@@ -21,9 +21,18 @@ from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
 from tasks.data import DataError, Series
 from tasks.evaluation import history_windows, run_backtest
-from tasks.features import build_chain, check_lookback, scale_and_window, split_series
+from tasks.features import Windows, build_chain, check_lookback, scale_and_window, split_series
 from tasks.panel import PanelData, panel_windows, score_panel, split_panel
-from tasks.training import Trained, panel_candidate, series_candidate, train_candidates, train_forecaster, train_panel
+from tasks.training import (
+    Ensemble,
+    Trained,
+    forecaster_ensemble,
+    label,
+    panel_ensemble,
+    train_ensembles,
+    train_forecaster,
+    train_panel,
+)
 
 CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benchmarks/bench_accuracy.py
     "plain": ("none", "none", "none", "none"),
@@ -84,18 +93,47 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, settings, strict=True)))
 
 
-def choose_settings(series: Series, cfg: TimeSeriesConfig,
-                    checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
-    """The config with the transform settings of the candidate with the best validation MASE.
-    ``checkpoints``: a folder for each candidate's training checkpoints."""
+@dataclass
+class AutoRound:
+    """--auto's candidates for one series, ready to be trained (``candidates``: give them to
+    ``train_ensembles``, alone or with other models) and then chosen from (``choose``)."""
+
+    series: Series
+    cfg: TimeSeriesConfig
+    candidates: dict[str, Ensemble]
+    prepared: dict[str, tuple[Split, Windows]]  # each candidate's split (see selection_split) and windows
+    reasons: dict[str, str]  # candidate -> why it could not run
+    widened: str  # how the validation part was widened, if it was
+
+    def choose(self, trained: dict[str, Trained]) -> tuple[TimeSeriesConfig, Selection]:
+        """The config with the settings of the trained candidate with the best validation MASE."""
+        series, cfg, logger = self.series, self.cfg, run_logger()
+        scores = dict.fromkeys(self.reasons, float("nan"))
+        for name, (split, windows) in self.prepared.items():
+            pipeline = trained[name].pipeline()
+            forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
+            bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
+            scores[name] = bt.scores[name]["mase"]
+            logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
+        scores = {name: scores[name] for name in CANDIDATES}  # in the candidates' order, skipped ones too
+        choice = best(scores, self.reasons, f"{series.source}: no --auto candidate could run on this series")
+        return apply(cfg, choice), Selection(choice, scores, self.reasons,
+                                             None if self.widened else trained[choice], self.widened)
+
+
+def auto_candidates(series: Series, cfg: TimeSeriesConfig, checkpoints: Path | None = None,
+                    name: str = "") -> AutoRound:
+    """--auto's candidates on one series: each one network (the config's first member) on the
+    windows its settings make. ``checkpoints``: a folder for each candidate's training checkpoints;
+    ``name``: what the log calls the model they are chosen for (a sweep's trial), if anything."""
     logger = run_logger()
-    scores, reasons, prepared, widened = {}, {}, {}, ""
-    for name in CANDIDATES:
-        trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
+    reasons, prepared, candidates, widened = {}, {}, {}, ""
+    for candidate in CANDIDATES:
+        trial = replace(apply(cfg, candidate), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
             own = split_series(series, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
-            scores[name], reasons[name] = float("nan"), str(e).removeprefix(f"{series.source}: ")
+            reasons[candidate] = str(e).removeprefix(f"{series.source}: ")
             continue
         split = selection_split(own, trial)
         if split != own and not widened:
@@ -105,20 +143,24 @@ def choose_settings(series: Series, cfg: TimeSeriesConfig,
                        f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
                        f"flow's split.")
             logger.info("--auto: %s", widened)
-        prepared[name] = split, scale_and_window(series, split, trial), trial
-    # candidates whose networks and windows have one shape train together (tasks.training)
-    folders = {name: checkpoints and checkpoints / name.replace(" ", "-") for name in prepared}
-    trained = train_candidates({name: series_candidate(series, windows, trial, folders[name])
-                                for name, (_, windows, trial) in prepared.items()}, folders)
-    for name, (split, windows, _) in prepared.items():
-        pipeline = trained[name].pipeline()
-        forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
-        bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
-        scores[name] = bt.scores[name]["mase"]
-        logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
-    scores = {name: scores[name] for name in CANDIDATES}  # in the candidates' order, skipped ones too
-    choice = best(scores, reasons, f"{series.source}: no --auto candidate could run on this series")
-    return apply(cfg, choice), Selection(choice, scores, reasons, None if widened else trained[choice], widened)
+        windows = scale_and_window(series, split, trial)
+        prepared[candidate] = split, windows
+        # candidates whose networks and windows have one shape train together (tasks.training)
+        candidates[candidate] = forecaster_ensemble(series, windows, trial, None, folder(checkpoints, candidate),
+                                                    label(name, candidate))
+    return AutoRound(series, cfg, candidates, prepared, reasons, widened)
+
+
+def choose_settings(series: Series, cfg: TimeSeriesConfig,
+                    checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
+    """The config with the transform settings of the candidate with the best validation MASE.
+    ``checkpoints``: a folder for each candidate's training checkpoints."""
+    auto = auto_candidates(series, cfg, checkpoints)
+    return auto.choose(train_ensembles(auto.candidates))
+
+
+def folder(checkpoints: Path | None, candidate: str) -> Path | None:
+    return checkpoints and checkpoints / candidate.replace(" ", "-")
 
 
 def best(scores: dict[str, float], reasons: dict[str, str], none_ran: str) -> str:
@@ -148,6 +190,26 @@ def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoint
     return cfg, selection, split, windows, trained
 
 
+def train_many_directly(models: dict[str, tuple[Series, TimeSeriesConfig]]) -> dict[str, tuple]:
+    """``train_directly`` for several models at once, each {name: (series, config)}: a sweep's
+    trials on one worker. Each phase hands the networks of every model to ``train_ensembles``
+    together (--auto's candidates, then the members), so those of one shape train as one batched
+    network across models too. Returns what ``train_directly`` returns, for each name."""
+    rounds = {name: auto_candidates(series, cfg, name=name) for name, (series, cfg) in models.items() if cfg.auto}
+    tried = train_ensembles({(name, c): e for name, auto in rounds.items() for c, e in auto.candidates.items()})
+    settled = {name: rounds[name].choose({c: tried[name, c] for c in rounds[name].candidates}) if name in rounds
+               else (cfg, None) for name, (_, cfg) in models.items()}
+    planned = {}
+    for name, (series, _) in models.items():
+        cfg, selection = settled[name]
+        split = split_series(series, cfg)
+        windows = scale_and_window(series, split, cfg)
+        planned[name] = split, windows, forecaster_ensemble(series, windows, cfg, selection and selection.trained,
+                                                            name=name)
+    trained = train_ensembles({name: e for name, (_, _, e) in planned.items()})
+    return {name: (*settled[name], split, windows, trained[name]) for name, (split, windows, _) in planned.items()}
+
+
 # ---------------------------------------------------------------- many series, one network
 
 
@@ -157,7 +219,6 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
     part and is scored by the mean over series of its validation MASE."""
     logger, split = run_logger(), split_panel(panel, cfg)
     scores, reasons, candidates = {}, {}, {}
-    folders = {name: checkpoints and checkpoints / name.replace(" ", "-") for name in PANEL_CANDIDATES}
     for name in PANEL_CANDIDATES:
         trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
@@ -165,8 +226,9 @@ def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
         except ConfigError as e:
             scores[name], reasons[name] = float("nan"), str(e)
             continue
-        candidates[name] = panel_candidate(panel, split, build_chain(trial, panel.season_length), trial, folders[name])
-    trained = train_candidates(candidates, folders)  # those of one shape together (tasks.training)
+        candidates[name] = panel_ensemble(panel, split, build_chain(trial, panel.season_length), trial, None,
+                                          folder(checkpoints, name), name)
+    trained = train_ensembles(candidates)  # those of one shape together (tasks.training)
     for name in trained:
         pipeline = trained[name].pipeline()
         origins = split.origins("val", cfg.lookback, cfg.horizon)

@@ -25,7 +25,7 @@ from tasks.config import ConfigError, TimeSeriesConfig, flag, parse_value
 from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, read_series
 from tasks.evaluation import backtest
 from tasks.registry import client, log_history
-from tasks.selection import train_directly
+from tasks.selection import train_many_directly
 from tasks.training import Trained
 
 TRIAL_MODEL = "model"  # artifact folder of a trial's run holding its weights and config
@@ -73,29 +73,42 @@ class TrialResult:
     fit: FitResult  # per-epoch numbers only
 
 
-def run_trial(index: int, point: dict, base: dict, parent_run_id: str, experiment_id: str) -> TrialResult:
-    torch.set_num_threads(1)  # one core per trial: trials in parallel beat threads fighting
+def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experiment_id: str) -> list[TrialResult]:
+    """Trials (index, grid point, base config) on one worker, one core: their networks of one
+    shape (ensemble members, --auto candidates, across trials alike) train together as one
+    batched network (``tasks.selection.train_many_directly``); each trial is then backtested and
+    logged as its own nested run. A trial's seconds are the group's work shared evenly."""
+    torch.set_num_threads(1)  # one core per worker: trials in parallel beat threads fighting
     t0 = time.perf_counter()
-    cfg = TimeSeriesConfig(**{**base, **point})
-    series = read_series(cfg)
-    cfg, _, split, windows, trained = train_directly(series, cfg)
-    label = cfg.label
-    pipeline = trained.pipeline()
-    bt = backtest(series, split, windows.test_origins, pipeline, label)
-    c = client()
-    run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
-                       tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index)})
-    with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
-        mlflow.log_params({**cfg.to_params(), "trial": index})
-        log_history(trained.fit.history)
-        mlflow.log_metrics({"best_val_loss": trained.val_loss, "work_seconds": time.perf_counter() - t0,
-                            **{f"test_{k}": v for k, v in bt.scores[label].items()}})
-        # the model travels through the tracking store, not a file system the flow must share
-        pipeline.save(tmp)
-        mlflow.log_artifacts(tmp, TRIAL_MODEL)
-    seconds = time.perf_counter() - t0  # all the trial's own work, its MLflow run included
-    return TrialResult(index, point, trained.val_loss, bt.scores[label]["mase"], seconds, run.info.run_id,
-                       trained.fit)
+    cfgs = {f"trial {index}": TimeSeriesConfig(**{**base, **point}) for index, point, base in trials}
+    series = {name: read_series(cfg) for name, cfg in cfgs.items()}
+    trained = train_many_directly({name: (series[name], cfg) for name, cfg in cfgs.items()})
+    done = []
+    for (index, point, _), name in zip(trials, cfgs, strict=True):
+        cfg, _, split, windows, model = trained[name]
+        pipeline = model.pipeline()
+        bt = backtest(series[name], split, windows.test_origins, pipeline, cfg.label)
+        done.append((index, point, cfg, model, pipeline, bt))
+    c, results = client(), []
+    seconds = (time.perf_counter() - t0) / len(trials)
+    for index, point, cfg, model, pipeline, bt in done:
+        t1 = time.perf_counter()
+        run = c.create_run(experiment_id, run_name=f"trial-{index:03d}",
+                           tags={"mlflow.parentRunId": parent_run_id, "sweep_trial": str(index),
+                                 "trained_with": ", ".join(f"trial {i}" for i, _, _ in trials)})
+        with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_params({**cfg.to_params(), "trial": index})
+            log_history(model.fit.history)
+            scores = bt.scores[cfg.label]
+            mlflow.log_metrics({"best_val_loss": model.val_loss, "work_seconds": seconds,
+                                **{f"test_{k}": v for k, v in scores.items()}})
+            # the model travels through the tracking store, not a file system the flow must share
+            pipeline.save(tmp)
+            mlflow.log_artifacts(tmp, TRIAL_MODEL)
+        # its work: its share of the group's training and backtests, and its own MLflow run
+        results.append(TrialResult(index, point, model.val_loss, scores["mase"], seconds + time.perf_counter() - t1,
+                                   run.info.run_id, model.fit))
+    return results
 
 
 def trained_from(result: TrialResult, directory: str) -> Trained:

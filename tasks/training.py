@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import math
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -94,6 +94,7 @@ class Batches:
     val: Callable[[], Iterable]
     input_size: int
     sizes: tuple[int, int]  # (training windows, validation windows)
+    length: int  # time steps of a window as the network reads it (a difference shortens it)
 
 
 def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
@@ -101,53 +102,106 @@ def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, fi
     """Train the config's network, or its ``--ensemble`` members (seed + i).
     ``first``: member 1 already trained on these windows with this config (--auto's choice).
     ``checkpoints``: a folder for each member's checkpoint (member-1, ...), resumed from if there."""
-    device = resolve_device(cfg.device)
-    members, fits = train_members(cfg, device, window_batches(windows, cfg, device), first, checkpoints)
-    return Trained(ForecastPipeline(members, windows.chain, series_meta(series, cfg)), fits, device)
+    return train_ensembles({"": forecaster_ensemble(series, windows, cfg, first, checkpoints)})[""]
+
+
+def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
+                first: Trained | None = None, checkpoints: Path | None = None) -> Trained:
+    """One global network (or ``--ensemble`` of them) on the windows of every series: the series
+    live on the device end to end, each batch of windows is gathered there by index and
+    normalised window by window (``rnn_models.panel``), never materialised all at once."""
+    return train_ensembles({"": panel_ensemble(panel, split, chain, cfg, first, checkpoints)})[""]
 
 
 @dataclass
-class Candidate:
-    """One network to train among several (``train_candidates``): its config, its data, and how
-    its trained network becomes a ``Trained`` (``finish``) or, where it cannot be grouped, is
-    trained on its own (``alone``)."""
+class Network:
+    """One forecaster network to train (``train_networks``): how the log names it, its cell,
+    config, seed, data and checkpoint folder."""
 
+    name: str  # "member 2/3", "window-norm last", "trial 4: member 1/3"; "" for a run's only network
+    cell: str
     cfg: TimeSeriesConfig
+    seed: int
     batches: Batches
-    windows: tuple  # the shape of its training data: (number, length, features) of windows
-    finish: Callable[[Forecaster, FitResult], Trained]
-    alone: Callable[[], Trained]
+    checkpoints: Path | None
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.cfg.device)
+
+    @property
+    def who(self) -> str:
+        """The log lines' prefix."""
+        return f"{self.name}: " if self.name else ""
+
+    def shape(self) -> tuple:
+        """What networks trained as one batched network share: the network itself (cell, sizes,
+        head), the device, one optimizer step for all (as many training windows, of one length, in
+        batches of one size), the objective, and whether gradients are clipped."""
+        cfg = self.cfg
+        return (astuple(member_config(self.cell, cfg, self.batches.input_size)), self.device, self.batches.length,
+                self.batches.sizes[0], cfg.batch_size, cfg.loss, cfg.quantile_levels, bool(cfg.clip))
 
 
-def train_candidates(candidates: dict[str, Candidate], checkpoints: dict[str, Path | None]) -> dict[str, Trained]:
-    """One network for each of several configs, each on its own data (--auto's candidates).
-    Those whose networks and data have one shape (the cell; the number, length and features of
-    the training windows) train together as one batched network, where they can; the rest one
-    by one."""
-    trained: dict[str, Trained] = {}
-    by_shape: dict[tuple, list[str]] = {}
-    for name, c in candidates.items():
-        by_shape.setdefault((c.cfg.member_cells[0], c.windows, resolve_device(c.cfg.device)), []).append(name)
-    for (cell, _, device), names in by_shape.items():
-        first = candidates[names[0]]
-        if len(names) < 2 or not_groupable(cell, first.cfg, device, first.batches.input_size):
-            continue
-        run_logger().info("--auto: training the candidates %s together as one batched network on %s",
-                          ", ".join(names), device)
-        done = fit_together(cell, [(f"{n}: ", candidates[n].cfg, candidates[n].cfg.seed, candidates[n].batches,
-                                    checkpoints[n] and checkpoints[n] / "member-1") for n in names], device)
-        for n, (model, result) in zip(names, done or [], strict=False):
-            trained[n] = candidates[n].finish(model.cpu(), result)
-    return {name: trained[name] if name in trained else c.alone() for name, c in candidates.items()}
+@dataclass
+class Ensemble:
+    """One model's networks to train (its ensemble's members; one for an ``--auto`` candidate) and
+    how they become its ``Trained`` once trained (``finish``, given their results in order)."""
+
+    networks: list[Network]
+    finish: Callable[[list[tuple[Forecaster, FitResult]]], Trained]
 
 
-def series_candidate(series: Series, windows: Windows, cfg: TimeSeriesConfig, checkpoints: Path | None) -> Candidate:
-    """A candidate network on one series' windows (``choose_settings``)."""
+def train_ensembles(models: dict[Hashable, Ensemble]) -> dict[Hashable, Trained]:
+    """Each model trained. The networks of all of them go to ``train_networks`` at once, so those
+    of one shape train as one batched network whichever model they belong to: an ensemble's
+    members, --auto's candidates, the models of a sweep's trials on one worker."""
+    results = iter(train_networks([net for e in models.values() for net in e.networks]))
+    return {key: e.finish([next(results) for _ in e.networks]) for key, e in models.items()}
+
+
+def ensemble(cfg: TimeSeriesConfig, batches: Batches, first: Trained | None, checkpoints: Path | None, name: str,
+             make: Callable[[list[Forecaster], list[FitResult]], Trained]) -> Ensemble:
+    """The config's ``--ensemble`` members (seed + i, cells in turn) on ``batches``, ``first``
+    (member 1, trained by --auto) kept; ``make`` builds the model from the members and results."""
+    K = cfg.ensemble
+    kept = []
+    if first is not None:
+        who = label(name, f"member 1/{K}" if K > 1 else "")
+        run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cfg.member_cells[0])
+        kept = [(first.forecaster.members[0], first.fit)]
+    networks = [Network(label(name, f"member {i + 1}/{K}" if K > 1 else ""), cfg.member_cells[i], cfg, cfg.seed + i,
+                        batches, checkpoints and checkpoints / f"member-{i + 1}") for i in range(len(kept), K)]
+
+    def finish(results: list[tuple[Forecaster, FitResult]]) -> Trained:
+        done = kept + results
+        return make([model.cpu() for model, _ in done], [result for _, result in done])
+
+    return Ensemble(networks, finish)
+
+
+def label(*parts: str) -> str:
+    """How the log names a network: ``label("trial 3", "member 2/3")`` is "trial 3: member 2/3"."""
+    return ": ".join(p for p in parts if p)
+
+
+def forecaster_ensemble(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
+                        checkpoints: Path | None = None, name: str = "") -> Ensemble:
+    """The networks of the config's model on one series' windows (``train_forecaster``), named
+    ``name`` in the log (an --auto candidate, a sweep's trial)."""
     device = resolve_device(cfg.device)
-    return Candidate(cfg, window_batches(windows, cfg, device), windows.x_train.shape,
-                     lambda model, result: Trained(ForecastPipeline([model], windows.chain, series_meta(series, cfg)),
-                                                   [result], device),
-                     lambda: train_forecaster(series, windows, cfg, checkpoints=checkpoints))
+    return ensemble(cfg, window_batches(windows, cfg, device), first, checkpoints, name,
+                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, series_meta(series, cfg)),
+                                                  fits, device))
+
+
+def panel_ensemble(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
+                   first: Trained | None = None, checkpoints: Path | None = None, name: str = "") -> Ensemble:
+    """The networks of a global model over many series (``train_panel``)."""
+    device = resolve_device(cfg.device)
+    return ensemble(cfg, panel_batches(panel, split, chain, cfg, device), first, checkpoints, name,
+                    lambda members, fits: Trained(ForecastPipeline(members, chain, panel_meta(panel, cfg)), fits,
+                                                  device))
 
 
 def window_batches(windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
@@ -156,7 +210,8 @@ def window_batches(windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batc
     x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
                               for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
     return Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                   lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)))
+                   lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)),
+                   x_tr.shape[1])
 
 
 def series_meta(series: Series, cfg: TimeSeriesConfig) -> dict:
@@ -165,34 +220,14 @@ def series_meta(series: Series, cfg: TimeSeriesConfig) -> dict:
             "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
 
 
-def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
-                first: Trained | None = None, checkpoints: Path | None = None) -> Trained:
-    """One global network (or ``--ensemble`` of them) on the windows of every series: the series
-    live on the device end to end, each batch of windows is gathered there by index and
-    normalised window by window (``rnn_models.panel``), never materialised all at once."""
-    device = resolve_device(cfg.device)
-    members, fits = train_members(cfg, device, panel_batches(panel, split, chain, cfg, device), first, checkpoints)
-    return Trained(ForecastPipeline(members, chain, panel_meta(panel, cfg)), fits, device)
-
-
-def panel_candidate(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
-                    checkpoints: Path | None) -> Candidate:
-    """A candidate global network (``choose_panel_settings``)."""
-    device = resolve_device(cfg.device)
-    batches = panel_batches(panel, split, chain, cfg, device)
-    return Candidate(cfg, batches, (batches.sizes[0], cfg.lookback, 1),
-                     lambda model, result: Trained(ForecastPipeline([model], chain, panel_meta(panel, cfg)), [result],
-                                                   device),
-                     lambda: train_panel(panel, split, chain, cfg, checkpoints=checkpoints))
-
-
 def panel_batches(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig, device: str) -> Batches:
     data = Panel.from_series(panel.values, panel.ids, device=device)
     L, H = cfg.lookback, cfg.horizon
     train = PanelWindows(data, L, H, *split.part("train"), stride=cfg.stride)
     val = PanelWindows(data, L, H, *split.part("val"))
+    length = next(encoded_batches(train, chain, 1))[0].shape[1]
     return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
-                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)))
+                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)), length)
 
 
 def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
@@ -202,46 +237,32 @@ def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
             "data_sha256": panel.sha256}
 
 
-def train_members(cfg: TimeSeriesConfig, device: str, batches: Batches, first: Trained | None,
-                  checkpoints: Path | None) -> tuple[list[Forecaster], list[FitResult]]:
-    """Every ensemble member (seed + i), on the CPU once trained. Members of one cell train
-    together as one batched network where they can (``rnn_models.grouped``: on the CPU, for the
-    shapes it covers); the rest one after another."""
-    logger, K = run_logger(), cfg.ensemble
-    trained: dict[int, tuple[Forecaster, FitResult]] = {}
-    if first is not None:
-        logger.info("%s%s trained by --auto, kept", f"member 1/{K}: " if K > 1 else "", cfg.member_cells[0])
-        trained[0] = first.forecaster.members[0], first.fit
-    todo = [i for i in range(K) if i not in trained]
-    for cell in dict.fromkeys(cfg.member_cells[i] for i in todo):
-        same = [i for i in todo if cfg.member_cells[i] == cell]
-        refusal = not_groupable(cell, cfg, device, batches.input_size) if len(same) > 1 else "one member"
-        if not refusal:
-            trained.update(train_together(cell, same, cfg, device, batches, checkpoints))
-        elif len(same) > 1:
-            logger.info("members %s/%d train one by one: %s", ", ".join(str(i + 1) for i in same), K, refusal)
-    for i in todo:
-        if i not in trained:
-            who = f"member {i + 1}/{K}: " if K > 1 else ""
-            logger.info("%straining %s on %s: %d train / %d validation windows", who, cfg.member_cells[i], device,
-                        *batches.sizes)
-            ckpt = open_checkpoint(checkpoints and checkpoints / f"member-{i + 1}", cfg, who)
-            trained[i] = train_member(cfg.member_cells[i], cfg, cfg.seed + i, device, batches, checkpoint=ckpt)
-            log_member(who, trained[i][1])
-    members = [trained[i][0].cpu() for i in range(K)]
-    return members, [trained[i][1] for i in range(K)]
-
-
-def train_together(cell: str, which: list[int], cfg: TimeSeriesConfig, device: str, batches: Batches,
-                   checkpoints: Path | None) -> dict[int, tuple[Forecaster, FitResult]]:
-    """Ensemble members ``which`` (indices, one cell) trained as one batched network; {} where
-    they cannot be (see ``fit_together``): they then train one by one."""
-    K, names = cfg.ensemble, ", ".join(str(i + 1) for i in which)
-    run_logger().info("members %s/%d: training %s together as one batched network on %s: %d train / %d "
-                      "validation windows", names, K, cell, device, *batches.sizes)
-    done = fit_together(cell, [(f"member {i + 1}/{K}: ", cfg, cfg.seed + i, batches,
-                                checkpoints and checkpoints / f"member-{i + 1}") for i in which], device)
-    return dict(zip(which, done, strict=True)) if done else {}
+def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]]:
+    """Each network trained, in order; on the CPU where the grouped operation covers them
+    (``rnn_models.grouped``), those of one shape (``Network.shape``) together as one batched
+    network, the rest one after another."""
+    logger, done = run_logger(), {}
+    groups: dict[tuple, list[int]] = {}
+    for i, net in enumerate(networks):
+        groups.setdefault(net.shape(), []).append(i)
+    for which in (w for w in groups.values() if len(w) > 1):
+        nets = [networks[i] for i in which]
+        first, names = nets[0], ", ".join(net.name for net in nets)
+        refusal = not_groupable(first.cell, first.cfg, first.device, first.batches.input_size)
+        if refusal:
+            logger.info("%s train one by one: %s", names, refusal)
+            continue
+        logger.info("%s: training %s together as one batched network on %s: %d train / %d validation windows "
+                    "each", names, first.cell, first.device, *first.batches.sizes)
+        done.update(zip(which, fit_together(nets) or [], strict=False))
+    for i, net in enumerate(networks):
+        if i not in done:
+            logger.info("%straining %s on %s: %d train / %d validation windows", net.who, net.cell, net.device,
+                        *net.batches.sizes)
+            done[i] = train_member(net.cell, net.cfg, net.seed, net.device, net.batches,
+                                   checkpoint=open_checkpoint(net.checkpoints, net.cfg, net.who))
+            log_member(net.who, done[i][1])
+    return [done[i] for i in range(len(networks))]
 
 
 def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:
@@ -255,22 +276,20 @@ def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int
     return ""
 
 
-def fit_together(cell: str, jobs: list[tuple[str, TimeSeriesConfig, int, Batches, Path | None]], device: str
-                 ) -> list[tuple[Forecaster, FitResult]] | None:
-    """Networks of one shape with ``cell``, each (who, config, seed, batches, checkpoint folder),
-    trained as one batched network (``rnn_models.grouped.fit_grouped``; ``not_groupable`` must
-    have said yes), each one's result logged after ``who``. None, said in the log, where the
-    checkpoints of an interrupted run stopped at different places."""
-    ckpts = [open_checkpoint(folder, cfg, who) for who, cfg, _, _, folder in jobs]
-    models = [new_member(cell, cfg, seed, device, batches.input_size) for _, cfg, seed, batches, _ in jobs]
-    results = fit_grouped(models, [b.train for *_, b, _ in jobs], [b.val for *_, b, _ in jobs],
-                          forecast_objective(jobs[0][1]),
-                          [project(TrainConfig, cfg, device=device, seed=seed) for _, cfg, seed, _, _ in jobs], ckpts)
+def fit_together(networks: list[Network]) -> list[tuple[Forecaster, FitResult]] | None:
+    """Networks of one shape trained as one batched network (``rnn_models.grouped.fit_grouped``;
+    ``not_groupable`` must have said yes), each one's result logged. None, said in the log, where
+    the checkpoints of an interrupted run stopped at different places."""
+    ckpts = [open_checkpoint(net.checkpoints, net.cfg, net.who) for net in networks]
+    models = [new_member(net.cell, net.cfg, net.seed, net.device, net.batches.input_size) for net in networks]
+    results = fit_grouped(models, [net.batches.train for net in networks], [net.batches.val for net in networks],
+                          forecast_objective(networks[0].cfg),
+                          [project(TrainConfig, net.cfg, device=net.device, seed=net.seed) for net in networks], ckpts)
     if results is None:
         run_logger().info("(not as one batched network: their checkpoints stopped at different places; one by one)")
         return None
-    for (who, *_), result in zip(jobs, results, strict=True):
-        log_member(who, result)
+    for net, result in zip(networks, results, strict=True):
+        log_member(net.who, result)
     return list(zip(models, results, strict=True))
 
 
@@ -302,7 +321,6 @@ def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batch
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     result = fit(model, batches.train, batches.val, forecast_objective(cfg), tcfg, checkpoint=checkpoint)
     return model, result
-
 
 # ---------------------------------------------------------------- character language model
 

@@ -19,14 +19,14 @@ from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.features import build_chain, scale_and_window, split_series
 from tasks.panel import load_panel, split_panel
-from tasks.selection import apply, choose_panel_settings
+from tasks.selection import apply, choose_panel_settings, train_directly, train_many_directly
 from tasks.training import (
     Batches,
-    series_candidate,
-    train_candidates,
+    ensemble,
+    forecaster_ensemble,
+    train_ensembles,
     train_forecaster,
     train_member,
-    train_members,
     train_panel,
 )
 
@@ -149,13 +149,18 @@ def test_checkpoints_at_different_places_are_left_to_one_by_one(tmp_path):
     assert fit_grouped(_members(SHAPE, seeds=(1, 2)), [train] * 2, [val] * 2, mse_objective, CFGS[:2], ckpts) is None
 
 
+def _train_members(cfg, batches):
+    """The flow's ensemble members (tasks.training.ensemble), trained: (members, results)."""
+    return train_ensembles({"": ensemble(cfg, batches, None, None, "", lambda members, fits: (members, fits))})[""]
+
+
 def test_the_flows_members_train_together_as_one_by_one(caplog):
     train, val = _data()
     cfg = TimeSeriesConfig(hidden_size=32, epochs=3, ensemble=3, seed=4)
-    batches = Batches(train, val, 1, (536, 116))
+    batches = Batches(train, val, 1, (536, 116), 24)
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        members, fits = train_members(cfg, "cpu", batches, None, None)
-    assert "members 1, 2, 3/3: training lstm together as one batched network" in caplog.text
+        members, fits = _train_members(cfg, batches)
+    assert "member 1/3, member 2/3, member 3/3: training lstm together as one batched network" in caplog.text
     for i, (member, result) in enumerate(zip(members, fits, strict=True)):
         alone, expected = train_member("lstm", cfg, cfg.seed + i, "cpu", batches)
         assert result.best_epoch == expected.best_epoch
@@ -167,9 +172,9 @@ def test_members_of_other_cells_still_train_one_by_one(caplog):
     train, val = _data()
     cfg = TimeSeriesConfig(hidden_size=16, epochs=1, ensemble=3, ensemble_cells="lstm,gru", seed=4)
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        members, fits = train_members(cfg, "cpu", Batches(train, val, 1, (536, 116)), None, None)
+        members, fits = _train_members(cfg, Batches(train, val, 1, (536, 116), 24))
     assert [m.cfg.cell for m in members] == ["lstm", "gru", "lstm"]
-    assert "members 1, 3/3: training lstm together" in caplog.text
+    assert "member 1/3, member 3/3: training lstm together" in caplog.text
     assert "member 2/3: training gru" in caplog.text
     assert all(len(f.history) == 1 for f in fits)
 
@@ -184,9 +189,8 @@ def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
     longer = replace(apply(cfg, "plain"), ensemble=1, lookback=30)  # windows of another length: on its own
     jobs["plain, lookback 30"] = scale_and_window(series, split_series(series, longer), longer), longer
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        together = train_candidates({n: series_candidate(series, w, c, None) for n, (w, c) in jobs.items()},
-                                    dict.fromkeys(jobs))
-    assert "training the candidates plain, window-norm last, window-norm mean together" in caplog.text
+        together = train_ensembles({n: forecaster_ensemble(series, w, c, name=n) for n, (w, c) in jobs.items()})
+    assert "plain, window-norm last, window-norm mean: training lstm together" in caplog.text
     assert together["plain, lookback 30"].forecaster.lookback == 30
     for name, (windows, trial) in jobs.items():
         alone = train_forecaster(series, windows, trial).forecaster
@@ -206,10 +210,30 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     cfg = cfg.settled(panel.season_length)
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         _, selection = choose_panel_settings(panel, cfg)
-    assert "--auto: training the candidates window-norm last, window-norm mean, window-norm last + seasonal " \
-           "baseline together" in caplog.text
+    assert "window-norm last, window-norm mean, window-norm last + seasonal baseline: training lstm together" \
+           in caplog.text
     chosen = replace(apply(cfg, selection.choice), ensemble=1)
     alone = train_panel(panel, split_panel(panel, chosen), build_chain(chosen, panel.season_length), chosen)
     for (key, pa), pb in zip(alone.forecaster.members[0].state_dict().items(),
                              selection.trained.forecaster.members[0].state_dict().values(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_sweeps_trials_on_one_worker_train_together_as_one_by_one(caplog):
+    """tasks.selection.train_many_directly (a sweep's trials on one worker): --auto's candidates
+    of both LSTM trials, then their remaining members, train as one batched network each phase;
+    every model ends as train_directly alone makes it."""
+    base = TimeSeriesConfig(length=600, epochs=2, hidden_size=16, ensemble=2)
+    cfgs = {"trial 0": base, "trial 1": replace(base, lr=3e-3, seed=7), "trial 2": replace(base, hidden_size=32)}
+    series = generate_series(base)
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        together = train_many_directly({name: (series, cfg) for name, cfg in cfgs.items()})
+    assert "trial 0: plain, trial 0: window-norm last, trial 0: window-norm mean, trial 1: plain, " in caplog.text
+    assert "trial 0: member 2/2, trial 1: member 2/2: training lstm together" in caplog.text
+    for name, cfg in cfgs.items():
+        settled, selection, _, _, alone = train_directly(series, cfg)
+        mine_cfg, mine_selection, _, _, mine = together[name]
+        assert mine_cfg == settled and mine_selection.scores == pytest.approx(selection.scores, rel=1e-4, nan_ok=True)
+        for a, b in zip(alone.forecaster.members, mine.forecaster.members, strict=True):
+            for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+                torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")

@@ -86,3 +86,28 @@ def test_many_series_trains_and_registers_one_model_per_id(mlflow_store, tmp_pat
         assert c.get_run(version.run_id).data.params["data"].endswith(f"{sid}.csv")
     assert main([*args[:-1], "region"]) == 1
     assert "no id column 'region'; the columns are ['store', 'date', 'sales']" in capsys.readouterr().err
+
+
+def test_trials_on_one_worker_train_together_and_score_as_alone(mlflow_store):
+    """With one worker both trials are one group whose networks train as one batched network;
+    with two, each trial trains alone. Each trial's validation loss and test MASE agree."""
+    from rnn_models.grouped import available
+
+    if not available():
+        pytest.skip("the grouped C++ operation could not be built here")
+    c = MlflowClient(mlflow_store, mlflow_store)
+    scores = {}
+    for workers in (1, 2):
+        assert main([*TINY, "--hidden-size", "16", "--lr", "0.003,0.01", "--ensemble", "2", "--workers",
+                     str(workers), "--model-name", f"packed-{workers}"]) == 0
+        exp = c.get_experiment_by_name("timeseries-forecasting")
+        parent = c.search_runs([exp.experiment_id], "tags.sweep = 'true' and params.grid_points = '2'",
+                               order_by=["attributes.start_time DESC"])[0]
+        trials = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert {t.data.tags["trained_with"] for t in trials} == ({"trial 0, trial 1"} if workers == 1
+                                                                 else {"trial 0", "trial 1"})
+        scores[workers] = {t.data.params["lr"]: (t.data.metrics["best_val_loss"], t.data.metrics["test_mase"])
+                           for t in trials}
+    assert scores[1].keys() == {"0.003", "0.01"}
+    for lr, (val_loss, mase) in scores[2].items():
+        assert scores[1][lr] == pytest.approx((val_loss, mase), rel=1e-4)
