@@ -27,9 +27,11 @@ Printed: milliseconds per optimizer step (mean of 300 after 20 warm-up; the fast
 
 With ``--fit``: the flow's own training code end to end on a noisy sine (2,400 training windows,
 validation every epoch, moving average, plateau, fixed ``--epochs`` with no early stopping):
-one network (``rnn_models.training.fit``), K members one by one (``fit`` K times, as the flow
-trained them before), and K members grouped (``rnn_models.grouped.fit_grouped``), alternated
-``--repeats`` times; the fastest of each and its multiple of one network.
+one network (``rnn_models.training.fit``: ``nn.LSTM`` and autograd), one network through the
+grouped operation (``fit_grouped`` with one member, as the flow now trains a lone LSTM on the
+CPU), K members one by one (``fit`` K times, as the flow trained them before), and K members
+grouped (``rnn_models.grouped.fit_grouped``), alternated ``--repeats`` times; the fastest of
+each and its multiple of one network.
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ def whole_trainings(k: int, epochs: int, repeats: int) -> None:
     def grouped():
         fit_grouped(members(), [train] * k, [val] * k, mse_objective, cfgs)
 
-    runs = {"one network": one, f"{k} one-by-one": one_by_one, f"{k} grouped": grouped}
+    def one_grouped():
+        fit_grouped(members()[:1], [train], [val], mse_objective, cfgs[:1])
+
+    runs = {"one network": one, "1 grouped": one_grouped, f"{k} one-by-one": one_by_one, f"{k} grouped": grouped}
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):  # alternated, so that a slow spell of the machine hits every row
         for name, run in runs.items():

@@ -1,7 +1,7 @@
 """Scaling of a sweep on a local Dask cluster: the same 8-trial sweep with 1 and 2 workers; and
 what training a worker's trials together saves.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--workers 1,2]
+    .venv/bin/python benchmarks/bench_sweep.py [--workers 1,2] [--same-shape]
     .venv/bin/python benchmarks/bench_sweep.py --together [--auto] [--repeats 3]
 
 Prints, per worker count: the wall time of the trial phase (submit -> all results back), the
@@ -10,10 +10,12 @@ measured inside each trial), the speed-up against 1 worker, and the orchestratio
 (wall x workers - sum of trial seconds) / trials: what Prefect and Dask add to each trial (with
 several workers, plus the idle tail while the last trial finishes). The cluster's start and its
 workers' warm-up come before the trial phase (flows.sweep.start_workers) and are in the flow total.
+``--same-shape``: 8 trials of one LSTM shape instead (lr 1e-3/3e-3 x seed 0-3, hidden 32), which
+each worker trains as one group (flows.sweep.packs).
 
 With ``--together``: one worker's share of a sweep whose trials share a network shape (4 trials:
-lr 1e-3/3e-3 x seed 0/1, the default 3-member LSTM ensemble, hidden 64, lookback 24, on a 4,000-
-point sine; ``--auto`` adds --auto's candidates), on one core as a worker runs it, through the
+lr 1e-3/3e-3 x seed 0/1, an LSTM ensemble of ``--ensemble`` members (3, the default), hidden 64,
+lookback 24, on a 4,000-point sine, 8 epochs; ``--auto`` adds --auto's candidates), on one core as a worker runs it, through the
 sweep's own step ``tasks.sweep.run_trials``: the 4 trials as one group (their networks of one
 shape trained as one batched network, what a worker does now), against the same 4 trials one
 group each (one after another, as a worker ran them before). Alternated ``--repeats`` times;
@@ -39,11 +41,14 @@ GRID = {"cell": "lstm,gru", "hidden_size": "32,48", "lookback": "24,36", "length
         "ensemble": "1", "ema": "0"}  # one plain network per trial, as when the published figures were taken
 
 
+SAME_SHAPE = {"lr": "0.001,0.003", "seed": "0,1,2,3", "hidden_size": "32", "lookback": "24", "length": "4000",
+              "epochs": "5", "patience": "0", "batch_size": "32", "device": "cpu", "auto": "false", "ensemble": "1",
+              "ema": "0"}
 TOGETHER = {"lr": "0.001,0.003", "seed": "0,1", "hidden_size": "64", "lookback": "24", "length": "4000",
-            "epochs": "8", "patience": "0", "device": "cpu", "ensemble": "3"}
+            "epochs": "8", "patience": "0", "device": "cpu"}
 
 
-def together(auto: bool, repeats: int) -> None:
+def together(auto: bool, ensemble: int, repeats: int) -> None:
     import statistics
 
     from mlflow import MlflowClient
@@ -51,7 +56,7 @@ def together(auto: bool, repeats: int) -> None:
     from tasks.registry import ensure_experiment
     from tasks.sweep import build_grid, run_trials, split_grid
 
-    base, grid = split_grid(build_grid({**TOGETHER, "auto": str(auto).lower()}))
+    base, grid = split_grid(build_grid({**TOGETHER, "auto": str(auto).lower(), "ensemble": str(ensemble)}))
     trials = [(i, point, base) for i, point in enumerate(grid)]
     exp = ensure_experiment("bench-together")
     parent = MlflowClient().create_run(exp).info.run_id
@@ -79,11 +84,14 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--together", action="store_true", help="a worker's trials together against one by one")
     ap.add_argument("--auto", action="store_true", help="with --together: the trials run --auto")
+    ap.add_argument("--ensemble", type=int, default=3, help="with --together: members per trial")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--same-shape", action="store_true", help="the scaling sweep over 8 trials of one network "
+                    "shape (lr x seed), which workers train in groups")
     args = ap.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp(prefix='bench-sweep-')}/mlflow.db"
     if args.together:
-        return together(args.auto, args.repeats)
+        return together(args.auto, args.ensemble, args.repeats)
 
     from flows.server import prefect_api
     from flows.sweep import sweep_flow, task_runner
@@ -91,7 +99,7 @@ def main() -> None:
     from tasks.registry import ensure_experiment
     from tasks.sweep import build_grid, split_grid
 
-    base, grid = split_grid(build_grid(GRID))
+    base, grid = split_grid(build_grid(SAME_SHAPE if args.same_shape else GRID))
     ensure_experiment(TimeSeriesConfig().experiment)  # create the store before workers race to
     rows = []
     with prefect_api():
@@ -101,7 +109,8 @@ def main() -> None:
                 base={**base, "model_name": f"bench-{n}"}, grid=grid, workers=n)
             rows.append((n, r["trials_wall_seconds"], sum(r["trial_seconds"]), time.perf_counter() - t0))
     one = rows[0][1]
-    print(f"{len(grid)}-trial sweep (LSTM/GRU x hidden 32/48 x lookback 24/36, sine 4000 points, 5 epochs), "
+    what = "LSTM hidden 32 x lr 1e-3/3e-3 x seed 0-3" if args.same_shape else "LSTM/GRU x hidden 32/48 x lookback 24/36"
+    print(f"{len(grid)}-trial sweep ({what}, sine 4000 points, 5 epochs), "
           f"local Dask cluster, 1 torch thread per worker, {os.cpu_count()} CPUs")
     print(f"{'workers':>7} {'trial phase s':>14} {'sum of trials s':>16} {'speed-up':>9} {'overhead/trial s':>17} {'flow total s':>13}")
     for n, wall, busy, total in rows:

@@ -36,46 +36,53 @@ from flows.steps import (
     split_by_id,
     split_series,
 )
+from rnn_models.training import resolve_device
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
+from tasks.training import not_groupable
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
-    """Every (base, grid point) as a trial, in parallel on the flow's task runner, in one group of
-    trials per worker (``packs``) whose networks of one shape train together; returns the
+    """Every (base, grid point) as a trial, in parallel on the flow's task runner; trials whose
+    networks can share a shape go in groups (``packs``) that train them together. Returns the
     results in job order and the wall time of the phase."""
     workers = start_workers(workers)  # not part of the phase: a cluster's start is paid once per sweep
+    groups = packs([(i, point, base) for i, (base, point) in enumerate(jobs)], workers)
     t0 = time.perf_counter()
     futures = [run_trials.with_options(task_run_name=f"sweep-trials-{'-'.join(str(i) for i, _, _ in pack)}")
-               .submit(pack, parent_id, experiment_id)
-               for pack in packs([(i, point, base) for i, (base, point) in enumerate(jobs)], workers)]
+               .submit(pack, parent_id, experiment_id) for pack in groups]
     results = sorted((r for f in futures for r in f.result()), key=lambda r: r.index)
     return results, time.perf_counter() - t0
 
 
 # what decides whether two trials' networks can train as one batched network (tasks.training.
-# Network.shape): trials alike in these are put on one worker; a field left out here costs only
-# grouping, never correctness (each worker groups exactly what matches)
+# Network.shape): trials alike in these are grouped; a field left out here costs only grouping,
+# never correctness (a group's trials train together exactly where their networks match)
 SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "max_gap", "lookback", "horizon",
                 "stride", "val_size", "test_size", "cell", "ensemble_cells", "hidden_size", "num_layers", "dropout",
                 "bidirectional", "patch", "batch_size", "loss", "quantiles", "clip", "device")
 
 
 def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple[int, dict, dict]]]:
-    """The trials (index, point, base) cut into one group per worker, as near equal in number as
-    can be, trials alike in ``SHAPE_FIELDS`` next to each other so that they share a worker."""
-    def shape(trial):
-        cfg = {**trial[2], **trial[1]}
-        return tuple(str(cfg.get(f, "")) for f in SHAPE_FIELDS), trial[0]
-
-    ordered = sorted(trials, key=shape)
-    n = min(workers, len(ordered))
-    cuts = [round(k * len(ordered) / n) for k in range(n + 1)]
-    return [ordered[a:b] for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+    """The trials (index, point, base) as the tasks that run them, largest first. Trials alike in
+    ``SHAPE_FIELDS`` whose networks the grouped operation covers are cut into one group per
+    worker, each trained together on its worker (tasks.sweep.run_trials); every other trial is a
+    task of its own, handed to whichever worker is free."""
+    classes: dict[tuple, list] = {}
+    for trial in trials:
+        cfg = TimeSeriesConfig(**{**trial[2], **trial[1]})
+        groupable = "lstm" in cfg.member_cells and not not_groupable("lstm", cfg, resolve_device(cfg.device), 1)
+        key = tuple(str(getattr(cfg, f)) for f in SHAPE_FIELDS) if groupable else ("alone", trial[0])
+        classes.setdefault(key, []).append(trial)
+    out = []
+    for alike in classes.values():
+        n = -(-len(alike) // workers)  # per group: the class spread over every worker
+        out += [alike[i:i + n] for i in range(0, len(alike), n)]
+    return sorted(out, key=len, reverse=True)
 
 
 def start_workers(workers: int) -> int:

@@ -238,31 +238,49 @@ def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
 
 
 def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]]:
-    """Each network trained, in order; on the CPU where the grouped operation covers them
-    (``rnn_models.grouped``), those of one shape (``Network.shape``) together as one batched
-    network, the rest one after another."""
+    """Each network trained, in order. On the CPU, for the shapes it covers, through the grouped
+    operation (``rnn_models.grouped``, faster than ``nn.LSTM`` even for one network), those of one
+    shape (``Network.shape``) together as one batched network, at most ``GROUP_PER_THREAD`` per
+    thread at a time; the rest one after another through ``nn.LSTM`` and autograd."""
     logger, done = run_logger(), {}
     groups: dict[tuple, list[int]] = {}
     for i, net in enumerate(networks):
         groups.setdefault(net.shape(), []).append(i)
-    for which in (w for w in groups.values() if len(w) > 1):
-        nets = [networks[i] for i in which]
-        first, names = nets[0], ", ".join(net.name for net in nets)
+    for alike in groups.values():
+        first = networks[alike[0]]
         refusal = not_groupable(first.cell, first.cfg, first.device, first.batches.input_size)
         if refusal:
-            logger.info("%s train one by one: %s", names, refusal)
+            if len(alike) > 1:
+                logger.info("%s train one by one: %s", ", ".join(networks[i].name for i in alike), refusal)
             continue
-        logger.info("%s: training %s together as one batched network on %s: %d train / %d validation windows "
-                    "each", names, first.cell, first.device, *first.batches.sizes)
-        done.update(zip(which, fit_together(nets) or [], strict=False))
+        cap = GROUP_PER_THREAD * torch.get_num_threads()
+        n = -(-len(alike) // cap)  # groups, as near equal in size as can be
+        for which in (alike[g * len(alike) // n:(g + 1) * len(alike) // n] for g in range(n)):
+            nets = [networks[i] for i in which]
+            if len(nets) > 1:
+                logger.info("%s: training %s together as one batched network on %s: %d train / %d validation "
+                            "windows each", ", ".join(net.name for net in nets), first.cell, first.device,
+                            *first.batches.sizes)
+            else:
+                log_start(nets[0])
+            done.update(zip(which, fit_together(nets) or [], strict=False))
     for i, net in enumerate(networks):
         if i not in done:
-            logger.info("%straining %s on %s: %d train / %d validation windows", net.who, net.cell, net.device,
-                        *net.batches.sizes)
+            log_start(net)
             done[i] = train_member(net.cell, net.cfg, net.seed, net.device, net.batches,
                                    checkpoint=open_checkpoint(net.checkpoints, net.cfg, net.who))
             log_member(net.who, done[i][1])
     return [done[i] for i in range(len(networks))]
+
+
+# more networks per thread in one group gain nothing on this CPU and, on one thread, start to lose
+# to cache misses (docs/BENCHMARKS.md, "A sweep's trials trained together")
+GROUP_PER_THREAD = 4
+
+
+def log_start(net: Network) -> None:
+    run_logger().info("%straining %s on %s: %d train / %d validation windows", net.who, net.cell, net.device,
+                      *net.batches.sizes)
 
 
 def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:

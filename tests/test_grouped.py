@@ -15,6 +15,7 @@ from rnn_models.grouped import GroupedForecasters, available, fit_grouped, group
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
+from tasks import training
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.features import build_chain, scale_and_window, split_series
@@ -219,13 +220,14 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_a_sweeps_trials_on_one_worker_train_together_as_one_by_one(caplog):
+def test_a_sweeps_trials_on_one_worker_train_together_as_one_by_one(caplog, monkeypatch):
     """tasks.selection.train_many_directly (a sweep's trials on one worker): --auto's candidates
     of both LSTM trials, then their remaining members, train as one batched network each phase;
     every model ends as train_directly alone makes it."""
     base = TimeSeriesConfig(length=600, epochs=2, hidden_size=16, ensemble=2)
     cfgs = {"trial 0": base, "trial 1": replace(base, lr=3e-3, seed=7), "trial 2": replace(base, hidden_size=32)}
     series = generate_series(base)
+    monkeypatch.setattr(training, "GROUP_PER_THREAD", 6)  # both trials' 6 candidates in one group, on any threads
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         together = train_many_directly({name: (series, cfg) for name, cfg in cfgs.items()})
     assert "trial 0: plain, trial 0: window-norm last, trial 0: window-norm mean, trial 1: plain, " in caplog.text
@@ -237,3 +239,28 @@ def test_a_sweeps_trials_on_one_worker_train_together_as_one_by_one(caplog):
         for a, b in zip(alone.forecaster.members, mine.forecaster.members, strict=True):
             for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
                 torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_a_lone_network_and_a_large_group_go_through_the_grouped_operation(caplog, monkeypatch):
+    """One network trains through the grouped operation too, as it would alone through nn.LSTM;
+    more networks than GROUP_PER_THREAD per thread are cut into near-equal groups."""
+    train, val = _data()
+    batches = Batches(train, val, 1, (536, 116), 24)
+    cfg = TimeSeriesConfig(hidden_size=16, epochs=2, ensemble=1, seed=4)
+    calls = []
+    monkeypatch.setattr(training, "fit_grouped", lambda members, *a: calls.append(len(members)) or fit_grouped(
+        members, *a))
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        (member,), (result,) = _train_members(cfg, batches)
+    assert calls == [1] and "training lstm on cpu: 536 train" in caplog.text
+    alone, expected = train_member("lstm", cfg, cfg.seed, "cpu", batches)
+    assert result.best_val_loss == pytest.approx(expected.best_val_loss, rel=1e-4)
+    for (name, pa), pb in zip(alone.state_dict().items(), member.state_dict().values(), strict=True):
+        torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+    monkeypatch.setattr(training, "GROUP_PER_THREAD", 2)  # 2 threads: at most 4 a group
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        _train_members(replace(cfg, ensemble=5, epochs=1), batches)
+    assert calls[1:] == [2, 3] and "member 1/5, member 2/5: training lstm together" in caplog.text
+    assert "member 3/5, member 4/5, member 5/5: training lstm together" in caplog.text

@@ -18,6 +18,24 @@ def test_grid_is_the_product_and_samples_draw_from_it():
     assert len(sample) == 4 and len({tuple(sorted(p.items())) for p in sample}) == 4
 
 
+def test_trials_that_can_share_a_shape_are_grouped_one_group_per_worker():
+    from flows.sweep import packs
+    from tasks.sweep import split_grid
+
+    def groups(options, workers):
+        base, grid = split_grid(build_grid(options))
+        return sorted(sorted(i for i, _, _ in pack) for pack in packs([(i, p, base) for i, p in enumerate(grid)],
+                                                                        workers))
+
+    # 8 LSTM trials of one shape: one group per worker
+    assert groups({"lr": "0.001,0.003", "seed": "0,1,2,3"}, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups({"lr": "0.001,0.003", "seed": "0,1,2,3"}, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    # other shapes (lookback), GRU and a hidden size the grouped operation does not cover: alone
+    assert groups({"lr": "0.001,0.003", "lookback": "24,36", "cell": "lstm,gru"}, 1) == [[0, 1], [2], [3], [4, 5],
+                                                                                          [6], [7]]
+    assert groups({"lr": "0.001,0.003", "hidden_size": "8"}, 1) == [[0], [1]]
+
+
 @pytest.mark.parametrize("options, message", [
     ({"cell": "lstm,tcn"}, r"--cell: 'tcn' is not one of"),
     ({"hidden_size": "16,big"}, r"--hidden-size: 'big' is not a valid int"),
