@@ -43,7 +43,7 @@ from tasks.data import read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
-from tasks.training import not_groupable
+from tasks.training import GROUP_PER_THREAD, not_groupable
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
@@ -68,19 +68,24 @@ SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns",
 
 
 def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple[int, dict, dict]]]:
-    """The trials (index, point, base) as the tasks that run them, largest first. Trials alike in
-    ``SHAPE_FIELDS`` whose networks the grouped operation covers are cut into one group per
-    worker, each trained together on its worker (tasks.sweep.run_trials); every other trial is a
-    task of its own, handed to whichever worker is free."""
+    """The trials (index, point, base) as the tasks that run them, largest first. A worker trains
+    on one thread, whose groups hold up to ``GROUP_PER_THREAD`` networks (tasks.training): trials
+    alike in ``SHAPE_FIELDS`` whose LSTMs the grouped operation covers, and that leave room in a
+    group (no --auto, whose candidates fill one; an ensemble of at most half a group), go in
+    groups spread over the workers, each group's networks trained together on its worker
+    (tasks.sweep.run_trials). Every other trial is a task of its own, handed to whichever worker
+    is free: its own networks still train together."""
     classes: dict[tuple, list] = {}
     for trial in trials:
         cfg = TimeSeriesConfig(**{**trial[2], **trial[1]})
-        groupable = "lstm" in cfg.member_cells and not not_groupable("lstm", cfg, resolve_device(cfg.device), 1)
-        key = tuple(str(getattr(cfg, f)) for f in SHAPE_FIELDS) if groupable else ("alone", trial[0])
+        roomy = not cfg.auto and 2 * cfg.ensemble <= GROUP_PER_THREAD and "lstm" in cfg.member_cells
+        groupable = roomy and not not_groupable("lstm", cfg, resolve_device(cfg.device), 1)
+        key = (cfg.ensemble, *(str(getattr(cfg, f)) for f in SHAPE_FIELDS)) if groupable else ("alone", trial[0])
         classes.setdefault(key, []).append(trial)
     out = []
-    for alike in classes.values():
-        n = -(-len(alike) // workers)  # per group: the class spread over every worker
+    for key, alike in classes.items():
+        # spread over every worker, no more trials a group than it holds networks of theirs
+        n = 1 if key[0] == "alone" else min(-(-len(alike) // workers), GROUP_PER_THREAD // key[0])
         out += [alike[i:i + n] for i in range(0, len(alike), n)]
     return sorted(out, key=len, reverse=True)
 

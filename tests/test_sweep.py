@@ -27,13 +27,18 @@ def test_trials_that_can_share_a_shape_are_grouped_one_group_per_worker():
         return sorted(sorted(i for i, _, _ in pack) for pack in packs([(i, p, base) for i, p in enumerate(grid)],
                                                                         workers))
 
-    # 8 LSTM trials of one shape: one group per worker
-    assert groups({"lr": "0.001,0.003", "seed": "0,1,2,3"}, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert groups({"lr": "0.001,0.003", "seed": "0,1,2,3"}, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    one = {"auto": "false", "ensemble": "1"}
+    # 8 LSTM trials of one shape: one group per worker, of at most 4 networks (one thread's)
+    assert groups({**one, "lr": "0.001,0.003", "seed": "0,1,2,3"}, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups({**one, "lr": "0.001,0.003", "seed": "0,1,2,3"}, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert groups({**one, "lr": "0.001,0.003", "seed": "0,1,2,3", "ensemble": "2"}, 1) == [[0, 1], [2, 3], [4, 5],
+                                                                                            [6, 7]]
     # other shapes (lookback), GRU and a hidden size the grouped operation does not cover: alone
-    assert groups({"lr": "0.001,0.003", "lookback": "24,36", "cell": "lstm,gru"}, 1) == [[0, 1], [2], [3], [4, 5],
-                                                                                          [6], [7]]
-    assert groups({"lr": "0.001,0.003", "hidden_size": "8"}, 1) == [[0], [1]]
+    assert groups({**one, "lr": "0.001,0.003", "lookback": "24,36", "cell": "lstm,gru"}, 1) == [
+        [0, 1], [2], [3], [4, 5], [6], [7]]
+    assert groups({**one, "lr": "0.001,0.003", "hidden_size": "8"}, 1) == [[0], [1]]
+    # trials that fill a group by themselves (--auto's candidates, 3 members): alone
+    assert groups({"lr": "0.001,0.003"}, 1) == groups({**one, "ensemble": "3", "lr": "0.001,0.003"}, 1) == [[0], [1]]
 
 
 @pytest.mark.parametrize("options, message", [
