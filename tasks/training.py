@@ -225,7 +225,8 @@ def panel_batches(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSe
     L, H = cfg.lookback, cfg.horizon
     train = PanelWindows(data, L, H, *split.part("train"), stride=cfg.stride)
     val = PanelWindows(data, L, H, *split.part("val"))
-    length = next(encoded_batches(train, chain, 1))[0].shape[1]
+    first = next(encoded_batches(train, chain, 1), None)  # a window as the network reads it
+    length = L if first is None else first[0].shape[1]
     return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
                    lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)), length)
 
