@@ -39,7 +39,7 @@ from flows.steps import (
 from rnn_models.training import resolve_device
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
-from tasks.data import read_series
+from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
@@ -218,6 +218,35 @@ def check_dask_address(address: str, timeout: float = 5.0) -> None:
         raise ConfigError(f"--dask-address {address}: cannot reach the Dask scheduler ({e})") from None
 
 
+# what the input checks read (flows.timeseries.check_input): grid points alike in these are checked once
+DATA_FIELDS = ("source", "data", "sha256", "time_column", "value_column", "covariate_columns", "max_gap", "length",
+               "lookback", "horizon", "stride", "val_size", "test_size", "season_length", "scaler", "transform",
+               "difference", "window_norm", "baseline")
+
+
+def check_data(base: dict, grid: list[dict], id_column: str) -> None:
+    """Before Prefect starts: the tracking server answers, and every grid point's data reads, has
+    its columns and is long enough for its split and transforms (``flows.timeseries.check_input``,
+    once for each distinct data setting). With ``id_column`` the file is split per series inside
+    the flow, so only its existence is checked here."""
+    from flows.timeseries import check_input
+
+    check_tracking_server()
+    seen = set()
+    for point in grid:
+        cfg = TimeSeriesConfig(**{**base, **point})
+        key = tuple(str(getattr(cfg, f)) for f in DATA_FIELDS)
+        if key in seen:
+            continue
+        seen.add(key)
+        if id_column and cfg.source != "file":
+            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
+        if id_column:
+            fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
+        else:
+            check_input(cfg)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n")[0],
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,11 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         grid = build_grid(options, sweep["samples"])
         if sweep["dask_address"]:
             check_dask_address(sweep["dask_address"])
-        check_tracking_server()
         base, grid = split_grid(grid)
+        check_data(base, grid, sweep["id_column"])
         runner = task_runner(sweep["task_runner"], sweep["workers"], sweep["dask_address"])
-        if sweep["id_column"] and base["source"] != "file":
-            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
         with prefect_api():  # one server for the sweep and its Dask workers (they inherit its URL)
             if sweep["id_column"]:
                 result = many_series_flow.with_options(task_runner=runner)(base=base, grid=grid,

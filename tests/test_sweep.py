@@ -134,3 +134,18 @@ def test_trials_on_one_worker_train_together_and_score_as_alone(mlflow_store):
     assert scores[1].keys() == {"0.003", "0.01"}
     for lr, (val_loss, mase) in scores[2].items():
         assert scores[1][lr] == pytest.approx((val_loss, mase), rel=1e-4)
+
+
+def test_bad_data_stops_before_prefect_with_one_line(mlflow_store, tmp_path, capsys):
+    short = tmp_path / "short.csv"
+    short.write_text("value\n" + "\n".join(str(i) for i in range(40)) + "\n")
+    base = [*TINY, "--source", "file", "--lr", "0.001,0.003"]
+    assert main([*base, "--data", str(tmp_path / "nosuch.csv")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nosuch.csv'}: no such file"
+    assert main([*base, "--data", str(short), "--lookback", "12,30"]) == 1  # the longer lookback does not fit
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {short}") and "\n" not in err
+    assert main([*base, "--data", str(tmp_path / "nosuch.csv"), "--id-column", "store"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nosuch.csv'}: no such file"
+    assert MlflowClient(mlflow_store, mlflow_store).search_experiments(filter_string="name = 'timeseries-forecasting'") \
+        == []  # no flow ran: no parent run, not even the experiment
