@@ -131,7 +131,7 @@ class Terminated(KeyboardInterrupt):
     run like Ctrl-C."""
 
 
-def _terminate(signum, frame):
+def terminate(signum, frame):
     raise Terminated
 
 
@@ -147,7 +147,7 @@ def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, descr
 
 def run_config(cfg, flow_fn, check: Callable) -> int:
     """``run_from_command_line`` once the config is parsed (``flows.models register`` starts here)."""
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, terminate)
     checkpoints = None
     try:
         checkpoints = check(cfg)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import fields
 
@@ -22,10 +24,11 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import exit_process
-from flows.cli import USER_ERRORS, registration_note
+from flows.cli import USER_ERRORS, Terminated, registration_note, terminate
 from flows.server import prefect_api
 from flows.steps import (
     backtest,
@@ -36,7 +39,7 @@ from flows.steps import (
     split_by_id,
     split_series,
 )
-from rnn_models.training import resolve_device
+from rnn_models.training import STOP, resolve_device
 from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag
 from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
@@ -53,10 +56,41 @@ def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: s
     workers = start_workers(workers)  # not part of the phase: a cluster's start is paid once per sweep
     groups = packs([(i, point, base) for i, (base, point) in enumerate(jobs)], workers)
     t0 = time.perf_counter()
-    futures = [run_trials.with_options(task_run_name=f"sweep-trials-{'-'.join(str(i) for i, _, _ in pack)}")
-               .submit(pack, parent_id, experiment_id) for pack in groups]
-    results = sorted((r for f in futures for r in f.result()), key=lambda r: r.index)
+    with stopping_trials():
+        futures = [run_trials.with_options(task_run_name=f"sweep-trials-{'-'.join(str(i) for i, _, _ in pack)}")
+                   .submit(pack, parent_id, experiment_id) for pack in groups]
+        results = sorted((r for f in futures for r in f.result()), key=lambda r: r.index)
     return results, time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def stopping_trials():
+    """While trials train in threads of this process, Ctrl-C or SIGTERM first tells them to stop
+    at their next step (``rnn_models.training.STOP``), then does what it did before: a signal
+    reaches only the main thread, which waits on the trials and would otherwise see it only once
+    they had all finished."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum, frame):
+        STOP.set()
+        handler = before[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    for sig, handler in before.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 # what decides whether two trials' networks can train as one batched network (tasks.training.
@@ -268,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
+    signal.signal(signal.SIGTERM, terminate)
     sweep = {k: args.pop(k) for k in ("samples", "task_runner", "workers", "dask_address", "id_column")}
     options = {k: v for k, v in args.items() if v is not None}
     try:
@@ -287,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, TerminationSignal) as e:
+        STOP.set()
+        print("interrupted: nothing registered; the sweep's MLflow runs were deleted", file=sys.stderr)
+        return 130 if type(e) is KeyboardInterrupt else 143
     print(result["report"])
     return 0
 

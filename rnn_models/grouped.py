@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastObjective
 from rnn_models.recurrent import Forecaster
-from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun
+from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, check_stop
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "grouped_lstm.cpp"
 # -ffast-math lets the gate loops call glibc's vector exp and tanh; it is not passed to the link,
@@ -231,6 +231,7 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
     for i, batches in enumerate(zip(*streams, strict=True)):
         if i < start:
             continue
+        check_stop()
         losses = step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
         n = len(batches[0][0])
         total += losses * n

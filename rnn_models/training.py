@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -358,6 +359,20 @@ class Budget:
         return self.spent
 
 
+STOP = threading.Event()
+"""Set by a program that was interrupted (Ctrl-C) while trainings run in other threads of its
+process (a sweep's trials): each stops at its next optimizer step, raising ``Stopped``."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A training stopped because ``STOP`` was set."""
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise Stopped("training stopped: the program was interrupted")
+
+
 def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoint | None) -> tuple[float, int]:
     """One training pass (until the budget, if any, is spent); a resumed epoch skips the
     batches it had done. Returns (mean loss, count)."""
@@ -372,6 +387,7 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
     for k, batch in enumerate(batches):
         if k < run.step:
             continue
+        check_stop()
         with autocast(cfg.device, cfg.precision):
             loss, n = objective(model, batch)
         opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import ViewType
 
 from tests.serving import free_port, tracking_ui
 
@@ -107,6 +108,28 @@ def test_ctrl_c_and_sigterm_stop_the_run_within_seconds(env, corpus, tmp_path, s
     assert (kept / "checkpoint.safetensors").is_file()
     uri = env["MLFLOW_TRACKING_URI"]
     assert MlflowClient(uri, uri).search_registered_models() == []  # (registry named: the default is process-wide)
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_a_sweeps_trial_threads_within_seconds(env, tmp_path, sig, status):
+    """The trials train in threads, which a signal does not reach: they stop at their next step
+    (rnn_models.training.STOP), so the sweep ends at once, with nothing registered or left."""
+    out = tmp_path / "sweep.log"
+    proc = start("flows.sweep", "--lr", "0.001,0.003", "--auto", "false", "--ensemble", "1", "--epochs", "500",
+                 "--patience", "0", "--length", "2000", "--hidden-size", "16", env=env, out=out)
+    wait_for(out, r"trial 1: training lstm", proc)
+    time.sleep(1)
+    os.killpg(proc.pid, sig)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=60) == status, out.read_text()[-3000:]
+    assert time.monotonic() - t0 < 10
+    text = out.read_text()
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1] == "interrupted: nothing registered; the sweep's MLflow runs were deleted"
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+    assert c.search_registered_models() == []
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()], run_view_type=ViewType.ALL)
+    assert runs and all(r.info.lifecycle_stage == "deleted" for r in runs)
 
 
 def test_four_command_lines_at_once_on_a_busy_machine_each_register_and_the_best_is_champion(env, tmp_path):
