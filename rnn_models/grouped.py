@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastObjective
-from rnn_models.recurrent import Forecaster
+from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, check_stop
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "grouped_lstm.cpp"
@@ -97,13 +97,19 @@ def _load() -> bool:
 
 
 def groupable(model: Forecaster) -> bool:
-    """Whether a forecaster is one the grouped operation covers: LSTM cells, float32 on the CPU,
-    one direction, a hidden size that is a multiple of 16 (its vector blocks), no dropout between
-    layers (random masks could not match one-by-one training)."""
-    cfg = model.cfg
+    """Whether a forecaster is one the grouped operation covers: a shape it covers
+    (``groupable_shape``), float32 on the CPU."""
+    return groupable_shape(model.cfg) and all(p.dtype == torch.float32 and p.device.type == "cpu"
+                                              for p in model.parameters())
+
+
+def groupable_shape(cfg: ForecasterConfig) -> bool:
+    """LSTM cells, one direction, a hidden size that is a multiple of 16 (the operation's vector
+    blocks), no dropout between layers (random masks could not match one-by-one training). Read
+    from the config alone: building a network to ask would draw its weights from torch's global
+    random generator, which another thread may have just seeded for its own network."""
     return (cfg.cell == "lstm" and not cfg.bidirectional and (cfg.num_layers == 1 or cfg.dropout == 0.0)
-            and cfg.hidden_size % 16 == 0 and all(p.dtype == torch.float32 and p.device.type == "cpu"
-                                                  for p in model.parameters()))
+            and cfg.hidden_size % 16 == 0)
 
 
 class GroupedForecasters:
