@@ -91,18 +91,24 @@ def test_kill_9_then_the_same_command_resumes_and_ends_like_an_uninterrupted_run
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]  # the killed attempt left no RUNNING run
 
 
+def signalled(proc: subprocess.Popen, sig: int, status: int, out: Path) -> str:
+    """Send ``sig`` to the command's process group, as a terminal's Ctrl-C would; it must end with
+    ``status`` within 15 s and no traceback. Returns its last line."""
+    os.killpg(proc.pid, sig)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=60) == status, out.read_text()[-3000:]
+    assert time.monotonic() - t0 < 15
+    text = out.read_text()
+    assert "Traceback" not in text
+    return text.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_and_sigterm_stop_the_run_within_seconds(env, corpus, tmp_path, sig, status):
     out = tmp_path / "run.log"
     proc = start("flows.charlm", "--data", str(corpus), "--epochs", "200", *CHARLM, env=env, out=out)
     wait_for(out, r"epoch 2: train", proc)
-    os.killpg(proc.pid, sig)
-    t0 = time.monotonic()
-    assert proc.wait(timeout=30) == status, out.read_text()[-3000:]
-    assert time.monotonic() - t0 < 15
-    text = out.read_text()
-    assert "Traceback" not in text
-    last = text.strip().splitlines()[-1]
+    last = signalled(proc, sig, status, out)
     assert last.startswith("interrupted: nothing registered; the training checkpoint is kept in "), last
     kept = Path(last.split(" kept in ")[1].split(":")[0])
     assert (kept / "checkpoint.safetensors").is_file()
@@ -119,13 +125,7 @@ def test_ctrl_c_and_sigterm_stop_a_sweeps_trial_threads_within_seconds(env, tmp_
                  "--patience", "0", "--length", "2000", "--hidden-size", "16", env=env, out=out)
     wait_for(out, r"trial 1: training lstm", proc)
     time.sleep(1)
-    os.killpg(proc.pid, sig)
-    t0 = time.monotonic()
-    assert proc.wait(timeout=60) == status, out.read_text()[-3000:]
-    assert time.monotonic() - t0 < 10
-    text = out.read_text()
-    assert "Traceback" not in text
-    assert text.strip().splitlines()[-1] == "interrupted: nothing registered; the sweep's MLflow runs were deleted"
+    assert signalled(proc, sig, status, out) == "interrupted: nothing registered; the sweep's MLflow runs were deleted"
     c = MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
     assert c.search_registered_models() == []
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()], run_view_type=ViewType.ALL)
