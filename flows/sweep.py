@@ -331,4 +331,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    # run as the module flows.sweep, not as __main__: a Dask task carries the flow run's context, the
+    # flow among it, and a worker can import the flow by its module's name only (a flow of __main__ is
+    # pickled by value, its module's globals with it, and a thread lock among them does not pickle)
+    from flows.sweep import main as sweep_main
+
+    exit_process(sweep_main())
