@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows import exit_process
 from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
 from tasks import data, text
-from tasks.config import CharLMFlowConfig, checkpoint_dir
+from tasks.config import CharLMFlowConfig, checkpoint_dir, safe_name
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."
@@ -48,7 +48,7 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
               f"| {fit.best_val_loss:.4f} | {bpc:.4f} | {math.exp(fit.best_val_loss):.3f} | {fit.best_epoch} "
               f"| {fit.samples_per_second:,.0f} |\n\n{samples}\n\n"
               f"{registration_note(name, reg)}")
-    create_markdown_artifact(report, key=f"{name}-report".lower(), description=f"{name} v{reg.version}")
+    create_markdown_artifact(report, key=f"{safe_name(name)}-report", description=f"{name} v{reg.version}")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
             "run_id": reg.run_id, "val_loss": fit.best_val_loss, "val_bpc": bpc, "samples": trained.samples[0],
@@ -61,7 +61,8 @@ def samples_markdown(texts: dict[str, str]) -> str:
 
 def publish_samples(name: str, epoch: int, texts: dict[str, str]) -> None:
     """The samples as a Prefect artifact (one key, a new version each time), to watch in the UI."""
-    create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{samples_markdown(texts)}", key=f"{name}-samples".lower(),
+    create_markdown_artifact(f"### {name}, epoch {epoch}\n\n{samples_markdown(texts)}",
+                             key=f"{safe_name(name)}-samples",
                              description=f"samples after epoch {epoch}" if epoch else "samples of the final model")
 
 

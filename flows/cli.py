@@ -117,13 +117,14 @@ def _converter(kind: type, name: str):
 
 
 def parse_config(cls, argv: list[str] | None, prog: str, description: str):
-    """Parse ``argv`` into ``cls``; a bad value exits with status 2 and a message naming it."""
+    """Parse ``argv`` into ``cls``; a bad value exits with status 2 and one line naming it."""
     parser = parser_for(cls, prog, description)
     args = vars(parser.parse_args(argv))
     try:
         return cls(**args)
     except ValueError as e:
-        parser.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 class Terminated(KeyboardInterrupt):

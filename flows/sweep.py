@@ -41,7 +41,7 @@ from flows.steps import (
 )
 from rnn_models.training import STOP, resolve_device
 from rnn_models.windows import window_origins
-from tasks.config import ConfigError, TimeSeriesConfig, flag
+from tasks.config import ConfigError, TimeSeriesConfig, flag, safe_name
 from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
@@ -184,7 +184,7 @@ def sweep_flow(base: dict, grid: list[dict], workers: int = 2) -> dict:
         mlflow.set_tags({"best_trial_run": best.run_id, "registered_version": reg.version})
     report = (f"### Sweep of {len(grid)} trials for {name}\n\n{table}\n\n"
               f"{bt.markdown(f'best trial, {name} v{reg.version}')}\n\n{registration_note(name, reg)}")
-    create_markdown_artifact(report, key=f"{name}-sweep".lower(), description=f"sweep of {len(grid)} trials")
+    create_markdown_artifact(report, key=f"{safe_name(name)}-sweep", description=f"sweep of {len(grid)} trials")
     return {"parent_run_id": parent_id, "best": best.index, "best_params": best.params, "version": reg.version,
             "promoted": reg.promoted, "reason": reg.reason, "report": report, "trials": len(results),
             "trials_wall_seconds": trials_wall, "trial_seconds": [r.seconds for r in results],
@@ -219,7 +219,7 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str, workers: int 
         mlflow.log_metric("trials_wall_seconds", wall)
         mlflow.log_text(table, "summary.md")
     report = f"### {len(files)} series, {len(grid)} grid point(s) each\n\n{table}"
-    create_markdown_artifact(report, key=f"{name}-many-series".lower(), description=f"{len(files)} series")
+    create_markdown_artifact(report, key=f"{safe_name(name)}-many-series", description=f"{len(files)} series")
     return {"parent_run_id": parent_id, "series": sorted(files), "report": report,
             "versions": {sid: reg.version for sid, _, reg in rows}}
 

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import exit_process
 from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
-from tasks.config import TimeSeriesConfig, checkpoint_dir
+from tasks.config import TimeSeriesConfig, checkpoint_dir, safe_name
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import check_lookback, split_series
 from tasks.panel import load_panel
@@ -77,7 +77,7 @@ def report(cfg: TimeSeriesConfig, reg, bt, champion, selection, trained) -> dict
           if champion.score is not None else "")
     auto = f"{selection.markdown()}\n\n" if selection else ""
     text = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{vs}{registration_note(name, reg)}"
-    create_markdown_artifact(text, key=f"{name}-backtest".lower(), description=f"{name} v{reg.version} backtest")
+    create_markdown_artifact(text, key=f"{safe_name(name)}-backtest", description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,
             "run_id": reg.run_id, "scores": bt.scores, "label": label, "report": text,

@@ -21,7 +21,6 @@ import ctypes
 import functools
 import hashlib
 import logging
-import math
 import os
 import platform
 import sys
@@ -35,9 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rnn_models.checkpoint import Checkpoint
+from rnn_models.cores import SHARE
 from rnn_models.forecasting import ForecastObjective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, check_stop
+from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, between_steps, mean_over
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "grouped_lstm.cpp"
 # -ffast-math lets the gate loops call glibc's vector exp and tanh; it is not passed to the link,
@@ -67,12 +67,20 @@ def available() -> bool:
     logged once, where it cannot be built (no C++ compiler, say). A build happens in a folder of
     its own and its library is renamed into place whole, so runs that start at once on a fresh
     install each build or load a complete one, and an interrupted build leaves nothing behind.
-    Threads of one process (a sweep's trials) take turns: the library is loaded once."""
+    Threads of one process (a sweep's trials) take turns: the library is loaded once.
+    ``RNNFLOW_GROUPED=0`` turns it off: every network then trains through ``nn.LSTM``."""
+    if turned_off():
+        return False
     with _LOADING:
         return _load()
 
 
 _LOADING = threading.Lock()
+
+
+def turned_off() -> bool:
+    """``RNNFLOW_GROUPED=0``: the operation is not used, as where it cannot be built."""
+    return os.environ.get("RNNFLOW_GROUPED", "1").strip() == "0"
 
 
 @functools.cache
@@ -193,6 +201,11 @@ def fit_grouped(members: list[Forecaster], train_batches: list[Callable[[torch.G
     Returns each member's result, or None where the members cannot go on together: a budget
     (``minutes``), or checkpoints that stopped at different places (a run killed between two
     members' writes); the caller then trains them one by one, from the same checkpoints."""
+    with SHARE.claim():
+        return _fit_grouped(members, train_batches, val_batches, objective, cfgs, checkpoints)
+
+
+def _fit_grouped(members, train_batches, val_batches, objective, cfgs, checkpoints) -> list[FitResult] | None:
     checkpoints = checkpoints or [None] * len(members)
     runs = [TrainingRun(m, objective, cfg) for m, cfg in zip(members, cfgs, strict=True)]
     if any(run.budget is not None for run in runs):
@@ -237,7 +250,7 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
     for i, batches in enumerate(zip(*streams, strict=True)):
         if i < start:
             continue
-        check_stop()
+        between_steps()
         losses = step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
         n = len(batches[0][0])
         total += losses * n
@@ -250,7 +263,8 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
     step.close()
     for run, t in zip(runs, total.tolist(), strict=True):
         run.partial = (t, count)
-    return [t / count if count else math.nan for t in total.tolist()]
+    mean_over(total[0], count, "training")  # none: the data's fault, said as in fit
+    return [t / count for t in total.tolist()]
 
 
 @functools.cache

@@ -120,6 +120,31 @@ class LanguageModelLoss:
         return loss, y.numel()
 
 
+MIN_BATCHES = 16  # a text that fills fewer training batches of the asked shape trains with a smaller one
+SHAPE_FLOORS = ((4, 16, MIN_BATCHES), (1, 8, 1))  # (streams, steps, batches wanted): halving stops at these
+
+
+def batches_in(n_tokens: int, batch_size: int, num_steps: int) -> int:
+    """Whole (B, T) batches that ``n_tokens`` fill whatever the epoch's random offset (up to T - 1)."""
+    return max(0, (n_tokens - num_steps) // (batch_size * num_steps))
+
+
+def fit_batch_shape(n_tokens: int, batch_size: int, num_steps: int) -> tuple[int, int]:
+    """The (streams, steps) a text of ``n_tokens`` trains with: as asked where it fills
+    ``MIN_BATCHES`` batches of that shape (any corpus of 33k characters or more, at the default
+    32 x 64). A smaller text halves the larger of the two in turn (relative to 4 x 16) until it
+    does, then, if it fills no batch at all, goes down to 1 x 8; never above what was asked.
+    Returns (0, 0) when not even one 1 x 8 batch fits."""
+    b, t = batch_size, num_steps
+    for floor_b, floor_t, wanted in SHAPE_FLOORS:
+        while batches_in(n_tokens, b, t) < wanted and (b > floor_b or t > floor_t):
+            if b > floor_b and (t <= floor_t or b / floor_b >= t / floor_t):
+                b = max(b // 2, floor_b)
+            else:
+                t = max(t // 2, floor_t)
+    return (b, t) if batches_in(n_tokens, b, t) else (0, 0)
+
+
 def val_batch_size(n_tokens: int, batch_size: int, num_steps: int) -> int:
     """Streams for the validation pass: as many as the text fills with one window each, at most B."""
     return max(1, min(batch_size, (n_tokens - 1) // num_steps))

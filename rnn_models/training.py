@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rnn_models import PRECISIONS, NonFiniteLossError  # defined without torch for the CLI
 from rnn_models.checkpoint import Checkpoint
+from rnn_models.cores import SHARE
 
 
 @dataclass
@@ -77,8 +78,10 @@ def resolve_device(device: str) -> str:
     """``auto`` picks CUDA when present; asking for CUDA where there is none is an error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"PyTorch sees no CUDA GPU on this machine (torch {torch.__version__}, {build}); "
+                         f"use --device auto or cpu")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ValueError(f"unknown device {device!r}; expected auto, cpu or cuda")
     return device
@@ -123,6 +126,11 @@ def fit(
     far, random-number generators, position in the epoch) is written after every epoch and
     every ``checkpoint.every_seconds`` inside one; if the checkpoint exists, training resumes
     from it and ends exactly where an uninterrupted run would (on the CPU)."""
+    with SHARE.claim():
+        return _fit(model, train_batches, val_batches, objective, cfg, on_epoch, checkpoint)
+
+
+def _fit(model, train_batches, val_batches, objective, cfg, on_epoch, checkpoint) -> FitResult:
     run = TrainingRun(model, objective, cfg)
     run.resume_from(checkpoint)
     # disable=None: a bar only on a terminal, not in logs
@@ -206,9 +214,13 @@ class TrainingRun:
         """Record the epoch: best weights, plateau, whether training is finished; then write the
         whole state to ``checkpoint``, if any."""
         if not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss)):
-            bad = stats.train_loss if not math.isfinite(stats.train_loss) else stats.val_loss
-            raise NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} (lr={self.cfg.lr}, clip={self.cfg.clip});"
-                                     f" try a lower --lr or a smaller --clip")
+            part, bad = ("training", stats.train_loss) if not math.isfinite(stats.train_loss) else \
+                ("validation", stats.val_loss)
+            cause = ("an overflow: values beyond float32's range (scale the data, e.g. --scaler standard) or "
+                     if math.isinf(bad) else "")
+            cause += (f"weights that diverged (lr={self.cfg.lr}, clip={self.cfg.clip}): try a lower --lr or a "
+                      f"smaller --clip")
+            raise NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} in the {part} pass: {cause}")
         self.result.history.append(stats)
         self.result.train_seconds += stats.seconds
         if stats.val_loss < self.result.best_val_loss:
@@ -368,9 +380,12 @@ class Stopped(KeyboardInterrupt):
     """A training stopped because ``STOP`` was set."""
 
 
-def check_stop() -> None:
+def between_steps() -> None:
+    """Before each optimizer step: stop if the program was interrupted, and use this process's
+    share of the cores (``rnn_models.cores``)."""
     if STOP.is_set():
         raise Stopped("training stopped: the program was interrupted")
+    SHARE.rebalance()
 
 
 def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoint | None) -> tuple[float, int]:
@@ -387,7 +402,7 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
     for k, batch in enumerate(batches):
         if k < run.step:
             continue
-        check_stop()
+        between_steps()
         with autocast(cfg.device, cfg.precision):
             loss, n = objective(model, batch)
         opt.zero_grad(set_to_none=True)
@@ -407,7 +422,16 @@ def _train_pass(run: TrainingRun, batches: Iterable[Batch], checkpoint: Checkpoi
             checkpoint.write(*run.snapshot())
         if spent:
             break
-    return (total.item() / count if count else math.nan), count
+    return mean_over(total, count, "training"), count
+
+
+def mean_over(total: torch.Tensor, count: int, part: str) -> float:
+    """A pass's summed loss over its ``count`` examples; a pass with none is the data's fault,
+    not the learning rate's, and says so (its mean would be NaN)."""
+    if not count:
+        raise NonFiniteLossError(f"no {part} batch: the {part} part is shorter than one batch "
+                                 f"(lower --batch-size, or the window: --lookback/--horizon or --num-steps)")
+    return total.item() / count
 
 
 def eval_pass(model: nn.Module, batches: Iterable[Batch], objective: Objective, cfg: TrainConfig) -> float:
@@ -424,7 +448,7 @@ def eval_pass(model: nn.Module, batches: Iterable[Batch], objective: Objective, 
             loss, n = objective(model, batch)
         total += loss.detach().float() * n
         count += n
-    return total.item() / count if count else math.nan
+    return mean_over(total, count, "validation")
 
 
 def tensor_batches(

@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import os
+import posixpath
+import re
 import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -365,8 +367,47 @@ def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=
     for name in fractions:
         if not 0 < getattr(cfg, name) < 0.5:
             raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(cfg, name)}")
+    check_model_name(cfg.registered_name, given=bool(cfg.model_name))
+    if cfg.device.startswith("cuda"):
+        check_device(cfg.device)
     if cfg.sha256 and (len(cfg.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.sha256)):
         raise ConfigError(f"--sha256 must be 64 hex digits, got {cfg.sha256!r}")
+
+
+MAX_NAME = 200
+
+
+def check_model_name(name: str, given: bool) -> None:
+    """A model name is what MLflow's registry accepts (not blank, no '/' or ':', not a path that
+    normalises to another name) and printable, checked before anything is trained. It reaches
+    files and Prefect keys only through ``safe_name``."""
+    where = "--model-name" if given else f"the model name {name!r} made from --data (give --model-name)"
+    problem = ("is blank" if not name.strip() else
+               "cannot contain '/' or ':' (MLflow's rule)" if "/" in name or ":" in name else
+               "cannot be a path such as '.' or '..' (MLflow's rule)" if posixpath.normpath(name) != name
+               or name.startswith("..") else
+               "cannot contain control characters" if any(not c.isprintable() for c in name) else
+               f"is longer than {MAX_NAME} characters" if len(name) > MAX_NAME else "")
+    if problem:
+        raise ConfigError(f"{where}: {name!r} {problem}")
+
+
+def safe_name(name: str) -> str:
+    """``name`` as it may appear in a file name or a Prefect artifact key: lower-case ASCII letters,
+    digits and dashes. A name that held anything else gets 8 hex digits of its hash, so distinct
+    names stay distinct; ``sine-forecaster`` stays itself."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
+    return slug if slug == name.lower() else f"{slug or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def check_device(device: str) -> None:
+    """``--device cuda`` where PyTorch sees no CUDA GPU is the user's mistake, said in one line."""
+    from rnn_models.training import resolve_device  # imports torch: only when a GPU is asked for
+
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise ConfigError(f"--device {device}: {e}") from None
 
 
 def flag(name: str) -> str:
@@ -413,7 +454,7 @@ def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -
     params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
     key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
-    return root / f"{cfg.registered_name}-{key}"
+    return root / f"{safe_name(cfg.registered_name)}-{key}"
 
 
 RUN_FILE = "run.json"

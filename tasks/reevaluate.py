@@ -41,6 +41,8 @@ class EvalData:
     series: Series | None = None
     panel: PanelData | None = None  # a global model's many series
     val_text: str = ""
+    batch_size: int = 0  # the char LM's batch shape as fitted to its corpus
+    num_steps: int = 0
 
 
 def config_from_params(cls, params: dict[str, str]):
@@ -70,7 +72,7 @@ def evaluation_data(version) -> EvalData:
     cfg = config_from_params(CharLMFlowConfig, params)
     corpus = load_corpus(*fetch_data(cfg.corpus, cfg.sha256), cfg)
     return EvalData(kind, f"validation text of {corpus.source} (v{version.version}'s data)", cfg,
-                    val_text=corpus.val_text)
+                    val_text=corpus.val_text, batch_size=corpus.batch_size, num_steps=corpus.num_steps)
 
 
 def backtest_registered(model_uri: str, series: Series, split: Split, origins, horizon: int) -> float:
@@ -126,4 +128,4 @@ def score(version, data: EvalData) -> float:
         return backtest_registered(uri, series, split, origins, cfg.horizon)
     lm = load_registered(uri).unwrap_python_model()
     ids = torch.tensor(lm.vocab.encode(data.val_text), dtype=torch.long)
-    return mean_loss(lm.model, ids, data.cfg.batch_size, data.cfg.num_steps) / math.log(2)
+    return mean_loss(lm.model, ids, data.batch_size, data.num_steps) / math.log(2)

@@ -225,6 +225,7 @@ def _register_charlm(cfg: CharLMFlowConfig, corpus: Corpus, trained: TrainedLM) 
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created:
         mlflow.log_params(cfg.to_params())
         mlflow.log_params({"vocab_size": len(corpus.vocab), "corpus_chars": corpus.chars,
+                           "trained_batch_size": corpus.batch_size, "trained_num_steps": corpus.num_steps,
                            "resolved_device": trained.device})
         log_history(fit.history)
         for s in fit.history:

@@ -16,6 +16,7 @@ from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballO
 from rnn_models.generation import complete
 from rnn_models.grouped import available as grouped_available
 from rnn_models.grouped import fit_grouped, groupable_shape
+from rnn_models.grouped import turned_off as grouped_turned_off
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
@@ -291,7 +292,8 @@ def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int
     if not groupable_shape(member_config(cell, cfg, input_size)):  # forecasters train in float32 on the CPU
         return "not a shape the grouped operation covers (rnn_models.grouped.groupable)"
     if not grouped_available():
-        return "the grouped operation could not be built"
+        return ("the grouped operation is turned off (RNNFLOW_GROUPED=0)" if grouped_turned_off()
+                else "the grouped operation could not be built")
     return ""
 
 
@@ -374,7 +376,8 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
         model = CharLM(model_cfg).to(device)
     train, val = torch.from_numpy(corpus.train).to(device), torch.from_numpy(corpus.val).to(device)
     sample = random_batches if cfg.sampling == "random" else sequential_batches
-    val_batch = val_batch_size(len(val), cfg.batch_size, cfg.num_steps)
+    batch_size, num_steps = corpus.batch_size, corpus.num_steps  # the config's, or fitted to a small text
+    val_batch = val_batch_size(len(val), batch_size, num_steps)
     samples: dict[int, dict[str, str]] = {}
 
     def take_samples(epoch: int, m) -> None:
@@ -390,8 +393,10 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
 
     logger.info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
                 cfg.cell, device, len(train), len(val), len(corpus.vocab))
-    result = fit(model, lambda gen: sample(train, cfg.batch_size, cfg.num_steps, gen),
-                 lambda: sequential_batches(val, val_batch, cfg.num_steps),
+    if corpus.fitted_note(cfg):
+        logger.info(corpus.fitted_note(cfg))
+    result = fit(model, lambda gen: sample(train, batch_size, num_steps, gen),
+                 lambda: sequential_batches(val, val_batch, num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
                  project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs,
                          cosine=True, precision=charlm_precision(cfg.precision, device)),

@@ -31,9 +31,17 @@ def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
         assert "Completed" in out.stdout + out.stderr
         bad = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", "horizon=0", "--watch")
         assert bad.returncode == 1  # a failed run shows as Failed ...
+        # a model name is checked before anything is trained or written: whoever may start a run cannot
+        # make the serving process write outside its folders
+        escape = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", f"model_name=../../{tmp_path.name}-x",
+                             "--watch")
+        assert escape.returncode == 1
         runs = [r for r in flow_runs(env, "nightly-retrain") if r["state_type"] != "SCHEDULED"]  # cron's future runs
-        assert [r["state_type"] for r in runs] == ["COMPLETED", "FAILED"]
+        assert [r["state_type"] for r in runs] == ["COMPLETED", "FAILED", "FAILED"]
         assert "--horizon must be at least 1" in runs[1]["state"]["message"]
+        assert "--model-name: '../../" in runs[2]["state"]["message"]
+        assert "cannot contain '/' or ':'" in runs[2]["state"]["message"]
+        assert not list(tmp_path.parent.parent.glob(f"{tmp_path.name}-x*"))
     c = MlflowClient(store, store)
     (version,) = c.search_model_versions("name='sine-forecaster'")  # ... and registers nothing
     params = c.get_run(version.run_id).data.params

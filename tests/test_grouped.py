@@ -169,6 +169,23 @@ def test_the_flows_members_train_together_as_one_by_one(caplog):
             torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_turned_off_the_flows_members_train_one_by_one_and_end_the_same(caplog, monkeypatch):
+    """RNNFLOW_GROUPED=0 takes the path a machine without a compiler takes: nn.LSTM, one by one."""
+    train, val = _data()
+    cfg = TimeSeriesConfig(hidden_size=32, epochs=3, ensemble=3, seed=4)
+    batches = Batches(train, val, 1, (536, 116), 24)
+    together, _ = _train_members(cfg, batches)
+    monkeypatch.setenv("RNNFLOW_GROUPED", "0")
+    with caplog.at_level(logging.INFO, logger="rnnflow"):
+        alone, fits = _train_members(cfg, batches)
+    assert ("member 1/3, member 2/3, member 3/3 train one by one: the grouped operation is turned off "
+            "(RNNFLOW_GROUPED=0)") in caplog.text
+    assert not available() and all(len(f.history) == 3 for f in fits)
+    for a, b in zip(alone, together, strict=True):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_members_of_other_cells_still_train_one_by_one(caplog):
     train, val = _data()
     cfg = TimeSeriesConfig(hidden_size=16, epochs=1, ensemble=3, ensemble_cells="lstm,gru", seed=4)
