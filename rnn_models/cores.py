@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import tempfile
 import threading
 import time
@@ -50,6 +51,16 @@ def live_claims(folder: Path) -> int:
             with contextlib.suppress(OSError):
                 f.unlink()
     return n
+
+
+def cpu_flags() -> str:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them (x86 ``flags``, Arm
+    ``Features``), or its processor name where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
 
 
 def cores_here() -> int:

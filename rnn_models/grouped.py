@@ -22,7 +22,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -34,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.cores import SHARE
+from rnn_models.cores import SHARE, cpu_flags
 from rnn_models.forecasting import ForecastObjective
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import EpochStats, FitResult, TrainConfig, TrainingRun, between_steps, mean_over
@@ -50,16 +49,8 @@ def build_directory() -> Path:
     """Where the compiled operation is cached: inside the Python environment, keyed by the
     source, the flags, torch's version and the CPU's instruction sets (it is compiled for this
     CPU: an environment copied to another machine builds its own rather than crash)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS, _cpu_flags()]).encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *CFLAGS, cpu_flags()]).encode())
     return Path(sys.prefix) / "rnnflow-ext" / f"grouped-{key.hexdigest()[:12]}"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), platform.machine())
 
 
 def available() -> bool:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from rnn_models import PRECISIONS, NonFiniteLossError  # defined without torch for the CLI
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.cores import SHARE
+from rnn_models.cores import SHARE, cpu_flags
 
 
 @dataclass
@@ -90,7 +90,7 @@ def resolve_device(device: str) -> str:
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
     roughly doubles an LSTM's training speed; elsewhere it is emulated and slower than float32."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool({"avx512_bf16", "amx_bf16", "amx_tile"} & set(cpu_flags().split()))
 
 
 def autocast(device: str, precision: str = "auto"):

@@ -34,7 +34,6 @@ import rnn_models
 from tasks import run_logger
 from tasks.tracking import CHAMPION, TrackingUnavailable, tracking_uri
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PYFUNC_DIR = Path(__file__).resolve().parent / "pyfunc"
 CODE_PATHS = [str(Path(rnn_models.__file__).resolve().parent)]  # the models import only rnn_models
 
