@@ -104,11 +104,11 @@ def cmd_register(args) -> int:
     folder = Path(args.path).resolve()
     try:
         flow, params, data_sha256 = load_run(folder)
-    except ConfigError as e:
+        cfg = {"timeseries": TimeSeriesConfig, "charlm": CharLMFlowConfig}[flow](
+            **{**params, "resume": True, **({"model_name": args.name} if args.name else {})})
+    except ConfigError as e:  # not a checkpoint folder, or a --name MLflow would refuse
         print(f"error: {e}", file=sys.stderr)
         return 1
-    cfg = {"timeseries": TimeSeriesConfig, "charlm": CharLMFlowConfig}[flow](
-        **{**params, "resume": True, **({"model_name": args.name} if args.name else {})})
     target = checkpoint_dir(cfg, data_sha256)  # the folder a run of this name looks in
     if target != folder:
         if target.exists():
