@@ -7,15 +7,27 @@ Start a Prefect server first (``make server``), then ``make deploy`` (this modul
 triggered by their schedule or by hand, one config field at a time:
 
     prefect deployment run 'timeseries-forecasting/nightly-retrain' --param epochs=5 --watch
+
+SIGTERM or Ctrl-C stops it within seconds, whether or not its Prefect server still answers: it
+pauses the deployments if it can, stops the flow runs it executes (they end Crashed and resume
+from their checkpoint next time) and exits with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from uuid import UUID
 
-from prefect import serve
+import psutil  # (with prefect-dask: distributed requires it)
+from prefect.runner import Runner
 
 from flows import exit_process
 from flows.charlm import charlm_flow
@@ -73,6 +85,223 @@ def ensure_zombie_automation(silence_seconds: float | None = None) -> None:
                                     message=f"no heartbeat for {silence_seconds:.0f} s: its process died")]).create()
 
 
+# Stopping: systemd, Docker and Kubernetes send SIGTERM and kill 10-30 s later.
+STOP_SECONDS = 7.0  # the process has exited by then, whatever the server does
+GRACE_SECONDS = 5.0  # a flow run's process may end by itself (reporting Crashed) until then, then it is killed
+API_SECONDS = 2.0  # each request to the Prefect server on the way out (a busy one is asked again until then)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Shutdown:
+    """SIGTERM and Ctrl-C (SIGINT) for the serving process, bounded in time.
+
+    Prefect's own handler (``Runner.handle_sigterm``) pauses the deployments through a client
+    that retries a server that is gone for a minute or more, and a flow run's process could
+    outlive it, training on unreported. Here the signal freezes the runner's event loop (the
+    main thread waits in the handler, so no new flow run starts) and a thread, within
+    ``STOP_SECONDS``: pauses the deployments (``API_SECONDS`` a request); sends
+    SIGTERM to each flow run's process (on Ctrl-C, after 1.5 s for the terminal's SIGINT to do
+    it), whose Prefect engine then reports the run ``Crashed``; kills what still runs after
+    ``GRACE_SECONDS`` (or 1.5 s after the server proved unreachable: the run can report nothing
+    then), with its own child processes; marks ``Crashed`` a killed run the server can still be
+    told of; prints one line and exits 0. A run the server could not be told of is marked
+    ``Crashed`` by the heartbeat automation (``ensure_zombie_automation``) once it is back;
+    either way the next run of its deployment resumes from its checkpoint."""
+
+    def __init__(self) -> None:
+        self.runner: Runner | None = None
+        self.deployments: list[str] = []  # "flow/deployment" names: a signal may come before their ids
+        self._once = threading.Lock()
+        self._processes_done = threading.Event()
+        self._api_done = threading.Event()
+        self._api_error: str | None = None
+        self._paused = 0
+        self._api_failed_at = float("inf")
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)  # asyncio.run leaves a handler that is not the default one
+
+    def handle(self, signum: int, frame=None) -> None:
+        if not self._once.acquire(blocking=False):
+            return  # a second Ctrl-C: already stopping, within STOP_SECONDS
+        threading.Thread(target=self._stop, args=(signum,), name="rnnflow-stop", daemon=True).start()
+        threading.Event().wait()  # the thread ends the process
+
+    def _flow_runs(self) -> dict[int, UUID | None]:
+        """The processes of the flow runs this runner executes: pid -> flow run id."""
+        manager = getattr(self.runner, "_process_manager", None)
+        found: dict[int, UUID | None] = {}
+        if manager is not None:
+            for run_id in manager.flow_run_ids():
+                handle = manager.get(run_id)
+                if handle is not None and handle.pid:
+                    found[handle.pid] = run_id
+        return found
+
+    def _stop(self, signum: int) -> None:
+        t0 = time.monotonic()
+        status = "failed"
+        try:
+            runs = self._flow_runs()
+            procs = {}
+            for pid in runs:
+                try:
+                    procs[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    pass
+            killed: list[UUID | None] = []
+            threading.Thread(target=self._tell_server, args=(killed, t0 + STOP_SECONDS - 0.5),
+                             name="rnnflow-stop-api", daemon=True).start()
+
+            def wait(until: float) -> None:
+                while any(_alive(p) for p in procs.values()) and time.monotonic() < until:
+                    if self._api_error is not None:  # the server is gone: nothing to wait for
+                        until = min(until, self._api_failed_at + 1.5)
+                    time.sleep(0.05)
+
+            if signum == signal.SIGINT:
+                wait(t0 + 1.5)  # a terminal's Ctrl-C reached them too: let that stop them
+            for p in procs.values():
+                if _alive(p):
+                    with contextlib.suppress(Exception):
+                        p.terminate()
+            wait(t0 + GRACE_SECONDS)
+            for pid, p in procs.items():
+                if _alive(p):
+                    with contextlib.suppress(Exception):
+                        for q in [*p.children(recursive=True), p]:
+                            with contextlib.suppress(Exception):
+                                q.kill()
+                    killed.append(runs[pid])
+            wait(t0 + STOP_SECONDS - 1.0)  # (polled, not waited for: whoever started them reaps them)
+            self._processes_done.set()
+            self._api_done.wait(timeout=max(0.0, t0 + STOP_SECONDS - 0.5 - time.monotonic()))
+            status = self._summary(signal.Signals(signum).name, len(procs))
+            with contextlib.suppress(Exception):
+                shutil.rmtree(self.runner._tmp_dir, ignore_errors=True)  # what the Runner would remove
+        finally:
+            _flush_briefly()
+            with contextlib.suppress(Exception):
+                os.write(2, f"stopped: {status}\n".encode())
+            os._exit(0)
+
+    def _tell_server(self, killed: list[UUID | None], deadline: float) -> None:
+        """Pause the deployments; once the flow runs' processes are gone, mark ``Crashed`` any
+        killed run still unfinished. A busy server (a 503, a timeout) is asked again until
+        ``deadline``; a refused connection means no server: give up at once."""
+        import httpx
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+        from prefect.states import Crashed
+
+        def ask(call, *args, **kwargs):
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except (ObjectNotFound, httpx.ConnectError):
+                    raise
+                except Exception:
+                    if time.monotonic() + API_SECONDS + 0.25 > deadline:
+                        raise
+                    time.sleep(0.25)
+
+        try:
+            quick = {PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_API_REQUEST_TIMEOUT: API_SECONDS}
+            with temporary_settings(updates=quick), get_client(sync_client=True) as client:
+                for name in self.deployments:
+                    try:
+                        ask(client.pause_deployment, ask(client.read_deployment_by_name, name).id)
+                    except ObjectNotFound:  # a signal while it starts: not registered yet
+                        continue
+                    self._paused += 1
+                self._processes_done.wait()
+                for run_id in killed:
+                    if run_id is not None and not ask(client.read_flow_run, run_id).state.is_final():
+                        ask(client.set_flow_run_state, run_id, Crashed(
+                            message="its process was killed when the deployments' process stopped"), force=True)
+        except Exception as e:  # the server is gone (or broken): the heartbeat automation will do it
+            self._api_failed_at = time.monotonic()
+            self._api_error = _describe(e)
+        finally:
+            self._api_done.set()
+
+    def _summary(self, name: str, n_runs: int) -> str:
+        runs = f"{n_runs} flow run{'s' * (n_runs != 1)}"
+        if self._api_done.is_set() and self._api_error is None:
+            told = f"{self._paused} deployment{'s' * (self._paused != 1)} paused" + (
+                f"; {runs} stopped (Crashed)" if n_runs else "")
+        elif self._api_error is not None:
+            told = (f"the Prefect server did not answer ({self._api_error}), so the deployments stay unpaused"
+                    + (f"; {runs} stopped: the server's heartbeat automation marks "
+                       f"{'them' if n_runs > 1 else 'it'} Crashed once it is back" if n_runs else ""))
+        else:
+            told = (f"the Prefect server did not answer within {STOP_SECONDS:.0f} s"
+                    + (f"; {runs} stopped" if n_runs else ""))
+        return f"{name}; {told}" + ("; each resumes from its checkpoint next time" if n_runs else "")
+
+
+def _describe(e: Exception) -> str:
+    """A short reason for a failed request: "connection refused", "HTTP 503", "ReadTimeout"."""
+    import httpx
+
+    response = getattr(e, "response", None)
+    if isinstance(response, httpx.Response):
+        return f"HTTP {response.status_code}"
+    if isinstance(e, httpx.ConnectError):
+        return "connection refused" if "refused" in str(e).lower() else "cannot connect"
+    return type(e).__name__
+
+
+def _flush_briefly() -> None:
+    """Flush stdout/stderr, unless the frozen main thread holds their lock (then give up)."""
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    t = threading.Thread(target=flush, daemon=True)
+    t.start()
+    t.join(0.5)
+
+
+class StoppableRunner(Runner):
+    """Prefect's Runner whose SIGTERM handler (set by ``start``) is ``Shutdown``'s."""
+
+    def __init__(self, shutdown: Shutdown, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._shutdown = shutdown
+        shutdown.runner = self
+
+    def handle_sigterm(self, signum: int = signal.SIGTERM, frame=None) -> None:
+        self._shutdown.handle(signum, frame)
+
+
+def serve(*deployments, limit: int | None = None, shutdown: Shutdown | None = None) -> None:
+    """``prefect.serve`` with ``Shutdown``'s handling of SIGTERM and Ctrl-C (it pauses the
+    deployments itself, within a deadline)."""
+    import asyncio
+
+    shutdown = shutdown or Shutdown()
+    runner = StoppableRunner(shutdown, pause_on_shutdown=False, limit=limit)
+    shutdown.deployments = [f"{d.flow_name}/{d.name}" for d in deployments]
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    try:
+        from prefect.flows import _display_serve_start_message
+
+        _display_serve_start_message(*deployments)
+    except ImportError:
+        print(f"serving {len(deployments)} deployments")
+    asyncio.run(runner.start())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -87,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
     args = ap.parse_args(argv)
     os.environ.setdefault(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))  # the flow runs inherit it
+    shutdown = Shutdown()
+    shutdown.install()
     ensure_zombie_automation()
     serve(*deployments(args.only or sorted(FLOWS, reverse=True), args.interval,
                        {"timeseries": args.timeseries_cron, "charlm": args.charlm_cron},
-                       {"timeseries": args.timeseries_params, "charlm": args.charlm_params}), limit=args.limit)
+                       {"timeseries": args.timeseries_params, "charlm": args.charlm_params}),
+          limit=args.limit, shutdown=shutdown)
     return 0
 
 
