@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from tests.prefect_server import BIN, _healthy, _start, _stop, _wait_for, api, flow_runs, served_deployments
 from tests.serving import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.journey]  # make journeys: about 2 minutes
 
 TINY = {"length": 600, "lookback": 12, "hidden_size": 16, "epochs": 3, "batch_size": 16, "patience": 0,
         "device": "cpu"}

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import time
 
 import pytest
@@ -108,7 +109,9 @@ def test_a_run_whose_serving_process_dies_ends_crashed_and_the_next_run_resumes(
             while not list(checkpoints.glob("*/checkpoint.safetensors")):
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.5)
-        # (served_deployments stops `flows.deploy` with SIGTERM, as a terminal's Ctrl-C or `kill` would)
+            # a death that reports nothing (kill -9, a power cut): SIGTERM now stops the run as Crashed at
+            # once (tests/test_deploy_signals.py); here only the automation can tell
+            os.killpg(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 150
         while (run := ran(env))["state_type"] == "RUNNING":
             assert time.monotonic() < deadline, run["state"]

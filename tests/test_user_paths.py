@@ -52,7 +52,7 @@ def test_a_model_name_mlflow_refuses_is_one_line_before_anything_runs(home, mlfl
     assert not any(work.iterdir()) and not Path(mlflow_store.removeprefix("sqlite:///")).exists()
 
 
-@pytest.mark.slow
+@pytest.mark.journey
 @pytest.mark.parametrize("name", ["my model", "Модель ☃ v2"])
 def test_a_name_with_spaces_or_another_script_registers_and_stays_inside_its_folders(home, mlflow_store, name,
                                                                                    shared_data):
@@ -73,7 +73,7 @@ def test_a_name_with_spaces_or_another_script_registers_and_stays_inside_its_fol
     assert not list(work.glob("checkpoints/*"))
 
 
-@pytest.mark.slow
+@pytest.mark.journey
 def test_a_page_of_text_trains_at_the_default_batch_shape_fitted_to_it(home, mlflow_store):
     """1,576 characters are fewer than one batch of the default 32 x 64: the shape shrinks, one line
     says so, and the model continues a prefix in the text's own script."""
@@ -96,7 +96,7 @@ def test_a_page_of_text_trains_at_the_default_batch_shape_fitted_to_it(home, mlf
     assert sum("\u4e00" <= ch <= "\u9fff" for ch in text[3:]) >= 15  # it continues in Chinese
 
 
-@pytest.mark.slow
+@pytest.mark.journey
 def test_the_default_flow_with_the_grouped_operation_turned_off_trains_through_nn_lstm(home, mlflow_store):
     work, env = home
     out = cli("flows.timeseries", "--epochs", "2", env={**env, "RNNFLOW_GROUPED": "0"}, cwd=work)
