@@ -46,7 +46,7 @@ from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
-from tasks.training import GROUP_PER_THREAD, not_groupable
+from tasks.training import GROUP_PER_THREAD, why_not_grouped
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
@@ -94,7 +94,7 @@ def stopping_trials():
 
 
 # what decides whether two trials' networks can train as one batched network (tasks.training.
-# Network.shape): trials alike in these are grouped; a field left out here costs only grouping,
+# Network.group_key): trials alike in these are grouped; a field left out here costs only grouping,
 # never correctness (a group's trials train together exactly where their networks match)
 SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "max_gap", "lookback", "horizon",
                 "stride", "val_size", "test_size", "cell", "ensemble_cells", "hidden_size", "num_layers", "dropout",
@@ -113,7 +113,7 @@ def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple
     for trial in trials:
         cfg = TimeSeriesConfig(**{**trial[2], **trial[1]})
         roomy = not cfg.auto and 2 * cfg.ensemble <= GROUP_PER_THREAD and "lstm" in cfg.member_cells
-        groupable = roomy and not not_groupable("lstm", cfg, resolve_device(cfg.device), 1)
+        groupable = roomy and not why_not_grouped("lstm", cfg, resolve_device(cfg.device), 1)
         key = (cfg.ensemble, *(str(getattr(cfg, f)) for f in SHAPE_FIELDS)) if groupable else ("alone", trial[0])
         classes.setdefault(key, []).append(trial)
     out = []
@@ -147,7 +147,7 @@ def register_best(base: dict, best, out: str):
     origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
     bt = backtest(series, split, origins, trained.pipeline(), label)
     champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)
-    plots = plot_backtest(series, bt, trained.fit, label, out)
+    plots = plot_backtest(series, bt, trained.first_fit, label, out)
     return cfg, bt, register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
 
 

@@ -48,7 +48,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
         champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon,
                                         cfg.registry_retry_minutes)
         with tempfile.TemporaryDirectory() as tmp:
-            plots = steps.plot_backtest(series, bt, trained.fit, label, tmp)
+            plots = steps.plot_backtest(series, bt, trained.first_fit, label, tmp)
             reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
 
     return report(cfg, reg, bt, champion, selection, trained)

@@ -113,7 +113,7 @@ def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict
                  data_params: dict) -> None:
     """A forecaster's params, curves, training figures and backtest scores on the active run:
     test_mase for the model, test_member2_mase for its members, naive_mase for the baselines."""
-    fit, pipeline = trained.fit, trained.pipeline()
+    fit, pipeline = trained.first_fit, trained.pipeline()
     mlflow.log_params(cfg.to_params())
     mlflow.log_params({"resolved_device": trained.device, "transforms": pipeline.chain.describe(),
                        "member_cells": ",".join(cfg.member_cells),

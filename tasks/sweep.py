@@ -98,7 +98,7 @@ def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experim
                                  "trained_with": ", ".join(f"trial {i}" for i, _, _ in trials)})
         with mlflow.start_run(run_id=run.info.run_id), tempfile.TemporaryDirectory() as tmp:
             mlflow.log_params({**cfg.to_params(), "trial": index})
-            log_history(model.fit.history)
+            log_history(model.first_fit.history)
             scores = bt.scores[cfg.label]
             mlflow.log_metrics({"best_val_loss": model.val_loss, "work_seconds": seconds,
                                 **{f"test_{k}": v for k, v in scores.items()}})
@@ -107,7 +107,7 @@ def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experim
             mlflow.log_artifacts(tmp, TRIAL_MODEL)
         # its work: its share of the group's training and backtests, and its own MLflow run
         results.append(TrialResult(index, point, model.val_loss, scores["mase"], seconds + time.perf_counter() - t1,
-                                   run.info.run_id, model.fit))
+                                   run.info.run_id, model.first_fit))
     return results
 
 

@@ -39,7 +39,7 @@ class Trained:
     device: str
 
     @property
-    def fit(self) -> FitResult:
+    def first_fit(self) -> FitResult:
         """The first member's training, the one whose curves the run shows."""
         return self.fits[0]
 
@@ -135,7 +135,7 @@ class Network:
         """The log lines' prefix."""
         return f"{self.name}: " if self.name else ""
 
-    def shape(self) -> tuple:
+    def group_key(self) -> tuple:
         """What networks trained as one batched network share: the network itself (cell, sizes,
         head), the device, one optimizer step for all (as many training windows, of one length, in
         batches of one size), the objective, and whether gradients are clipped."""
@@ -170,7 +170,7 @@ def ensemble(cfg: TimeSeriesConfig, batches: Batches, first: Trained | None, che
     if first is not None:
         who = label(name, f"member 1/{K}" if K > 1 else "")
         run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cfg.member_cells[0])
-        kept = [(first.forecaster.members[0], first.fit)]
+        kept = [(first.forecaster.members[0], first.first_fit)]
     networks = [Network(label(name, f"member {i + 1}/{K}" if K > 1 else ""), cfg.member_cells[i], cfg, cfg.seed + i,
                         batches, checkpoints and checkpoints / f"member-{i + 1}") for i in range(len(kept), K)]
 
@@ -242,15 +242,15 @@ def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
 def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]]:
     """Each network trained, in order. On the CPU, for the shapes it covers, through the grouped
     operation (``rnn_models.grouped``, faster than ``nn.LSTM`` even for one network), those of one
-    shape (``Network.shape``) together as one batched network, at most ``GROUP_PER_THREAD`` per
+    shape (``Network.group_key``) together as one batched network, at most ``GROUP_PER_THREAD`` per
     thread at a time; the rest one after another through ``nn.LSTM`` and autograd."""
     logger, done = run_logger(), {}
     groups: dict[tuple, list[int]] = {}
     for i, net in enumerate(networks):
-        groups.setdefault(net.shape(), []).append(i)
+        groups.setdefault(net.group_key(), []).append(i)
     for alike in groups.values():
         first = networks[alike[0]]
-        refusal = not_groupable(first.cell, first.cfg, first.device, first.batches.input_size)
+        refusal = why_not_grouped(first.cell, first.cfg, first.device, first.batches.input_size)
         if refusal:
             if len(alike) > 1:
                 logger.info("%s train one by one: %s", ", ".join(networks[i].name for i in alike), refusal)
@@ -285,7 +285,7 @@ def log_start(net: Network) -> None:
                       *net.batches.sizes)
 
 
-def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:
+def why_not_grouped(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:
     """Why networks of ``cfg`` with ``cell`` cannot train as one batched network here; '' if they can."""
     if device != "cpu":
         return "the grouped operation runs on the CPU"
@@ -299,7 +299,7 @@ def not_groupable(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int
 
 def fit_together(networks: list[Network]) -> list[tuple[Forecaster, FitResult]] | None:
     """Networks of one shape trained as one batched network (``rnn_models.grouped.fit_grouped``;
-    ``not_groupable`` must have said yes), each one's result logged. None, said in the log, where
+    ``why_not_grouped`` must have said yes), each one's result logged. None, said in the log, where
     the checkpoints of an interrupted run stopped at different places."""
     ckpts = [open_checkpoint(net.checkpoints, net.cfg, net.who) for net in networks]
     models = [new_member(net.cell, net.cfg, net.seed, net.device, net.batches.input_size) for net in networks]

@@ -148,7 +148,7 @@ def test_the_default_ensemble_keeps_the_network_auto_chose_as_its_first_member()
     cfg, selection, _, _, trained = train_directly(series, cfg)
     members = trained.pipeline().members
     assert cfg.ensemble == 3 and len(members) == 3 and len(trained.fits) == 3
-    assert members[0] is selection.trained.pipeline().members[0] and trained.fits[0] is selection.trained.fit
+    assert members[0] is selection.trained.pipeline().members[0] and trained.fits[0] is selection.trained.first_fit
     first, second = (torch.cat([p.flatten() for p in m.parameters()]) for m in members[:2])
     assert not torch.equal(first, second)  # the others are trained, from seeds seed+1, seed+2
 
