@@ -20,9 +20,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 def exit_process(status: int) -> typing.NoReturn:
     """``sys.exit`` for a command line's own process, after moving every object alive into the
     collector's permanent generation (``gc.freeze``): the interpreter's teardown otherwise walks
-    the objects of torch, MLflow and Prefect again and again, 1.4 s of CPU after merely
-    importing the steps and 2.1 s after a one-network run (measured; 0.15 s frozen), each time
-    a command ends. The rest of the exit is as usual: atexit handlers (Prefect's log and event
-    workers among them) run, and what is not caught in a reference cycle is freed."""
+    the objects of torch, MLflow and Prefect again and again, seconds of CPU each time a command
+    ends (docs/BENCHMARKS.md, "Everyday runs"). The rest of the exit is as usual: atexit handlers
+    (Prefect's log and event workers among them) run, and what is not caught in a reference
+    cycle is freed."""
     gc.freeze()
     sys.exit(status)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import contextlib
 import gc
 
-# Importing this module loads torch, MLflow, pandas and matplotlib, most of a run's objects,
-# once per process, and they live as long as it does. Python's cyclic collector made four full
-# passes over them while they loaded and two more later in a one-network run (1.2 s, measured),
-# so they load with it paused and then move into its permanent generation (gc.freeze, the
-# standard library's way to keep long-lived start-up state out of later passes): the passes
-# after it walk only what the run itself makes (0.4 s in all).
+# Importing this module loads torch, MLflow, pandas and matplotlib, most of a run's objects, once per
+# process, and they live as long as it does: they load with the cyclic collector paused and then move
+# into its permanent generation (gc.freeze), so that later passes walk only what the run itself makes
+# (docs/BENCHMARKS.md, "Everyday runs").
 _collecting = gc.isenabled()
 gc.disable()
 try:

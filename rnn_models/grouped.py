@@ -262,7 +262,7 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
 def keep_freed_memory() -> None:
     """glibc gives freed blocks over 128 KiB back to the OS at once, so the grouped step's buffers
     (megabytes, made and freed every step) come back as fresh pages, each one faulted in and
-    zeroed: some 270 page faults a step, a tenth of its time. Keep them in the heap instead
+    zeroed (docs/BENCHMARKS.md, "Ensemble members trained together"). Keep them in the heap instead
     (blocks up to 32 MiB, 256 MiB of free heap before trimming). A setting of the whole process,
     made once, and only where the C library has ``mallopt``."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
