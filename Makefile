@@ -20,7 +20,7 @@ export PREFECT_SERVER_API_PORT ?= $(PREFECT_PORT)
 # run (flows/server.py starts it on first use, on this port, and leaves it up); `deploy` needs one
 API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
-.PHONY: run charlm test bench gpu-check install clean serve-model ui models server server-stop deploy tracking-server
+.PHONY: run charlm test bench gpu-check install clean serve-model ui models server server-stop deploy tracking-server journeys
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -41,6 +41,11 @@ charlm: $(STAMP)
 
 test: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The README as a test: every command in its code blocks, run as a user types it, in a private
+# copy of the working tree, each checked (scripts/journeys.py; about 20 minutes on 2 cores)
+journeys: $(STAMP)
+	$(PY) scripts/journeys.py $(ARGS)
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
