@@ -131,7 +131,7 @@ def batches_in(n_tokens: int, batch_size: int, num_steps: int) -> int:
 
 def fit_batch_shape(n_tokens: int, batch_size: int, num_steps: int) -> tuple[int, int]:
     """The (streams, steps) a text of ``n_tokens`` trains with: as asked where it fills
-    ``MIN_BATCHES`` batches of that shape (any corpus of 33k characters or more, at the default
+    ``MIN_BATCHES`` batches of that shape (33k training characters or more at the default
     32 x 64). A smaller text halves the larger of the two in turn (relative to 4 x 16) until it
     does, then, if it fills no batch at all, goes down to 1 x 8; never above what was asked.
     Returns (0, 0) when not even one 1 x 8 batch fits."""

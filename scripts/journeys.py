@@ -230,9 +230,11 @@ def registered(name: str) -> Check:
 
 
 SINE_CURL = ("""curl -s localhost:5001/invocations -H 'Content-Type: application/json' """
-             """-d '{"dataframe_split": {"columns": ["value"], "data": [[0.0],[0.16],[0.31],[0.45],[0.59],[0.71],"""
-             """[0.81],[0.89],[0.95],[0.99],[1.0],[0.99],[0.95],[0.89],[0.81],[0.71],[0.59],[0.45],[0.31],[0.16],"""
-             """[0.0],[-0.16],[-0.31],[-0.45]]}}'""")
+             """-d '{"dataframe_split": {"columns": ["value"], "data": ["""
+             """[0.0],[0.16],[0.31],[0.45],[0.59],[0.71],[0.81],[0.89],[0.95],[0.99],[1.0],[0.99],"""
+             """[0.95],[0.89],[0.81],[0.71],[0.59],[0.45],[0.31],[0.16],[0.0],[-0.16],[-0.31],[-0.45],"""
+             """[-0.59],[-0.71],[-0.81],[-0.89],[-0.95],[-0.99],[-1.0],[-0.99],[-0.95],[-0.89],[-0.81],[-0.71],"""
+             """[-0.59],[-0.45],[-0.31],[-0.16],[0.0],[0.16],[0.31],[0.45],[0.59],[0.71],[0.81],[0.89]]}}'""")
 CHARLM_CURL = ("""curl -s localhost:5002/invocations -H 'Content-Type: application/json' -d '{"dataframe_split": """
                """{"columns": ["prefix"], "data": [["time traveller"]]}, "params": {"max_new_chars": 80, """
                """"temperature": 0.7}}'""")
@@ -248,7 +250,8 @@ STEPS: list[Step] = [
          kind="python", checks=(has(r"CHECK OK: list\(_.columns\) == \['step', 'forecast'\]"),),
          env={"CHECK": "list(_.columns) == ['step', 'forecast'] and len(_) == 1"}),
     # -- The time-series flow
-    Step('make run ARGS="--cell gru --horizon 6 --lookback 48"', checks=(registered("sine-forecaster"),)),
+    Step('make run ARGS="--cell gru --horizon 6 --lookback 48 --model-name sine-gru"',
+         checks=(registered("sine-gru"),)),
     Step('make run ARGS="--source sin-cos"', checks=(registered("sin-cos-forecaster"),)),
     Step('make run ARGS="--source arithmetic --lookback 3"', checks=(registered("arithmetic-forecaster"),)),
     Step('make run ARGS="--source file --data ../shared/data/airline-passengers.csv --horizon 12 --lookback 36"',
@@ -266,7 +269,8 @@ STEPS: list[Step] = [
     # -- Many series
     Step(".venv/bin/python -m flows.timeseries --source file --data data/meters.csv --id-column id --horizon 24",
          checks=(registered("meters-forecaster"),)),
-    Step('import mlflow, pandas as pd\nmodel = mlflow.pyfunc.load_model("models:/meters-forecaster@champion")\n'
+    Step('import mlflow, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
+         'model = mlflow.pyfunc.load_model("models:/meters-forecaster@champion")\n'
          'history = pd.read_csv("data/meters.csv")\nmodel.predict(history[history["id"].isin(["s0", "s7"])])',
          kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "list(_.columns) == ['id', 'step', 'forecast'] and len(_) == 48 "
@@ -287,13 +291,9 @@ STEPS: list[Step] = [
          kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "list(_.columns) == ['text'] and len(_['text'][0]) > 0"}),
     # -- Scheduled retraining
+    Step("make server-stop", checks=(has("stopped|no local server"),)),
     Step("make server", kind="bg", health=lambda j, log: http_ok(f"http://127.0.0.1:{j.ports[4200]}/api/health"),
-         timeout=120,
-         before=(Step("", run="make server-stop",
-                      why="the earlier runs left the shared local Prefect server up on port 4200 (flows/server.py), "
-                          "so `make server` would fail with 'Port 4200 is already in use'; README: `make "
-                          "server-stop` stops it",
-                      checks=(has("stopped|no local server"),)),)),
+         timeout=120),
     Step("make deploy", kind="bg", health=prefect_deployments_ready, timeout=180),
     Step("export PREFECT_API_URL=http://127.0.0.1:4200/api", kind="export"),
     Step("prefect deployment run 'timeseries-forecasting/nightly-retrain' --param epochs=5 --watch",
@@ -334,13 +334,13 @@ STEPS: list[Step] = [
          health=lambda j, log: http_ok(f"http://127.0.0.1:{j.ports[5002]}/ping")),
     Step(CHARLM_CURL, checks=(json_predictions("text"),), timeout=60),
     # -- Manage versions
-    Step("python -m flows.models list", checks=(has(r"sine-forecaster\s+3\b", r"timemachine-charlm"),)),
-    Step("python -m flows.models show sine-forecaster 3", checks=(has(r"sine-forecaster v3", r"metrics:"),)),
-    Step("python -m flows.models compare sine-forecaster 2 3", checks=(has(r"\bv2\b", r"\bv3\b"),)),
-    Step("python -m flows.models promote sine-forecaster 3", rc=(0, 1), checks=(refused_or_promoted,)),
-    Step("python -m flows.models promote sine-forecaster 3 --force",
+    Step(".venv/bin/python -m flows.models list", checks=(has(r"sine-forecaster\s+3\b", r"timemachine-charlm"),)),
+    Step(".venv/bin/python -m flows.models show sine-forecaster 3", checks=(has(r"sine-forecaster v3", r"metrics:"),)),
+    Step(".venv/bin/python -m flows.models compare sine-forecaster 2 3", checks=(has(r"\bv2\b", r"\bv3\b"),)),
+    Step(".venv/bin/python -m flows.models promote sine-forecaster 3", rc=(0, 1), checks=(refused_or_promoted,)),
+    Step(".venv/bin/python -m flows.models promote sine-forecaster 3 --force",
          checks=(has(r"sine-forecaster@champion -> v3|already champion"),)),
-    Step("python -m flows.models rollback sine-forecaster", checks=(has(r"rolled back from v3"),)),
+    Step(".venv/bin/python -m flows.models rollback sine-forecaster", checks=(has(r"rolled back from v3"),)),
 ]
 
 
