@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 from pathlib import Path
 
 import psutil
@@ -116,8 +117,14 @@ def running(env: dict) -> list[dict]:
 def start_a_run(env: dict, tmp: Path, proc: subprocess.Popen) -> dict:
     """Start a run of the deployment; returns it once it trains (a checkpoint written)."""
     (deployment,) = api(env, "POST", "/deployments/filter", {})
-    api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
     deadline = time.monotonic() + 120
+    while True:  # a server that has just started answers 503 while its SQLite database is busy: ask again
+        try:
+            api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+            break
+        except urllib.error.HTTPError as e:
+            assert e.code == 503 and time.monotonic() < deadline, e
+            time.sleep(1)
     while not list((tmp / "checkpoints").rglob("checkpoint.safetensors")):
         assert time.monotonic() < deadline and proc.poll() is None, serve_log(tmp).read_text()[-3000:]
         time.sleep(0.5)
