@@ -2,13 +2,13 @@
 
 PyTorch gives every process as many threads as the machine has cores, and its OpenMP threads
 wait for work by spinning: two runs at once on two cores run four busy threads, each slowing
-the other's parallel regions, and both ran 6-16x slower than alone (docs/BENCHMARKS.md,
-"Runs at once"). While it trains, a process holds a claim: a file named after its pid in a
-folder every process of this user shares. Every quarter second of training it counts the
-claims of live processes and uses its fair share of the cores it may run on, never more threads
-than it had when it began (a sweep trial's one thread stays one): alone, every core; two at
-once, half each; when the other finishes, every core again. ``RNNFLOW_SHARE_CORES=0`` turns it
-off (PyTorch's own threads, as before).
+the other's parallel regions, many times over (docs/BENCHMARKS.md, "Runs at once"). While it
+trains, a process holds a claim: a file named after its pid in a folder every process of this
+user shares. Every quarter second of training it counts the claims of live processes and uses
+its fair share of the cores it may run on, never more threads than it had when it began (a
+sweep trial's one thread stays one): alone, every core; two at once, half each; when the other
+finishes, every core again. ``RNNFLOW_SHARE_CORES=0`` turns it off (PyTorch's own threads, as
+before).
 """
 
 from __future__ import annotations

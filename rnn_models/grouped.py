@@ -254,8 +254,7 @@ def _train_pass_grouped(group: GroupedForecasters, runs: list[TrainingRun], trai
     step.close()
     for run, t in zip(runs, total.tolist(), strict=True):
         run.partial = (t, count)
-    mean_over(total[0], count, "training")  # none: the data's fault, said as in fit
-    return [t / count for t in total.tolist()]
+    return [mean_over(t, count, "training") for t in total]  # no batch: the data's fault, said as in fit
 
 
 @functools.cache

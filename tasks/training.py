@@ -393,8 +393,8 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
 
     logger.info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
                 cfg.cell, device, len(train), len(val), len(corpus.vocab))
-    if corpus.fitted_note(cfg):
-        logger.info(corpus.fitted_note(cfg))
+    if note := corpus.fitted_note(cfg):
+        logger.info(note)
     result = fit(model, lambda gen: sample(train, batch_size, num_steps, gen),
                  lambda: sequential_batches(val, val_batch, num_steps),
                  LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
