@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 import tempfile
@@ -236,6 +237,11 @@ def task_runner(kind: str, workers: int, address: str):
     # the workers' statistical profiler samples every 10 ms: CPU taken from training when
     # every core runs a trial (their config comes from this process)
     dask.config.set({"distributed.worker.profile.enabled": False})
+    # the cluster's INFO log is dozens of lines of its own start and stop, and a connection closed
+    # as it stops is logged at INFO with a traceback: a sweep that succeeded must not end in one.
+    # Warnings and errors still show. Here for this process (and its nannies); tasks.dask_worker
+    # does the same in each worker.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "preload": ["tasks.dask_worker"]})
 

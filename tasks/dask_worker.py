@@ -16,6 +16,11 @@ from tasks.registry import client
 from tasks.selection import train_directly
 from tasks.sweep import run_trials  # noqa: F401  (the trials' task and everything it imports)
 
+# as in the sweep's own process (flows.sweep.task_runner): the worker's INFO chatter, and a
+# connection closed as the cluster stops logged at INFO with a traceback, stay out of the sweep's
+# output; warnings and errors still show
+logging.getLogger("distributed").setLevel(logging.WARNING)
+
 
 def dask_setup(worker) -> None:
     torch.set_num_threads(1)  # trials in parallel beat threads fighting over the same cores
