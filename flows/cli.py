@@ -7,7 +7,10 @@ import argparse
 import contextlib
 import importlib
 import inspect
+import json
 import logging
+import os
+import shutil
 import signal
 import sys
 import typing
@@ -21,7 +24,7 @@ from prefect.states import Failed
 
 from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
-from tasks.config import ConfigError, parse_value, remove_checkpoints, save_run
+from tasks.config import ConfigError, flag, parse_value
 from tasks.data import DataError
 from tasks.tracking import TrackingUnavailable
 
@@ -46,13 +49,9 @@ for _name in ("prefect.flow_runs", "prefect.task_runs"):
 
 
 def config_flow(cls, name: str, description: str):
-    """Decorate ``body(cfg: cls)`` into a Prefect flow whose parameters are ``cls``'s fields, so
-    ``prefect deployment run NAME --param epochs=5`` and the UI's run form set one field at a time.
-
-    The config is built (and validated) inside the flow run, so a bad value fails the run
-    before any task starts. A user error fails the run with ``error: <what is wrong>`` as its
-    state message and no traceback in its log; a bug still raises with its traceback.
-    """
+    """Decorate ``body(cfg: cls)`` into a Prefect flow whose parameters are ``cls``'s fields (``--param
+    epochs=5`` sets one). The config is built inside the run, so a bad value fails it before any task;
+    a user error fails it with ``error: <what is wrong>`` as its message and no traceback."""
     hints = typing.get_type_hints(cls)
 
     def decorate(body: Callable):
@@ -85,14 +84,13 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
     for f in fields(cls):
         title = titles.get(f.name) or "options"
         group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
-        flag = "--" + f.name.replace("_", "-")
         kind, default = hints[f.name], f.default if f.default is not MISSING else None
-        helptext = f.metadata.get("help", "") or " "
+        helptext, choices = f.metadata.get("help", "") or " ", f.metadata.get("choices")
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=helptext)
         else:
-            group.add_argument(flag, type=_converter(kind, f.name), default=default, choices=f.metadata.get("choices"),
-                           metavar=None if f.metadata.get("choices") else f.name.upper(), help=helptext)
+            group.add_argument(flag(f.name), type=_converter(kind, f.name), default=default, choices=choices,
+                               metavar=None if choices else f.name.upper(), help=helptext)
     return p
 
 
@@ -110,7 +108,7 @@ def _converter(kind: type, name: str):
         try:
             return parse_value(kind, raw, name)
         except ConfigError as e:  # argparse prints this message as it is
-            raise argparse.ArgumentTypeError(str(e).removeprefix(f"--{name.replace('_', '-')}: ")) from None
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag(name)}: ")) from None
 
     convert.__name__ = kind.__name__
     return convert
@@ -138,16 +136,15 @@ def terminate(signum, frame):
 
 def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
                           check: Callable) -> int:
-    """Parse options into ``cls``, check the input with ``check(cfg)`` (what needs no training,
-    before Prefect starts; it returns the run's checkpoint folder), run the flow, print its
-    report and where the model went. Bad input ends with one line naming the culprit and exit
-    status 1, not a traceback; Ctrl-C and SIGTERM with one line saying where the checkpoint
-    is kept, and 130 or 143."""
+    """A flow's command line: ``run_config`` of the parsed options."""
     return run_config(parse_config(cls, argv, prog, description), flow_fn, check)
 
 
 def run_config(cfg, flow_fn, check: Callable) -> int:
-    """``run_from_command_line`` once the config is parsed (``flows.models register`` starts here)."""
+    """Check the input with ``check(cfg)`` (what needs no training, before Prefect starts; it returns
+    the run's checkpoint folder), run the flow, print its report and where the model went. Bad input
+    ends with one line naming the culprit and status 1; Ctrl-C and SIGTERM with one line saying
+    where the checkpoint is kept, and 130 or 143."""
     signal.signal(signal.SIGTERM, terminate)
     checkpoints = None
     try:
@@ -170,23 +167,37 @@ def run_config(cfg, flow_fn, check: Callable) -> int:
     return 0
 
 
+RUN_FILE = "run.json"  # in a checkpoint folder: its flow, config and data's sha256
+
+
 @contextlib.contextmanager
 def checkpointed(checkpoints: Path, flow: str, cfg, data_sha256: str):
-    """Around a flow's training and registration, the run's checkpoint folder: written with what
-    it trains (``run.json``), removed once the model is registered or the input proved bad (a
-    user error: nothing worth resuming); kept after an interrupt, a crash or a bug, for the same
-    command to resume; and kept when the tracking server stays away, the one-line error then
-    saying where and how to register it later (nothing trained is lost)."""
-    save_run(checkpoints, flow, cfg, data_sha256)
+    """Around a flow's training and registration, the run's checkpoint folder, with what it trains in
+    ``RUN_FILE``. Removed once the model is registered or the input proved bad; kept after an
+    interrupt, a crash or a bug, for the same command to resume, and when the tracking server stays
+    away, the error then saying how to register it later."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoints / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"flow": flow, "params": cfg.to_params(), "data_sha256": data_sha256}, indent=2))
+    os.replace(tmp, checkpoints / RUN_FILE)
     try:
         yield
     except TrackingUnavailable as e:
         raise TrackingUnavailable(f"{e}; the trained model is kept in {checkpoints}: once the server answers, "
                                   f"`python -m flows.models register {checkpoints}` registers it") from None
     except USER_ERRORS:
-        remove_checkpoints(checkpoints)
+        shutil.rmtree(checkpoints, ignore_errors=True)
         raise
-    remove_checkpoints(checkpoints)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+
+
+def load_run(directory: Path) -> tuple[str, dict, str]:
+    """(flow, params, data sha256) of a checkpoint folder; ``ConfigError`` if it is not one."""
+    try:
+        run = json.loads((directory / RUN_FILE).read_text())
+        return run["flow"], run["params"], run["data_sha256"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{directory}: not a checkpoint folder of rnnflow (no readable {RUN_FILE}: {e})") from None
 
 
 def registration_note(name: str, reg) -> str:

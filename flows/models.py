@@ -98,8 +98,8 @@ def cmd_register(args) -> int:
     backtests, and applies the same champion gate; the folder goes once it is registered."""
     import importlib
 
-    from flows.cli import run_config
-    from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, checkpoint_dir, load_run
+    from flows.cli import load_run, run_config
+    from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, checkpoint_dir
 
     folder = Path(args.path).resolve()
     try:
@@ -129,26 +129,23 @@ def cmd_register(args) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flows.models", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="registered models, versions, aliases and key metrics").set_defaults(command=cmd_list)
-    s = sub.add_parser("show", help="one version: params, metrics, source run, data hash")
-    s.add_argument("name")
+
+    def command(run, help: str, *positionals: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(run.__name__.removeprefix("cmd_"), help=help)
+        for name in positionals:
+            s.add_argument(name)
+        s.set_defaults(command=run)
+        return s
+
+    command(cmd_list, "registered models, versions, aliases and key metrics")
+    s = command(cmd_show, "one version: params, metrics, source run, data hash", "name")
     s.add_argument("ref", nargs="?", default=CHAMPION, help="version number or alias (default: champion)")
-    s.set_defaults(command=cmd_show)
-    s = sub.add_parser("promote", help="make a version the champion if it is better on the champion's data")
-    s.add_argument("name")
-    s.add_argument("version")
+    s = command(cmd_promote, "make a version the champion if it is better on the champion's data", "name", "version")
     s.add_argument("--force", action="store_true", help="promote even if it is not better")
-    s.set_defaults(command=cmd_promote)
-    s = sub.add_parser("rollback", help="move champion back to the previous champion")
-    s.add_argument("name")
-    s.set_defaults(command=cmd_rollback)
-    s = sub.add_parser("compare", help="score two versions again on the same data")
-    s.add_argument("name")
-    s.add_argument("a")
-    s.add_argument("b")
+    command(cmd_rollback, "move champion back to the previous champion", "name")
+    s = command(cmd_compare, "score two versions again on the same data", "name", "a", "b")
     s.add_argument("--on", default="", help="whose data to score on (default: the first version's)")
-    s.set_defaults(command=cmd_compare)
-    s = sub.add_parser("register", help="register the model a run kept on disk when the tracking server was away")
+    s = command(cmd_register, "register the model a run kept on disk when the tracking server was away")
     s.add_argument("path", help="the checkpoint folder the run named")
     s.add_argument("--name", default="", help="registered model name (default: the run's)")
     s.set_defaults(command=cmd_register)

@@ -1,11 +1,6 @@
-"""The flows' configurations. Each flow's config is composed of pieces (``ModelOptions``,
-``TrainingOptions``, the data options, ...) as dataclass bases, so it stays one flat set of
-fields that is at once the flow's parameters (``--param epochs=5`` sets one field), the
-command line's options (grouped by piece in ``--help``) and the MLflow run's params. The lower
-layers' configs (``ForecasterConfig``, ``CharLMConfig``, ``TrainConfig``) are projected from
-it by field name (``project``): nothing is copied field by field, and a field added to a piece
-reaches every flow that has it. Every text becomes a value through one function
-(``parse_value``)."""
+"""The flows' configurations: each one flat dataclass composed of pieces (``ModelOptions``, ...), at
+once the flow's parameters, its command-line options (grouped by piece in ``--help``) and its MLflow
+params. Lower layers' configs are projected from it by field name (``project``)."""
 
 from __future__ import annotations
 
@@ -15,7 +10,6 @@ import math
 import os
 import posixpath
 import re
-import shutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,21 +26,21 @@ def option(default, help: str, choices: tuple[str, ...] | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-SOURCES = ("sine", "sin-cos", "arithmetic", "trend-season", "file")
-SCALERS = ("standard", "minmax", "none")
-TRANSFORMS = ("none", "log")
-DIFFERENCES = ("none", "first", "seasonal")
-WINDOW_NORMS = ("none", "last", "mean")
-BASELINES = ("none", "naive", "seasonal-naive")
+def override(piece, name: str, default, help: str = ""):
+    """``piece``'s option ``name`` with another default, keeping its help unless given a new one."""
+    metadata = piece.__dataclass_fields__[name].metadata
+    return option(default, help or metadata["help"], metadata["choices"])
+
+
 TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
-DEVICES = ("auto", "cpu", "cuda")
-LOSSES = ("auto", "mse", "mae")
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "timemachine.txt"
+MAX_NAME = 200  # characters in a registered model's name
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 @dataclass
 class ModelOptions:
-    """The recurrent network either flow trains: projected onto ``ForecasterConfig`` or ``CharLMConfig``."""
-    title = "model"  # its group in --help (not a field: no annotation)
+    title = "model"  # the group in --help (no annotation: not a field); projected onto ForecasterConfig, CharLMConfig
     cell: str = option("lstm", "recurrent cell", CELL_NAMES)
     hidden_size: int = option(64, "hidden units per layer (and direction)")
     num_layers: int = option(1, "stacked recurrent layers")
@@ -55,16 +49,14 @@ class ModelOptions:
 
 @dataclass
 class TrainingOptions:
-    """How either flow trains: projected onto ``rnn_models.training.TrainConfig`` (the batch size
-    goes to the batcher)."""
-    title = "training"  # its group in --help (not a field: no annotation)
+    title = "training"  # projected onto rnn_models.training.TrainConfig
     epochs: int = option(40, "maximum epochs")
     batch_size: int = option(32, "windows per gradient step")
     lr: float = option(3e-3, "AdamW learning rate")
     weight_decay: float = option(0.01, "AdamW decoupled weight decay")
     clip: float = option(1.0, "max gradient norm; recurrent nets explode without it (0 = off)")
     patience: int = option(6, "epochs without a better validation loss before stopping (0 = never)")
-    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", DEVICES)
+    device: str = option("auto", "auto takes CUDA (with bf16 autocast) when present", ("auto", "cpu", "cuda"))
     seed: int = option(0, "seed for weights, shuffling, generated data and samples: same seed, same result on CPU")
     resume: bool = option(True, "go on from the checkpoint an interrupted run of the same config and data left "
                           "(checkpoints/ or $RNNFLOW_CHECKPOINTS); --no-resume starts afresh")
@@ -74,9 +66,9 @@ class TrainingOptions:
 
 @dataclass
 class SeriesOptions:
-    """Where the series comes from and how its file is read."""
-    title = "data"  # its group in --help (not a field: no annotation)
-    source: str = option("sine", "where the series comes from", SOURCES)
+    title = "data"  # where the series comes from and how its file is read
+    source: str = option("sine", "where the series comes from",
+                         ("sine", "sin-cos", "arithmetic", "trend-season", "file"))
     data: str = option("", "CSV or Parquet file path or http(s) URL (with --source file)")
     id_column: str = option("", "long-format --data (id, time, value rows): train one global network on the "
                             "windows of every series of this column, each window normalised by itself")
@@ -90,8 +82,7 @@ class SeriesOptions:
 
 @dataclass
 class WindowOptions:
-    """How the series is split, transformed and cut into windows."""
-    title = "windows and transforms"  # its group in --help (not a field: no annotation)
+    title = "windows and transforms"  # how the series is split, transformed and cut into windows
     lookback: int = option(0, "input window length L; 0 = 24 for one series, 7 seasons with --id-column (a week "
                            "of hourly data)")
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
@@ -99,15 +90,18 @@ class WindowOptions:
     val_size: float = option(0.1, "fraction of the series (after train) for validation / early stopping")
     test_size: float = option(0.2, "fraction of the series at the end for the backtest")
     season_length: int = option(0, "season for MASE and seasonal naive; 0 = from the data (sine period, frequency)")
-    scaler: str = option("standard", "scikit-learn scaler fitted on the training part only", SCALERS)
+    scaler: str = option("standard", "scikit-learn scaler fitted on the training part only",
+                         ("standard", "minmax", "none"))
     transform: str = option("none", "target transform, inverted on every forecast (log: positive series only)",
-                            TRANSFORMS)
+                            ("none", "log"))
     difference: str = option("none", "difference the target inputs; each forecast step is then learnt as its "
                              "change from the last value (first) or from the value one season back (seasonal)",
-                             DIFFERENCES)
+                             ("none", "first", "seasonal"))
     window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
-                              "divide by its own spread, de-normalise the forecast the same way", WINDOW_NORMS)
-    baseline: str = option("none", "the network learns the correction to this forecast", BASELINES)
+                              "divide by its own spread, de-normalise the forecast the same way",
+                              ("none", "last", "mean"))
+    baseline: str = option("none", "the network learns the correction to this forecast",
+                           ("none", "naive", "seasonal-naive"))
     auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
                         "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
 
@@ -128,20 +122,20 @@ class ForecasterOptions(ModelOptions):
 @dataclass
 class ForecasterTraining(TrainingOptions):
     """The forecaster's own training options: the moving average and the learning-rate plateau."""
-    batch_size: int = option(0, "windows per gradient step; 0 = 32 for one series, 256 with --id-column")
+    batch_size: int = override(TrainingOptions, "batch_size", 0,
+                               "windows per gradient step; 0 = 32 for one series, 256 with --id-column")
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
     loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
                        "MASE reward); auto = mse for one series, mae with --id-column; with --quantiles: pinball",
-                       LOSSES)
+                       ("auto", "mse", "mae"))
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
 
 
 @dataclass
 class RegistryOptions:
-    """Where the trained model is registered."""
-    title = "registry"  # its group in --help (not a field: no annotation)
+    title = "registry"  # where the trained model is registered
     model_name: str = option("", "registered model name; default: after the data, <source or file name>-forecaster "
                              "or <corpus file name>-charlm")
     experiment: str = option("timeseries-forecasting", "MLflow experiment")
@@ -149,11 +143,14 @@ class RegistryOptions:
                                            "stops answering after training; then the trained model is kept on disk "
                                            "for `python -m flows.models register`")
 
+    def to_params(self) -> dict:
+        """Every field of the flow config (both end in this piece): its MLflow run's params."""
+        return asdict(self)
 
-# A dataclass takes its bases' fields in reverse order: these read data, windows, model, training, registry.
+
 @dataclass
 class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, WindowOptions, SeriesOptions):
-    """The time-series flow's parameters, options and MLflow params: composed of the pieces above."""
+    """The time-series flow's config: its bases' fields in reverse order (data, windows, model, training, ...)."""
 
     def __post_init__(self):
         if not self.panel:  # one series: the automatic settings need no data
@@ -161,9 +158,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
             self.loss = "mse" if self.loss == "auto" else self.loss
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
                      non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience"),
-                     fractions=("val_size", "test_size"))
-        if not 0 <= self.ema < 1:
-            raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
+                     fractions=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if self.data and self.source != "file":
@@ -194,9 +189,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
                               f"{self.difference}); --window-norm and --baseline make series comparable")
 
     def settled(self, season_length: int) -> TimeSeriesConfig:
-        """The config with --id-column's automatic --lookback and --patch, once the season is
-        known: a lookback of 7 seasons (a week of hourly or daily data), read a season per step,
-        the absolute error as the loss, and batches of 256 windows (there are many)."""
+        """The config with --id-column's automatic settings (their help says which), once the season is known."""
         m = season_length if season_length > 1 else 0
         lookback = self.lookback or (7 * m if m else 24)
         patch = self.patch or (m if m and lookback % m == 0 else 1)
@@ -239,44 +232,31 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
 
     @property
     def registered_name(self) -> str:
-        if self.model_name:
-            return self.model_name
-        if self.source != "file":
-            return f"{self.source}-forecaster"
-        stem = Path(urlparse(self.data).path).stem or "series"
-        return f"{stem}-forecaster"
-
-    def to_params(self) -> dict:
-        return asdict(self)
-
-
-SAMPLINGS = ("sequential", "random")
-INPUTS = ("embedding", "onehot")
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "timemachine.txt"
+        stem = self.source if self.source != "file" else Path(urlparse(self.data).path).stem or "series"
+        return self.model_name or f"{stem}-forecaster"
 
 
 @dataclass
 class CorpusOptions:
-    """Which text, and how it is cleaned and split."""
-    title = "corpus and batching"  # its group in --help (not a field: no annotation)
+    title = "corpus and batching"  # which text, and how it is cleaned and split
     data: str = option("", "UTF-8 text file or http(s) URL; default: H. G. Wells' The Time Machine in data/")
     sha256: str = option("", "expected sha256 of the corpus file; the run stops if it differs")
     lower: bool = option(True, "lower-case the corpus (and prompts)")
     letters_only: bool = option(False, "d2l-style clean-up: every run of non-letters becomes one space")
     val_fraction: float = option(0.1, "last part of the corpus held out for validation")
     sampling: str = option("sequential", "sequential carries the state across batches (truncated BPTT); "
-                           "random draws independent windows", SAMPLINGS)
+                           "random draws independent windows", ("sequential", "random"))
     num_steps: int = option(64, "characters per training sequence (BPTT length)")
 
 
 @dataclass
 class CharModelOptions(ModelOptions):
-    """The char LM's model: two wide layers with dropout by default (the recipe measured in
-    docs/BENCHMARKS.md), characters embedded."""
-    hidden_size: int = option(512, "hidden units per layer")
-    num_layers: int = option(2, "stacked recurrent layers")
-    dropout: float = option(0.3, "dropout between stacked layers and on the last layer's output")
-    input: str = option("embedding", "how characters enter the network", INPUTS)
+    """The char LM's model: the recipe docs/BENCHMARKS.md measured, characters embedded."""
+    hidden_size: int = override(ModelOptions, "hidden_size", 512, "hidden units per layer")
+    num_layers: int = override(ModelOptions, "num_layers", 2)
+    dropout: float = override(ModelOptions, "dropout", 0.3,
+                              "dropout between stacked layers and on the last layer's output")
+    input: str = option("embedding", "how characters enter the network", ("embedding", "onehot"))
     embedding_dim: int = option(64, "embedding width (with --input embedding)")
     input_dropout: float = option(0.1, "dropout on the embedded characters, before the first layer")
 
@@ -284,12 +264,12 @@ class CharModelOptions(ModelOptions):
 @dataclass
 class CharTraining(TrainingOptions):
     """The char LM's training defaults, and the time budget."""
-    epochs: int = option(10, "maximum epochs")
-    batch_size: int = option(32, "sequences per gradient step")
-    lr: float = option(4e-3, "AdamW learning rate at the top of its cosine")
-    weight_decay: float = option(0.1, "AdamW decoupled weight decay")
+    epochs: int = override(TrainingOptions, "epochs", 10)
+    batch_size: int = override(TrainingOptions, "batch_size", 32, "sequences per gradient step")
+    lr: float = override(TrainingOptions, "lr", 4e-3, "AdamW learning rate at the top of its cosine")
+    weight_decay: float = override(TrainingOptions, "weight_decay", 0.1)
     warmup: int = option(100, "optimizer steps over which the learning rate rises linearly to --lr (0 = none)")
-    patience: int = option(3, "epochs without a better validation loss before stopping (0 = never)")
+    patience: int = override(TrainingOptions, "patience", 3)
     minutes: float = option(0.0, "train until this many minutes have passed, whatever --epochs says, the learning "
                             "rate falling on a cosine over them (0 = train by --epochs, the cosine over the epochs)")
     precision: str = option("auto", "the training step's arithmetic: auto = bf16 on CUDA and on CPUs that compute it "
@@ -299,8 +279,7 @@ class CharTraining(TrainingOptions):
 
 @dataclass
 class SampleOptions:
-    """The samples shown while the model trains and logged with it."""
-    title = "samples"  # its group in --help (not a field: no annotation)
+    title = "samples"  # shown while the model trains, and logged with it
     prefixes: str = option("time traveller,the time machine", "comma-separated prompts sampled during training")
     sample_every: int = option(5, "epochs between samples (0 = only at the end)")
     sample_chars: int = option(120, "characters generated per sample")
@@ -308,20 +287,15 @@ class SampleOptions:
     top_k: int = option(0, "sample from the k most likely characters only (0 = all)")
 
 
-# A dataclass takes its bases' fields in reverse order: corpus, model, training, samples, registry.
 @dataclass
 class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOptions, CorpusOptions):
-    """The char-LM flow's parameters, options and MLflow params: composed of the pieces above."""
-    experiment: str = option("charlm-training", "MLflow experiment")
+    """The char-LM flow's config; its fields read corpus, model, training, samples, registry."""
+    experiment: str = override(RegistryOptions, "experiment", "charlm-training")
 
     def __post_init__(self):
         check_common(self, positive=("batch_size", "num_steps", "embedding_dim", "sample_chars"),
-                     non_negative=("sample_every", "top_k", "warmup"), fractions=("val_fraction",),
-                     probabilities=("input_dropout",))
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"--temperature must be 0 or more, got {self.temperature}")
-        if not (math.isfinite(self.minutes) and self.minutes >= 0):
-            raise ConfigError(f"--minutes must be 0 or more, got {self.minutes}")
+                     non_negative=("sample_every", "top_k", "warmup", "temperature", "minutes"),
+                     fractions=("val_fraction",), probabilities=("input_dropout",))
         if not self.prompts:
             raise ConfigError("--prefixes holds no prompt; give at least one non-empty prefix")
 
@@ -337,50 +311,37 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
     def registered_name(self) -> str:
         return self.model_name or f"{Path(urlparse(self.corpus).path).stem or 'corpus'}-charlm"
 
-    def to_params(self) -> dict:
-        return asdict(self)
-
 
 def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=()) -> None:
-    """The checks every flow config shares: choices, counts, learning rate, dropout, checksum."""
+    """The checks every flow config shares, with its own fields of each kind; NaN fails every range."""
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{flag(f.name)}: {getattr(cfg, f.name)!r} is not one of {', '.join(choices)}")
-    for name in ("epochs", "hidden_size", "num_layers", *positive):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("patience", *non_negative):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
-    for name in ("weight_decay", "clip"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
-            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
-    for name in ("dropout", *probabilities):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(cfg, name)}")
-    for name in ("checkpoint_minutes", "registry_retry_minutes"):
-        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
-            raise ConfigError(f"{flag(name)} must be 0 or more, got {getattr(cfg, name)}")
-    for name in fractions:
-        if not 0 < getattr(cfg, name) < 0.5:
-            raise ConfigError(f"{flag(name)} must be a fraction in (0, 0.5), got {getattr(cfg, name)}")
+    ranges = [(("epochs", "hidden_size", "num_layers", *positive), "must be at least 1", lambda v: v >= 1),
+              (("patience", "weight_decay", "clip", "checkpoint_minutes", "registry_retry_minutes", *non_negative),
+               "must be 0 or more", lambda v: 0 <= v < math.inf),
+              (("lr",), "must be a positive number", lambda v: 0 < v < math.inf),
+              (("dropout", *probabilities), "must be in [0, 1)", lambda v: 0 <= v < 1),
+              (fractions, "must be a fraction in (0, 0.5)", lambda v: 0 < v < 0.5)]
+    for names, must, within in ranges:
+        for name in names:
+            if not within(getattr(cfg, name)):
+                raise ConfigError(f"{flag(name)} {must}, got {getattr(cfg, name)}")
     check_model_name(cfg.registered_name, given=bool(cfg.model_name))
-    if cfg.device.startswith("cuda"):
-        check_device(cfg.device)
+    if cfg.device.startswith("cuda"):  # said in one line where PyTorch sees no CUDA GPU
+        from rnn_models.training import resolve_device  # imports torch: only when a GPU is asked for
+        try:
+            resolve_device(cfg.device)
+        except ValueError as e:
+            raise ConfigError(f"--device {cfg.device}: {e}") from None
     if cfg.sha256 and (len(cfg.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in cfg.sha256)):
         raise ConfigError(f"--sha256 must be 64 hex digits, got {cfg.sha256!r}")
 
 
-MAX_NAME = 200
-
-
 def check_model_name(name: str, given: bool) -> None:
-    """A model name is what MLflow's registry accepts (not blank, no '/' or ':', not a path that
-    normalises to another name) and printable, checked before anything is trained. It reaches
-    files and Prefect keys only through ``safe_name``."""
+    """Refuse, before anything is trained, a name MLflow's registry would refuse or that is not
+    printable. It reaches files and Prefect keys only through ``safe_name``."""
     where = "--model-name" if given else f"the model name {name!r} made from --data (give --model-name)"
     problem = ("is blank" if not name.strip() else
                "cannot contain '/' or ':' (MLflow's rule)" if "/" in name or ":" in name else
@@ -393,37 +354,20 @@ def check_model_name(name: str, given: bool) -> None:
 
 
 def safe_name(name: str) -> str:
-    """``name`` as it may appear in a file name or a Prefect artifact key: lower-case ASCII letters,
-    digits and dashes. A name that held anything else gets 8 hex digits of its hash, so distinct
-    names stay distinct; ``sine-forecaster`` stays itself."""
+    """``name`` in lower-case ASCII letters, digits and dashes, for file names and Prefect keys; with
+    8 hex digits of its hash if it held anything else, so distinct names stay distinct."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:80]
     return slug if slug == name.lower() else f"{slug or 'model'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def check_device(device: str) -> None:
-    """``--device cuda`` where PyTorch sees no CUDA GPU is the user's mistake, said in one line."""
-    from rnn_models.training import resolve_device  # imports torch: only when a GPU is asked for
-
-    try:
-        resolve_device(device)
-    except ValueError as e:
-        raise ConfigError(f"--device {device}: {e}") from None
 
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
 def parse_value(kind: type, raw, name: str):
-    """A config field's value from its text: the one rule for the command line, sweep grids and
-    the params an MLflow run logged. Booleans read true/false, yes/no or 1/0 in any case, and
-    nothing else; other kinds are their own constructor (int("7"), float("3e-3"), str)."""
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
+    """A field's value from its text, for the command line, sweep grids and logged MLflow params alike.
+    Booleans read true/false, yes/no or 1/0 in any case, and nothing else."""
+    if kind is bool and not isinstance(raw, bool):
         key = str(raw).strip().lower()
         if key not in BOOLEANS:
             raise ConfigError(f"{flag(name)}: {raw!r} is not a boolean; use true or false")
@@ -435,9 +379,7 @@ def parse_value(kind: type, raw, name: str):
 
 
 def project(cls, cfg, **overrides):
-    """``cls`` (a lower layer's config: model, training) from the fields of the flow config
-    ``cfg`` that it shares by name, plus ``overrides``: the flow config is the one place a
-    value is set, and nothing is copied field by field."""
+    """A lower layer's config ``cls`` from the fields it shares by name with the flow config ``cfg``."""
     shared = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
     return cls(**{**{k: getattr(cfg, k) for k in shared}, **overrides})
 
@@ -447,37 +389,10 @@ NOT_IN_KEY = ("resume", "checkpoint_minutes", "registry_retry_minutes", "model_n
 
 
 def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
-    """Where a run's training checkpoints go: named after the model and keyed by all that decides
-    what is trained (the config, the data's sha256; '' for generated data, which the config
-    decides), so the same command resumes and any other starts afresh. Under ./checkpoints,
-    or $RNNFLOW_CHECKPOINTS."""
+    """A run's checkpoint folder under ./checkpoints (or $RNNFLOW_CHECKPOINTS), keyed by what decides
+    what is trained (the config; the data's sha256, '' for generated data): the same command resumes."""
     params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
     key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
     return root / f"{safe_name(cfg.registered_name)}-{key}"
 
-
-RUN_FILE = "run.json"
-
-
-def remove_checkpoints(directory: Path) -> None:
-    """A run's checkpoint folder, once it has served (the model is registered) or cannot (bad input)."""
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-def save_run(directory: Path, flow: str, cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> None:
-    """What a checkpoint folder was trained for (the flow, its config, the data's sha256), so
-    ``python -m flows.models register FOLDER`` can finish the run later."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{RUN_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"flow": flow, "params": cfg.to_params(), "data_sha256": data_sha256}, indent=2))
-    os.replace(tmp, directory / RUN_FILE)
-
-
-def load_run(directory: Path) -> tuple[str, dict, str]:
-    """(flow, params, data sha256) of a checkpoint folder; ``ConfigError`` if it is not one."""
-    try:
-        run = json.loads((directory / RUN_FILE).read_text())
-        return run["flow"], run["params"], run["data_sha256"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{directory}: not a checkpoint folder of rnnflow (no readable {RUN_FILE}: {e})") from None
