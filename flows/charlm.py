@@ -4,6 +4,7 @@ register. Run ``python -m flows.charlm --help`` for every option."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
@@ -29,12 +30,9 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
     corpus = steps.load_corpus(path, sha256, cfg)
 
     # --- transform
-    def on_samples(epoch: int, texts: dict[str, str]) -> None:
-        publish_samples(cfg.registered_name, epoch, texts)
-
     checkpoints = checkpoint_dir(cfg, corpus.sha256)
     with checkpointed(checkpoints, "charlm", cfg, corpus.sha256):
-        trained = steps.train_charlm(corpus, cfg, on_samples, checkpoints)
+        trained = steps.train_charlm(corpus, cfg, partial(publish_samples, cfg.registered_name), checkpoints)
 
         # --- load
         reg = steps.register_charlm(cfg, corpus, trained)

@@ -34,9 +34,8 @@ USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable, 
 
 
 class UserErrorsInOneLine(logging.Filter):
-    """On Prefect's flow- and task-run loggers: a record carrying a user error (a failed try of
-    a download, say) keeps its one-line message and loses the traceback, in the terminal and in
-    the run's log in the UI; a bug keeps it."""
+    """On Prefect's flow- and task-run loggers: a record of a user error (a failed try of a download,
+    say) loses its traceback, in the terminal and in the UI; a bug keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
@@ -114,20 +113,8 @@ def _converter(kind: type, name: str):
     return convert
 
 
-def parse_config(cls, argv: list[str] | None, prog: str, description: str):
-    """Parse ``argv`` into ``cls``; a bad value exits with status 2 and one line naming it."""
-    parser = parser_for(cls, prog, description)
-    args = vars(parser.parse_args(argv))
-    try:
-        return cls(**args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a flow run (inside one, Prefect raises its TerminationSignal): unwinds the
-    run like Ctrl-C."""
+    """SIGTERM outside a flow run (inside one, Prefect raises TerminationSignal): unwinds like Ctrl-C."""
 
 
 def terminate(signum, frame):
@@ -136,8 +123,15 @@ def terminate(signum, frame):
 
 def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
                           check: Callable) -> int:
-    """A flow's command line: ``run_config`` of the parsed options."""
-    return run_config(parse_config(cls, argv, prog, description), flow_fn, check)
+    """A flow's command line: ``argv`` parsed into ``cls`` (a bad value exits with status 2 and one
+    line naming it, as argparse's own errors do), then ``run_config``."""
+    args = vars(parser_for(cls, prog, description).parse_args(argv))
+    try:
+        cfg = cls(**args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return run_config(cfg, flow_fn, check)
 
 
 def run_config(cfg, flow_fn, check: Callable) -> int:

@@ -38,14 +38,14 @@ FLOWS = {"timeseries": (timeseries_flow, "nightly-retrain", "0 3 * * *"),
          "charlm": (charlm_flow, "weekly-retrain", "0 4 * * 0")}
 
 
-def deployments(which: list[str], interval: float | None = None, crons: dict[str, str] | None = None,
-                parameters: dict[str, dict] | None = None):
-    """RunnerDeployments for ``which`` flows: each on its cron, or every ``interval`` seconds."""
+def deployments(args: argparse.Namespace) -> list:
+    """RunnerDeployments for the flows ``--only`` names (all by default), each with its ``--KEY-params``:
+    on its ``--KEY-cron``, or every ``--interval`` seconds."""
     out = []
-    for key in which:
-        flow, name, cron = FLOWS[key]
-        schedule = {"interval": interval} if interval else {"cron": (crons or {}).get(key, cron)}
-        out.append(flow.to_deployment(name=name, parameters=(parameters or {}).get(key, {}),
+    for key in args.only or sorted(FLOWS, reverse=True):
+        flow, name, _ = FLOWS[key]
+        schedule = {"interval": args.interval} if args.interval else {"cron": getattr(args, f"{key}_cron")}
+        out.append(flow.to_deployment(name=name, parameters=getattr(args, f"{key}_params"),
                                       tags=["rnnflow", "retrain"], description=flow.description, **schedule))
     return out
 
@@ -54,12 +54,10 @@ ZOMBIES = "rnnflow: crash flow runs that stopped beating"
 
 
 def ensure_zombie_automation(silence_seconds: float | None = None) -> None:
-    """A flow run whose process died with this serving process (``make deploy`` killed, a
-    reboot) can report nothing: without this automation it shows ``Running`` for ever. Its
-    heartbeats stop, and after ``silence_seconds`` the Prefect server marks it ``Crashed``
-    (Prefect's recipe for zombie flow runs; default three heartbeats, or
-    $RNNFLOW_ZOMBIE_SECONDS). Created once per server; the next run of the deployment then
-    resumes from the checkpoint the dead one left."""
+    """Have the Prefect server mark ``Crashed`` a flow run silent for ``silence_seconds`` (default
+    three heartbeats, or $RNNFLOW_ZOMBIE_SECONDS): one whose process died with this serving process
+    can report nothing and would show ``Running`` for ever (Prefect's recipe for zombie flow runs).
+    Created once per server."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -99,20 +97,13 @@ def _alive(p: psutil.Process) -> bool:
 
 
 class Shutdown:
-    """SIGTERM and Ctrl-C (SIGINT) for the serving process, bounded in time.
-
-    Prefect's own handler (``Runner.handle_sigterm``) pauses the deployments through a client
-    that retries a server that is gone for a minute or more, and a flow run's process could
-    outlive it, training on unreported. Here the signal freezes the runner's event loop (the
-    main thread waits in the handler, so no new flow run starts) and a thread, within
-    ``STOP_SECONDS``: pauses the deployments (``API_SECONDS`` a request); sends
-    SIGTERM to each flow run's process (on Ctrl-C, after 1.5 s for the terminal's SIGINT to do
-    it), whose Prefect engine then reports the run ``Crashed``; kills what still runs after
-    ``GRACE_SECONDS`` (or 1.5 s after the server proved unreachable: the run can report nothing
-    then), with its own child processes; marks ``Crashed`` a killed run the server can still be
-    told of; prints one line and exits 0. A run the server could not be told of is marked
-    ``Crashed`` by the heartbeat automation (``ensure_zombie_automation``) once it is back;
-    either way the next run of its deployment resumes from its checkpoint."""
+    """SIGTERM and Ctrl-C (SIGINT) for the serving process, done within ``STOP_SECONDS`` even with
+    the Prefect server gone (Prefect's own handler retries it for a minute or more, while a flow
+    run's process trains on unreported). The signal freezes the runner's event loop (no new flow
+    run starts) and a thread pauses the deployments, stops the flow runs' processes, marks
+    ``Crashed`` a killed run the server can still be told of (else the heartbeat automation,
+    ``ensure_zombie_automation``, does once it is back), prints one line and exits 0. The next run
+    of a deployment resumes from its checkpoint (docs/RELIABILITY.md)."""
 
     def __init__(self) -> None:
         self.runner: Runner | None = None
@@ -134,15 +125,15 @@ class Shutdown:
         threading.Thread(target=self._stop, args=(signum,), name="rnnflow-stop", daemon=True).start()
         threading.Event().wait()  # the thread ends the process
 
-    def _flow_runs(self) -> dict[int, UUID | None]:
-        """The processes of the flow runs this runner executes: pid -> flow run id."""
+    def _flow_runs(self) -> dict[psutil.Process, UUID | None]:
+        """The processes of the flow runs this runner executes, each with its flow run's id."""
         manager = getattr(self.runner, "_process_manager", None)
-        found: dict[int, UUID | None] = {}
-        if manager is not None:
-            for run_id in manager.flow_run_ids():
-                handle = manager.get(run_id)
-                if handle is not None and handle.pid:
-                    found[handle.pid] = run_id
+        found: dict[psutil.Process, UUID | None] = {}
+        for run_id in manager.flow_run_ids() if manager is not None else ():
+            handle = manager.get(run_id)
+            if handle is not None and handle.pid:
+                with contextlib.suppress(psutil.Error):
+                    found[psutil.Process(handle.pid)] = run_id
         return found
 
     def _stop(self, signum: int) -> None:
@@ -150,40 +141,13 @@ class Shutdown:
         status = "failed"
         try:
             runs = self._flow_runs()
-            procs = {}
-            for pid in runs:
-                try:
-                    procs[pid] = psutil.Process(pid)
-                except psutil.Error:
-                    pass
             killed: list[UUID | None] = []
             threading.Thread(target=self._tell_server, args=(killed, t0 + STOP_SECONDS - 0.5),
                              name="rnnflow-stop-api", daemon=True).start()
-
-            def wait(until: float) -> None:
-                while any(_alive(p) for p in procs.values()) and time.monotonic() < until:
-                    if self._api_error is not None:  # the server is gone: nothing to wait for
-                        until = min(until, self._api_failed_at + 1.5)
-                    time.sleep(0.05)
-
-            if signum == signal.SIGINT:
-                wait(t0 + 1.5)  # a terminal's Ctrl-C reached them too: let that stop them
-            for p in procs.values():
-                if _alive(p):
-                    with contextlib.suppress(Exception):
-                        p.terminate()
-            wait(t0 + GRACE_SECONDS)
-            for pid, p in procs.items():
-                if _alive(p):
-                    with contextlib.suppress(Exception):
-                        for q in [*p.children(recursive=True), p]:
-                            with contextlib.suppress(Exception):
-                                q.kill()
-                    killed.append(runs[pid])
-            wait(t0 + STOP_SECONDS - 1.0)  # (polled, not waited for: whoever started them reaps them)
+            self._end_processes(runs, killed, signum, t0)
             self._processes_done.set()
             self._api_done.wait(timeout=max(0.0, t0 + STOP_SECONDS - 0.5 - time.monotonic()))
-            status = self._summary(signal.Signals(signum).name, len(procs))
+            status = self._summary(signal.Signals(signum).name, len(runs))
             with contextlib.suppress(Exception):
                 shutil.rmtree(self.runner._tmp_dir, ignore_errors=True)  # what the Runner would remove
         finally:
@@ -191,6 +155,33 @@ class Shutdown:
             with contextlib.suppress(Exception):
                 os.write(2, f"stopped: {status}\n".encode())
             os._exit(0)
+
+    def _end_processes(self, runs: dict[psutil.Process, UUID | None], killed: list, signum: int, t0: float) -> None:
+        """SIGTERM each flow run's process (on Ctrl-C after 1.5 s, for the terminal's SIGINT to do
+        it), whose Prefect engine then reports the run ``Crashed``; kill, with its children, what
+        still runs after ``GRACE_SECONDS`` (or 1.5 s after the server proved unreachable: the run
+        can report nothing then), adding its run to ``killed``."""
+        if signum == signal.SIGINT:
+            self._wait(runs, t0 + 1.5)
+        for p in runs:
+            if _alive(p):
+                with contextlib.suppress(Exception):
+                    p.terminate()
+        self._wait(runs, t0 + GRACE_SECONDS)
+        for p, run_id in runs.items():
+            if _alive(p):
+                with contextlib.suppress(Exception):
+                    for q in [*p.children(recursive=True), p]:
+                        with contextlib.suppress(Exception):
+                            q.kill()
+                killed.append(run_id)
+        self._wait(runs, t0 + STOP_SECONDS - 1.0)  # (polled, not waited for: whoever started them reaps them)
+
+    def _wait(self, processes, until: float) -> None:
+        while any(_alive(p) for p in processes) and time.monotonic() < until:
+            if self._api_error is not None:  # the server is gone: nothing to wait for
+                until = min(until, self._api_failed_at + 1.5)
+            time.sleep(0.05)
 
     def _tell_server(self, killed: list[UUID | None], deadline: float) -> None:
         """Pause the deployments; once the flow runs' processes are gone, mark ``Crashed`` any
@@ -283,22 +274,18 @@ class StoppableRunner(Runner):
         self._shutdown.handle(signum, frame)
 
 
-def serve(*deployments, limit: int | None = None, shutdown: Shutdown | None = None) -> None:
+def serve(deployments: list, limit: int | None, shutdown: Shutdown) -> None:
     """``prefect.serve`` with ``Shutdown``'s handling of SIGTERM and Ctrl-C (it pauses the
     deployments itself, within a deadline)."""
     import asyncio
 
-    shutdown = shutdown or Shutdown()
+    from prefect.flows import _display_serve_start_message
+
     runner = StoppableRunner(shutdown, pause_on_shutdown=False, limit=limit)
     shutdown.deployments = [f"{d.flow_name}/{d.name}" for d in deployments]
     for deployment in deployments:
         runner.add_deployment(deployment)
-    try:
-        from prefect.flows import _display_serve_start_message
-
-        _display_serve_start_message(*deployments)
-    except ImportError:
-        print(f"serving {len(deployments)} deployments")
+    _display_serve_start_message(*deployments)
     asyncio.run(runner.start())
 
 
@@ -319,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     shutdown = Shutdown()
     shutdown.install()
     ensure_zombie_automation()
-    serve(*deployments(args.only or sorted(FLOWS, reverse=True), args.interval,
-                       {"timeseries": args.timeseries_cron, "charlm": args.charlm_cron},
-                       {"timeseries": args.timeseries_params, "charlm": args.charlm_params}),
-          limit=args.limit, shutdown=shutdown)
+    serve(deployments(args), args.limit, shutdown)
     return 0
 
 

@@ -2,11 +2,10 @@
 
 With ``PREFECT_API_URL`` set, that server (it must answer). Without it, one local server shared
 by every run on this machine: the first run starts ``prefect server start`` in the background
-(the same server as ``make server``, UI included, on ``PREFECT_SERVER_API_HOST``/``_PORT``,
-default 127.0.0.1:4200), and later runs reuse it. Prefect's own default, a temporary server per
-process, costs each run ~18 s on a 2-core machine and fails under load past Prefect's 20 s
-start-up limit, so four runs started at once all crashed; a shared server is started once,
-under a file lock, with a generous limit, and survives Ctrl-C of the run that started it.
+(as ``make server``, UI included, on ``PREFECT_SERVER_API_HOST``/``_PORT``, default
+127.0.0.1:4200) under a file lock, and later runs reuse it. Prefect's own default, a temporary
+server per process, costs each run seconds and fails under load past its start-up limit
+(docs/BENCHMARKS.md, "Everyday runs"); the shared one survives Ctrl-C of the run that started it.
 
     python -m flows.server status|start|stop
 """
@@ -32,10 +31,8 @@ from prefect.settings import (
 )
 
 START_SECONDS = float(os.environ.get("RNNFLOW_PREFECT_START_SECONDS", "180"))
-# How often a flow run tells the server it is alive (Prefect's minimum; its default is 180 s).
-# Every run uses it, from the command line too: the zombie automation that `flows.deploy`
-# creates crashes any flow run silent for three beats, and at Prefect's default it marked a
-# command-line run Crashed while that run was still training (seen).
+# How often a flow run tells the server it is alive (Prefect's minimum; its default is 180 s), from
+# the command line too: `flows.deploy`'s zombie automation crashes a flow run silent for three beats.
 HEARTBEAT_SECONDS = 30
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 
@@ -112,9 +109,8 @@ def _start(url: str, home: Path, meanwhile: Callable[[], object] | None) -> None
 @contextlib.contextmanager
 def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
     """Run the body against the shared (or configured) server, its flow runs beating every
-    ``HEARTBEAT_SECONDS`` unless $PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise; the
-    environment carries both to child processes (Dask workers, say). ``meanwhile`` runs while
-    a server this call starts boots (on another core than the server's)."""
+    ``HEARTBEAT_SECONDS`` unless $PREFECT_FLOWS_HEARTBEAT_FREQUENCY says otherwise; the environment
+    carries both to child processes. ``meanwhile`` runs while a server this call starts boots."""
     url, started = ensure_server(meanwhile)
     if started:
         print(f"started a local Prefect server at {url.removesuffix('/api')} (its UI); it stays up for later "
