@@ -106,14 +106,13 @@ def cmd_register(args) -> int:
         flow, params, data_sha256 = load_run(folder)
         cfg = {"timeseries": TimeSeriesConfig, "charlm": CharLMFlowConfig}[flow](
             **{**params, "resume": True, **({"model_name": args.name} if args.name else {})})
-    except ConfigError as e:  # not a checkpoint folder, or a --name MLflow would refuse
+        target = checkpoint_dir(cfg, data_sha256)  # the folder a run of this name looks in
+        if target != folder and target.exists():
+            raise ConfigError(f"{target} exists already; remove it or register under another --name")
+    except ConfigError as e:  # not a checkpoint folder, a --name MLflow would refuse, or one taken
         print(f"error: {e}", file=sys.stderr)
         return 1
-    target = checkpoint_dir(cfg, data_sha256)  # the folder a run of this name looks in
     if target != folder:
-        if target.exists():
-            print(f"error: {target} exists already; remove it or register under another --name", file=sys.stderr)
-            return 1
         folder.rename(target)
     module = importlib.import_module(f"flows.{flow}")
 

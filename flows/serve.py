@@ -1,7 +1,5 @@
-"""A REST scoring server for a registered model: MLflow's scoring protocol (``/invocations``,
-``/ping``, the same request and response formats as ``mlflow models serve``, answered by
-MLflow's own ``invocations`` function), run by uvicorn with ``--workers`` processes, with a
-limit on the request body (413 beyond it).
+"""A REST scoring server for a registered model: MLflow's scoring protocol, run by uvicorn with
+``--workers`` processes, with a limit on the request body (413 beyond it).
 
     python -m flows.serve NAME [--alias champion | --version N] [--port 5001] [--workers 2]
 
@@ -35,19 +33,16 @@ def create_app():
 
 
 class ScoringApp:
-    """MLflow's scoring protocol as a bare ASGI app: ``POST /invocations`` answered by MLflow's
-    own ``scoring_server.invocations`` (the same request formats, content types, responses and
-    error bodies as ``mlflow models serve``), ``GET /ping``, ``/health`` and ``/version``, and a
-    limit on the request body (413 beyond it: a 10 MB body would otherwise be parsed whole
-    before the model sees its last rows).
+    """MLflow's scoring protocol as a bare ASGI app: ``POST /invocations`` answered by MLflow's own
+    ``scoring_server.invocations`` (the same formats, responses and error bodies as ``mlflow models
+    serve``), ``GET /ping``, ``/health`` and ``/version``, and a limit on the request body (a 10 MB
+    body would otherwise be parsed whole before the model sees its last rows).
 
-    Not MLflow's FastAPI app around that function: its per-request middleware (a timeout),
-    routing and the hop to a worker thread cost more CPU than a small model's forecast (about
-    2 ms a request against 1.4 ms), and under 8 clients on 2 cores that CPU is the latency: p99
-    53 ms with it, 23-26 ms without (docs/BENCHMARKS.md). The forecast runs in the worker's
-    event loop: a worker answers one request at a time, as its one torch thread would anyway;
-    more at once is what ``--workers`` is for. (MLflow's request timeout is not enforced here:
-    a forecast cannot be cut short in either app, only its answer dropped.)"""
+    Not MLflow's FastAPI app around that function: its middleware, routing and hop to a worker
+    thread cost more CPU than a small model's forecast, and under load that CPU is the latency
+    (docs/BENCHMARKS.md). A worker answers one request at a time in its event loop, as its one
+    torch thread would anyway; more at once is what ``--workers`` is for. (MLflow's request
+    timeout is not enforced: a forecast cannot be cut short in either app, only its answer dropped.)"""
 
     def __init__(self, model, limit: int):
         from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
@@ -104,10 +99,10 @@ class ScoringApp:
         streams in); a body not too far over it is still read, so the client sees the 413
         rather than a connection reset while it is still sending. _Disconnected if the client
         leaves first."""
-        declared = int(length) if length is not None and length.isdigit() else None
-        too_large = declared is not None and declared > self.limit
-        if too_large and declared > 16 * self.limit:
-            return None
+        declared = int(length) if length and length.isdigit() else 0
+        if declared > 16 * self.limit:
+            return None  # not worth reading
+        too_large = declared > self.limit
         chunks, seen = [], 0
         while True:
             message = await receive()
@@ -134,9 +129,8 @@ async def _answer(send, status: int, content: bytes, mimetype: str = "applicatio
 
 class NoDelayH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with Nagle's algorithm off on every connection. With ``--workers``
-    uvicorn binds the socket itself and asyncio then leaves TCP_NODELAY off (uvicorn issue
-    #3149): each keep-alive request after the first waited ~40 ms for a delayed ACK (measured
-    here: 50 ms against 7 ms with one worker)."""
+    uvicorn binds the socket itself and asyncio leaves TCP_NODELAY off (uvicorn issue #3149): each
+    keep-alive request after the first waited for a delayed ACK (docs/BENCHMARKS.md)."""
 
     def connection_made(self, transport):
         sock = transport.get_extra_info("socket")
@@ -171,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         except (MlflowException, OSError) as e:
             print(f"error: {uri}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
             return 1
-        env = {**os.environ, MODEL_PATH: path, MAX_BODY: str(int(args.max_body_mb * 2**20))}
+        os.environ.update({MODEL_PATH: path, MAX_BODY: str(int(args.max_body_mb * 2**20))})  # the workers inherit it
         print(f"serving {uri} on http://{args.host}:{args.port}/invocations with {args.workers} worker(s)",
               file=sys.stderr)
-        os.environ.update(env)  # the workers inherit it
         import uvicorn
 
         uvicorn.run("flows.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,

@@ -15,11 +15,13 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import fields
+from urllib.parse import urlparse
 
 import mlflow
 from prefect import flow
@@ -51,9 +53,8 @@ from tasks.training import GROUP_PER_THREAD, why_not_grouped
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
-    """Every (base, grid point) as a trial, in parallel on the flow's task runner; trials whose
-    networks can share a shape go in groups (``packs``) that train them together. Returns the
-    results in job order and the wall time of the phase."""
+    """Every (base, grid point) as a trial, in parallel on the flow's task runner, in ``packs``.
+    Returns the results in job order and the wall time of the phase."""
     workers = start_workers(workers)  # not part of the phase: a cluster's start is paid once per sweep
     groups = packs([(i, point, base) for i, (base, point) in enumerate(jobs)], workers)
     t0 = time.perf_counter()
@@ -66,10 +67,9 @@ def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: s
 
 @contextlib.contextmanager
 def stopping_trials():
-    """While trials train in threads of this process, Ctrl-C or SIGTERM first tells them to stop
-    at their next step (``rnn_models.training.STOP``), then does what it did before: a signal
-    reaches only the main thread, which waits on the trials and would otherwise see it only once
-    they had all finished."""
+    """While trials train in threads of this process, Ctrl-C or SIGTERM first tells them to stop at
+    their next step (``rnn_models.training.STOP``), then does what it did before: the main thread,
+    which alone gets signals, would otherwise see it only once every trial had finished."""
     STOP.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -94,22 +94,19 @@ def stopping_trials():
             signal.signal(sig, handler)
 
 
-# what decides whether two trials' networks can train as one batched network (tasks.training.
-# Network.group_key): trials alike in these are grouped; a field left out here costs only grouping,
-# never correctness (a group's trials train together exactly where their networks match)
+# what decides whether trials' networks can train as one (tasks.training.Network.group_key): a field
+# left out here costs only grouping, never correctness (networks train together only where they match)
 SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "max_gap", "lookback", "horizon",
                 "stride", "val_size", "test_size", "cell", "ensemble_cells", "hidden_size", "num_layers", "dropout",
                 "bidirectional", "patch", "batch_size", "loss", "quantiles", "clip", "device")
 
 
 def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple[int, dict, dict]]]:
-    """The trials (index, point, base) as the tasks that run them, largest first. A worker trains
-    on one thread, whose groups hold up to ``GROUP_PER_THREAD`` networks (tasks.training): trials
-    alike in ``SHAPE_FIELDS`` whose LSTMs the grouped operation covers, and that leave room in a
-    group (no --auto, whose candidates fill one; an ensemble of at most half a group), go in
-    groups spread over the workers, each group's networks trained together on its worker
-    (tasks.sweep.run_trials). Every other trial is a task of its own, handed to whichever worker
-    is free: its own networks still train together."""
+    """The trials (index, point, base) as the tasks that run them, largest first. Trials alike in
+    ``SHAPE_FIELDS`` whose LSTMs the grouped operation covers and that leave room in a group of
+    ``GROUP_PER_THREAD`` networks (no --auto, whose candidates fill one; an ensemble of at most half
+    a group) go in groups spread over the workers, each trained as one (tasks.sweep.run_trials).
+    Every other trial is a task of its own, for whichever worker is free."""
     classes: dict[tuple, list] = {}
     for trial in trials:
         cfg = TimeSeriesConfig(**{**trial[2], **trial[1]})
@@ -126,10 +123,8 @@ def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple
 
 
 def start_workers(workers: int) -> int:
-    """Start (or connect to) the flow's Dask cluster now, and return how many workers it has.
-    DaskTaskRunner starts it on first use, which would put the workers' start and warm-up
-    (tasks.dask_worker) inside the first trials; the thread runner has nothing to start and
-    runs ``workers`` threads."""
+    """Start (or connect to) the flow's Dask cluster now, not inside the first trials as
+    DaskTaskRunner would, and return how many workers it has (``workers`` threads otherwise)."""
     from prefect_dask import DaskTaskRunner
 
     runner = FlowRunContext.get().task_runner
@@ -149,7 +144,7 @@ def register_best(base: dict, best, out: str):
     bt = backtest(series, split, origins, trained.pipeline(), label)
     champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)
     plots = plot_backtest(series, bt, trained.first_fit, label, out)
-    return cfg, bt, register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
+    return bt, register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
 
 
 @contextlib.contextmanager
@@ -169,13 +164,13 @@ def parent_run(experiment: str, name: str, tags: dict):
 
 @flow(name="timeseries-sweep", log_prints=True)
 def sweep_flow(base: dict, grid: list[dict], workers: int = 2) -> dict:
-    cfg0 = TimeSeriesConfig(**base)
-    name = cfg0.registered_name
-    with parent_run(cfg0.experiment, f"sweep-{name}", {"trials": str(len(grid))}) as (experiment_id, parent_id):
+    base_cfg = TimeSeriesConfig(**base)
+    name = base_cfg.registered_name
+    with parent_run(base_cfg.experiment, f"sweep-{name}", {"trials": str(len(grid))}) as (experiment_id, parent_id):
         with tempfile.TemporaryDirectory() as out:
             results, trials_wall = train_trials([(base, p) for p in grid], parent_id, experiment_id, workers)
             best = min(results, key=lambda r: r.val_loss)
-            _, bt, reg = register_best(base, best, out)
+            bt, reg = register_best(base, best, out)
     table = results_markdown(results, best)
     with mlflow.start_run(run_id=parent_id):
         mlflow.log_params({"grid_points": len(grid), "best_trial": best.index})
@@ -196,20 +191,20 @@ def sweep_flow(base: dict, grid: list[dict], workers: int = 2) -> dict:
 def many_series_flow(base: dict, grid: list[dict], id_column: str, workers: int = 2) -> dict:
     """One model per series of a long-format file (id, time, value), all trials in parallel,
     each series' best registered under NAME-<id> with its own champion gate."""
-    cfg0 = TimeSeriesConfig(**base)
-    name = cfg0.registered_name
+    base_cfg = TimeSeriesConfig(**base)
+    name = base_cfg.registered_name
     with tempfile.TemporaryDirectory() as out:
-        files = split_by_id(cfg0.data, cfg0.sha256, id_column, out)
+        files = split_by_id(base_cfg.data, base_cfg.sha256, id_column, out)
         bases = {sid: {**base, "data": path, "sha256": "", "model_name": f"{name}-{sid}"}
                  for sid, path in files.items()}
         jobs = [(sid, p) for sid in bases for p in grid]
-        with parent_run(cfg0.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
+        with parent_run(base_cfg.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
             results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, workers)
             rows = []
             for sid in bases:
                 mine = [r for (s, _), r in zip(jobs, results, strict=True) if s == sid]
                 best = min(mine, key=lambda r: r.val_loss)
-                _, bt, reg = register_best(bases[sid], best, out)
+                _, reg = register_best(bases[sid], best, out)
                 rows.append((sid, best, reg))
     table = "\n".join(["| series | model | best trial | val loss | test MASE | version | champion |",
                         "|---|---|---|---:|---:|---:|---|",
@@ -226,6 +221,14 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str, workers: int 
 
 
 def task_runner(kind: str, workers: int, address: str):
+    """Threads, a local Dask cluster, or the Dask scheduler at ``address`` (which must answer now,
+    before any trial)."""
+    if address:
+        url = urlparse(address)
+        try:
+            socket.create_connection((url.hostname, url.port or 8786), timeout=5.0).close()
+        except OSError as e:
+            raise ConfigError(f"--dask-address {address}: cannot reach the Dask scheduler ({e})") from None
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner
@@ -234,28 +237,13 @@ def task_runner(kind: str, workers: int, address: str):
         return DaskTaskRunner(address=address)
     import dask
 
-    # the workers' statistical profiler samples every 10 ms: CPU taken from training when
-    # every core runs a trial (their config comes from this process)
+    # the workers' profiler samples every 10 ms, CPU taken from training (they take this process's config)
     dask.config.set({"distributed.worker.profile.enabled": False})
-    # the cluster's INFO log is dozens of lines of its own start and stop, and a connection closed
-    # as it stops is logged at INFO with a traceback: a sweep that succeeded must not end in one.
-    # Warnings and errors still show. Here for this process (and its nannies); tasks.dask_worker
-    # does the same in each worker.
+    # warnings and errors only: its INFO log is the cluster's own start and stop, and a connection closed
+    # as it stops comes with a traceback (tasks.dask_worker does the same in each worker)
     logging.getLogger("distributed").setLevel(logging.WARNING)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                           "preload": ["tasks.dask_worker"]})
-
-
-def check_dask_address(address: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any trial, if an existing Dask scheduler cannot be reached."""
-    import socket
-    from urllib.parse import urlparse
-
-    u = urlparse(address)
-    try:
-        socket.create_connection((u.hostname, u.port or 8786), timeout=timeout).close()
-    except OSError as e:
-        raise ConfigError(f"--dask-address {address}: cannot reach the Dask scheduler ({e})") from None
 
 
 # what the input checks read (flows.timeseries.check_input): grid points alike in these are checked once
@@ -265,26 +253,23 @@ DATA_FIELDS = ("source", "data", "sha256", "time_column", "value_column", "covar
 
 
 def check_data(base: dict, grid: list[dict], id_column: str) -> None:
-    """Before Prefect starts: the tracking server answers, and every grid point's data reads, has
-    its columns and is long enough for its split and transforms (``flows.timeseries.check_input``,
-    once for each distinct data setting). With ``id_column`` the file is split per series inside
-    the flow, so only its existence is checked here."""
+    """Before Prefect starts: the tracking server answers, and the data of each distinct data setting
+    reads, has its columns and is long enough (``flows.timeseries.check_input``). With ``id_column``
+    the file is split per series inside the flow, so only its existence is checked here."""
     from flows.timeseries import check_input
 
     check_tracking_server()
-    seen = set()
+    distinct = {}
     for point in grid:
         cfg = TimeSeriesConfig(**{**base, **point})
-        key = tuple(str(getattr(cfg, f)) for f in DATA_FIELDS)
-        if key in seen:
-            continue
-        seen.add(key)
-        if id_column and cfg.source != "file":
-            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
-        if id_column:
-            fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
-        else:
+        distinct.setdefault(tuple(str(getattr(cfg, f)) for f in DATA_FIELDS), cfg)
+    for cfg in distinct.values():
+        if not id_column:
             check_input(cfg)
+        elif cfg.source != "file":
+            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
+        else:
+            fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -307,24 +292,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(parser().parse_args(argv))
+    args = parser().parse_args(argv)
     signal.signal(signal.SIGTERM, terminate)
-    sweep = {k: args.pop(k) for k in ("samples", "task_runner", "workers", "dask_address", "id_column")}
-    options = {k: v for k, v in args.items() if v is not None}
+    options = {f.name: getattr(args, f.name) for f in fields(TimeSeriesConfig)
+               if f.name != "id_column" and getattr(args, f.name) is not None}
     try:
-        grid = build_grid(options, sweep["samples"])
-        if sweep["dask_address"]:
-            check_dask_address(sweep["dask_address"])
-        base, grid = split_grid(grid)
-        check_data(base, grid, sweep["id_column"])
-        runner = task_runner(sweep["task_runner"], sweep["workers"], sweep["dask_address"])
+        base, grid = split_grid(build_grid(options, args.samples))
+        check_data(base, grid, args.id_column)
+        runner = task_runner(args.task_runner, args.workers, args.dask_address)
+        per_series = {"id_column": args.id_column} if args.id_column else {}
+        sweep_fn = (many_series_flow if per_series else sweep_flow).with_options(task_runner=runner)
         with prefect_api():  # one server for the sweep and its Dask workers (they inherit its URL)
-            if sweep["id_column"]:
-                result = many_series_flow.with_options(task_runner=runner)(base=base, grid=grid,
-                                                                          id_column=sweep["id_column"],
-                                                                          workers=sweep["workers"])
-            else:
-                result = sweep_flow.with_options(task_runner=runner)(base=base, grid=grid, workers=sweep["workers"])
+            result = sweep_fn(base=base, grid=grid, workers=args.workers, **per_series)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
