@@ -17,9 +17,11 @@ AdamW, clipping) trained by a plain loop, and K of them trained at once three wa
                   step with batched matrix products (torch.baddbmm), autograd through the loop:
                   K x the work of one member, but ~10 small ops per time step.
 
-- grouped C++   -- rnnflow's ``rnn_models.grouped``: the members' LSTMs as one C++ operation per
-                  layer (every member and slice of the batch its own recurrence, spread over the
-                  threads), one fused AdamW per member, clipping for all members at once.
+- grouped C++   -- rnnflow's ``rnn_models.grouped``: the members' forecasters as one C++ operator
+                  with its autograd (every member and slice of the batch its own recurrence, spread
+                  over the threads), stepped by the training loop's own step
+                  (``rnn_models.training.TrainStep``): one fused AdamW per member, each member
+                  clipped to its own norm over one gradient buffer.
 
 (torch.func.vmap over nn.LSTM is not an option: PyTorch has no batching rule for aten::lstm.)
 Printed: milliseconds per optimizer step (mean of 300 after 20 warm-up; the fastest of
@@ -43,9 +45,9 @@ import torch
 from torch import nn
 
 from rnn_models.forecasting import mse_objective
-from rnn_models.grouped import GroupedForecasters, GroupStep, available, fit_grouped
+from rnn_models.grouped import GroupedForecasters, available, fit_grouped
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import TrainConfig, TrainingRun, fit, tensor_batches
+from rnn_models.training import TrainConfig, TrainingRun, TrainStep, fit, tensor_batches
 
 B, L, F, H = 32, 24, 1, 64
 
@@ -110,9 +112,9 @@ def grouped_bmm(k: int):
 def grouped_cpp(k: int):
     members = [Forecaster(ForecasterConfig(cell="lstm", input_size=F, hidden_size=H)) for _ in range(k)]
     runs = [TrainingRun(m, mse_objective, TrainConfig(lr=1e-3, clip=1.0, ema=0.0)) for m in members]
-    step = GroupStep(GroupedForecasters(members), runs, mse_objective)
+    step = TrainStep(GroupedForecasters(members), runs)
     x, y = torch.randn(k, B, L, F), torch.randn(k, B, 1)
-    return lambda: step(x, y)
+    return lambda: step((x, y))
 
 
 def whole_trainings(k: int, epochs: int, repeats: int) -> None:

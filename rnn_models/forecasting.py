@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rnn_models import checkpoint
+from rnn_models.members import Members
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Chain, Scale
 
@@ -107,53 +108,38 @@ class ForecastPipeline:
 
 class ForecastObjective:
     """The training loop's objective for forecasters: an elementwise loss in network units,
-    averaged. ``per_member`` scores K members' outputs at once, with the gradient the grouped
-    training steps on (``derivative``: the elementwise loss's, by the prediction; no autograd)."""
+    averaged; for a model made of members (``rnn_models.members``), averaged member by member:
+    one loss per member (K,), each over its own batch."""
 
-    def __init__(self, elementwise, derivative):
-        self.elementwise, self.derivative = elementwise, derivative
+    def __init__(self, elementwise):
+        self.elementwise = elementwise
 
-    def __call__(self, model: Forecaster, batch) -> tuple[torch.Tensor, int]:
-        x, y = batch  # (B, L, F), (B, H)
-        return self.elementwise(model(x).float(), y).mean(), len(x)
-
-    def per_member(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """out (K, B, H[, Q]), y (K, B, H) -> (each member's mean loss (K,), the gradient of
-        their sum by ``out``)."""
-        out = out.float()
-        return self.elementwise(out, y).flatten(1).mean(1), self.derivative(out, y) / out[0].numel()
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        x, y = batch  # (B, L, F), (B, H); for K members (K, B, L, F), (K, B, H)
+        loss = self.elementwise(model(x).float(), y)
+        if isinstance(model, Members):
+            return loss.mean(dim=tuple(range(1, loss.dim()))), y.shape[1]
+        return loss.mean(), len(x)
 
 
 def _squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred - y) ** 2
 
 
-def _squared_derivative(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return 2 * (pred - y)
-
-
 def _absolute(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pred - y).abs()
 
 
-def _absolute_derivative(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (pred - y).sign()
-
-
-mse_objective = ForecastObjective(_squared, _squared_derivative)
-mae_objective = ForecastObjective(_absolute, _absolute_derivative)  # learns the median, as sMAPE and MASE reward
+mse_objective = ForecastObjective(_squared)
+mae_objective = ForecastObjective(_absolute)  # learns the median, as sMAPE and MASE reward
 
 
 class PinballObjective(ForecastObjective):
     """Quantile (pinball) loss averaged over steps and quantiles, for (B, H, Q) outputs."""
 
     def __init__(self, quantiles: tuple[float, ...]):
-        super().__init__(self.pinball, self.pinball_derivative)
+        super().__init__(self.pinball)
         self.q = torch.tensor(quantiles, dtype=torch.float32)
-
-    def pinball_derivative(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        q = self.q.to(pred.device)
-        return torch.where(y[..., None] >= pred, -q, 1 - q)  # d/dpred of max(q e, (q - 1) e), e = y - pred
 
     def pinball(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         err = y[..., None] - pred  # (..., H, Q)

@@ -11,7 +11,7 @@ import torch
 from rnn_models import synthetic
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import PinballObjective, mae_objective, mse_objective
-from rnn_models.grouped import GroupedForecasters, available, fit_grouped, groupable, unstacked
+from rnn_models.grouped import GroupedForecasters, available, fit_grouped, groupable
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit, tensor_batches
 from rnn_models.windows import make_windows, window_origins
@@ -53,19 +53,35 @@ def test_grouped_pass_equals_each_members_own(layers, patch, quantiles, objectiv
     members = _members(cfg)
     group = GroupedForecasters(members)
     x, y = torch.randn(3, 20, 24, 2), torch.randn(3, 20, 3)
-    out, tape = group.forward(x)
+    out = group(x)
     own = torch.stack([m(x[k]) for k, m in enumerate(members)])
     torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-6)
-    losses, grad = objective.per_member(out, y)
-    mine = out.detach().requires_grad_(True)  # the objective's own gradient is autograd's
-    torch.testing.assert_close(losses, objective.per_member(mine, y)[0])
-    objective.elementwise(mine.float(), y).flatten(1).mean(1).sum().backward()
-    torch.testing.assert_close(grad, mine.grad)
-    grads = unstacked(group.backward(tape, grad))
+    losses, n = objective(group, (x, y))  # one loss per member, through autograd
+    assert n == 20
+    torch.testing.assert_close(losses, torch.stack([objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)]))
+    losses.sum().backward()
+    grads = [p.grad for p in group.parameters()]
+    assert all(g is not None for g in grads)
+    group.zero_grad(set_to_none=True)
     sum(objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)).backward()
-    assert len(grads) == len(group.params)
-    for g, p in zip(grads, group.params, strict=True):
+    for g, p in zip(grads, group.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_only_the_active_members_run_and_get_gradients():
+    """A member that left the group (``active``) is neither run nor given a gradient, so its
+    optimizer, which is no longer stepped, neither updates nor decays it."""
+    members = _members(ForecasterConfig(cell="lstm", hidden_size=16))
+    group = GroupedForecasters(members)
+    group.active = [0, 2]
+    x, y = torch.randn(2, 8, 24, 1), torch.randn(2, 8, 1)
+    out = group(x)
+    torch.testing.assert_close(out, torch.stack([members[0](x[0]), members[2](x[1])]), rtol=1e-5, atol=1e-6)
+    mse_objective(group, (x, y))[0].sum().backward()
+    assert all(p.grad is None for p in members[1].parameters())
+    assert all(p.grad is not None for m in (members[0], members[2]) for p in m.parameters())
+    rnn = members[0].encoder.rnn  # the two biases share a gradient in the operation, not in memory
+    assert rnn.bias_ih_l0.grad.untyped_storage().data_ptr() != rnn.bias_hh_l0.grad.untyped_storage().data_ptr()
 
 
 def test_shapes_it_does_not_cover_are_refused():

@@ -12,7 +12,7 @@ from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import mse_objective
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
 from rnn_models.text import LanguageModelLoss, random_batches, sequential_batches
-from rnn_models.training import TrainConfig, fit, tensor_batches
+from rnn_models.training import TrainConfig, fit, fit_members, tensor_batches
 
 
 class Interrupted(Exception):
@@ -130,3 +130,41 @@ def test_a_checkpoint_is_written_atomically(tmp_path):
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [Checkpoint.FILE]
     tensors, meta = ckpt.read()
     assert meta == {"epoch": 1} and torch.equal(tensors["w"], torch.ones(3))
+
+
+def train_members(checkpoints=None, die_at=0):
+    """Three linear members trained together (tests/test_training.py's LinearMembers), the
+    training data's iterator dying at its ``die_at``-th batch of any member."""
+    from tests.test_training import MEMBER_CFGS, LinearMembers, _linear_data, _linears
+
+    data = [_linear_data(seed) for seed in (1, 2, 3)]
+    drawn = []
+
+    def dying(train):
+        def batches(gen):
+            for batch in train(gen):
+                drawn.append(1)
+                if len(drawn) == die_at:
+                    raise Interrupted
+                yield batch
+        return batches
+
+    members = _linears((7, 8, 9) if checkpoints and checkpoints[0].exists() else (1, 2, 3))
+    results = fit_members(LinearMembers(members), [dying(d[0]) for d in data], [d[1] for d in data], mse_objective,
+                          MEMBER_CFGS, checkpoints)
+    return members, results
+
+
+def test_members_resumed_half_way_through_an_epoch_end_like_an_uninterrupted_run(tmp_path):
+    """A model of members writes one checkpoint per member; killed inside an epoch (after some
+    members left the group), it resumes from them to the same weights, bit for bit."""
+    whole, expected = train_members()
+    ckpts = [Checkpoint(tmp_path / f"member-{k}", every_seconds=1e-9) for k in range(3)]
+    with pytest.raises(Interrupted):  # 10 batches an epoch: 3 members for 3 epochs, then 2: 6 into epoch 4
+        train_members(ckpts, die_at=3 * 10 * 3 + 2 * 6)
+    assert [c.meta()["epoch"] for c in ckpts] == [3, 3, 3] and [c.meta()["step"] for c in ckpts] == [0, 5, 5]
+    resumed, results = train_members([Checkpoint(c.directory, every_seconds=0) for c in ckpts])
+    for a, b, ra, rb in zip(whole, resumed, expected, results, strict=True):
+        assert [s.val_loss for s in ra.history] == [s.val_loss for s in rb.history]
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(pa, pb)

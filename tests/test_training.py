@@ -10,8 +10,20 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rnn_models import synthetic
 from rnn_models.forecasting import mse_objective
+from rnn_models.gradients import MemberGradients
+from rnn_models.members import Members
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import Budget, NonFiniteLossError, TrainConfig, autocast, cosine, fit, tensor_batches
+from rnn_models.training import (
+    Budget,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainingRun,
+    autocast,
+    cosine,
+    fit,
+    fit_members,
+    tensor_batches,
+)
 from rnn_models.windows import make_windows, window_origins
 
 
@@ -182,3 +194,74 @@ def test_precision_on_cpu(precision, dtype):
     assert out.dtype == dtype  # auto is float32 on CPU unless a flow asks for bf16 (the char LM's auto does)
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         autocast("cpu", "fp16")
+
+
+class LinearMembers(Members):
+    """Any model made of members: K linear layers, run at once on (K, B, F) batches."""
+
+    def forward(self, x):
+        running = [self.members[k] for k in self.active]
+        w = torch.stack([m.weight for m in running])  # (K, O, F)
+        b = torch.stack([m.bias for m in running])  # (K, O)
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))  # (K, B, O)
+
+
+def _linear_data(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 4, generator=gen)
+    y = x @ torch.randn(4, 2, generator=gen) + 0.1 * torch.randn(200, 2, generator=gen)
+    return (lambda g: tensor_batches(x[:160], y[:160], batch_size=16, generator=g),
+            lambda: tensor_batches(x[160:], y[160:], batch_size=64))
+
+
+def _linears(seeds):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(torch.nn.Linear(4, 2))
+    return out
+
+
+# members that differ in data, seed, epochs (they leave at different epochs), learning rate and
+# clipping (0.05 binds at every step); moving average, plateau and warm-up on
+MEMBER_CFGS = [TrainConfig(epochs=e, lr=lr, clip=clip, seed=s, ema=0.9, lr_patience=1, warmup=5, patience=0,
+                           progress=False) for s, e, lr, clip in ((1, 3, 3e-2, 0.05), (2, 5, 1e-2, 1.0),
+                                                                 (3, 4, 3e-2, 0.0))]
+
+
+def test_a_model_of_members_trains_each_member_as_fit_trains_it_alone():
+    data = [_linear_data(seed) for seed in (1, 2, 3)]
+    alone = _linears((1, 2, 3))
+    expected = [fit(m, train, val, mse_objective, cfg) for m, (train, val), cfg in zip(alone, data, MEMBER_CFGS, strict=True)]
+    together = _linears((1, 2, 3))
+    results = fit_members(LinearMembers(together), [d[0] for d in data], [d[1] for d in data], mse_objective,
+                          MEMBER_CFGS)
+    for a, b, ma, mb in zip(expected, results, alone, together, strict=True):
+        assert [s.epoch for s in b.history] == [s.epoch for s in a.history]
+        np.testing.assert_allclose([s.val_loss for s in b.history], [s.val_loss for s in a.history], rtol=1e-5)
+        assert [s.lr for s in b.history] == [s.lr for s in a.history] and b.samples == a.samples
+        for pa, pb in zip(ma.parameters(), mb.parameters(), strict=True):
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+            assert pb.grad is None  # the members' gradient buffer is let go after each pass
+
+
+def test_each_member_is_clipped_to_its_own_norm_as_clip_grad_norm_clips_it():
+    members = _linears((1, 2, 3))
+    cfgs = [TrainConfig(clip=clip) for clip in (0.01, 100.0, 0.0)]  # binds, does not bind, off
+    runs = [TrainingRun(m, mse_objective, cfg) for m, cfg in zip(members, cfgs, strict=True)]
+    gradients = MemberGradients(runs)
+    for k, m in enumerate(members):
+        for p in m.parameters():
+            p.grad.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)))
+    expected = [_linears((0,))[0] for _ in members]  # each member's copy, clipped alone
+    for copy, m, cfg in zip(expected, members, cfgs, strict=True):
+        for c, p in zip(copy.parameters(), m.parameters(), strict=True):
+            c.grad = p.grad.clone()
+        if cfg.clip:
+            torch.nn.utils.clip_grad_norm_(copy.parameters(), cfg.clip)
+    gradients.clip()
+    for copy, m in zip(expected, members, strict=True):
+        for c, p in zip(copy.parameters(), m.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, c.grad)
+    gradients.release()
+    assert all(p.grad is None for m in members for p in m.parameters())

@@ -1,5 +1,6 @@
 // K independent LSTM layers (ensemble members: same shape, own weights, own inputs) run as one
-// operation on the CPU, forward and backward.
+// operation on the CPU, forward and backward; rnnflow_grouped::forecast (grouped_forecast.cpp)
+// builds the members' forecasters on them and registers their backward for autograd.
 //
 // Every (member, slice of the batch) pair is an independent recurrence, so the work is cut into
 // K x chunks tasks that at::parallel_for spreads over the threads with no synchronisation inside
@@ -7,17 +8,13 @@
 // fused pass over the gates (the input projection folded into it). The backward pass keeps every
 // step's gate gradients and forms the weight gradients after the loop as one large BLAS product
 // per member and gate (over all steps and rows at once).
-//
-// Layout: time-major. x (K, T, B, I); h and c (K, T+1, B, H), index 0 the zero initial state;
-// gates (K, T, B, 4H) after their activations, in PyTorch's order i, f, g, o. Weights are
-// nn.LSTM's own tensors, one per member: w_ih (4H, I), w_hh (4H, H), b_ih and b_hh (4H).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 // The BLAS's own sgemm (MKL in PyTorch's x86 wheels, which export it): column-major, no
@@ -82,6 +79,22 @@ inline void small_mm(int64_t rows, int64_t n, int64_t kd, const float* a, int64_
 
 inline float sigmoid(float z) { return 1.0f / (1.0f + std::exp(-z)); }
 
+// out (n) = the sums of the columns of A (rows, n), row stride lda: blocks of 64 rows summed, then
+// the blocks' sums, so that the rounding error grows with the number of blocks, not of rows
+inline void column_sums(const float* a, int64_t rows, int64_t n, int64_t lda, float* out) {
+  std::fill(out, out + n, 0.0f);
+  std::vector<float> block(n);
+  for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+    std::fill(block.begin(), block.end(), 0.0f);
+    for (int64_t r = r0; r < std::min(rows, r0 + 64); ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) block[j] += a[r * lda + j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += block[j];
+  }
+}
+
 struct Shape {
   int64_t K, T, B, I, H, chunks, rows;
 };
@@ -108,77 +121,165 @@ std::vector<at::Tensor> contiguous(at::TensorList ts) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& x_, at::TensorList w_ih_,
-                                                            at::TensorList w_hh_, at::TensorList b_ih_,
-                                                            at::TensorList b_hh_) {
+// One layer's tensors as the tasks read and write them (layout as in the header).
+struct Tape {
+  const float* x;
+  float *h, *c, *tanh_c, *gates;
+};
+
+// One time step's gate pass over `rows` rows: g holds the gates' pre-activations and becomes their
+// activations; writes c_t, tanh(c_t) and h_t.
+inline void gate_pass(int64_t rows, int64_t H, float* g, const float* c_prev, float* h_next, float* c_next,
+                      float* tanh_next) {
+  const int64_t G = 4 * H;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* gr = g + r * G;
+    const float* cr = c_prev + r * H;
+    float *hn = h_next + r * H, *cn = c_next + r * H, *tn = tanh_next + r * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = sigmoid(gr[j]), f = sigmoid(gr[H + j]), gg = std::tanh(gr[2 * H + j]), o = sigmoid(gr[3 * H + j]);
+      const float cv = f * cr[j] + i * gg;
+      gr[j] = i, gr[H + j] = f, gr[2 * H + j] = gg, gr[3 * H + j] = o;
+      const float tc = std::tanh(cv);
+      cn[j] = cv, tn[j] = tc;
+      hn[j] = o * tc;
+    }
+  }
+}
+
+// Member k's rows r0.. r0+rows of the batch through every step (one task of lstm_forward), with its
+// W_ih^T (I, 4H), W_hh^T (H, 4H) and b_ih + b_hh.
+void forward_rows(const Shape& s, const Tape& tape, int64_t k, int64_t r0, int64_t rows, const float* wi,
+                  const float* wh, const float* bias) {
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = 4 * H;
+  for (int64_t t = 0; t < T; ++t) {
+    float* g = tape.gates + ((k * T + t) * B + r0) * G;
+    const float* xt = tape.x + ((k * T + t) * B + r0) * I;
+    const int64_t now = (k * (T + 1) + t) * B + r0, next = now + B;  // rows of h and c at t and t + 1
+    for (int64_t r = 0; r < rows; ++r) {  // bias + x_t W_ih^T: few inputs, so a loop, not a GEMM
+      float* gr = g + r * G;
+      std::copy(bias, bias + G, gr);
+      for (int64_t i = 0; i < I; ++i) {
+        const float xv = xt[r * I + i];
+        const float* wr = wi + i * G;
+#pragma omp simd
+        for (int64_t j = 0; j < G; ++j) gr[j] += xv * wr[j];
+      }
+    }
+    if (t > 0) small_mm(rows, G, H, tape.h + now * H, H, wh, G, g, G, true);  // += h_{t-1} W_hh^T (h_0 = 0)
+    gate_pass(rows, H, g, tape.c + now * H, tape.h + next * H, tape.c + next * H,
+              tape.tanh_c + ((k * T + t) * B + r0) * H);
+  }
+}
+
+// One time step's gate gradients over `rows` rows: d (rows, 4H) from the carried dh and dc and the
+// step's own output gradient gh (rows gh_stride apart: 0 where a row of zeros stands for none);
+// dc carried on to the step before.
+inline void gate_gradients(int64_t rows, int64_t H, const float* g, const float* gh, int64_t gh_stride,
+                           const float* tanh_now, const float* c_prev, float* d, const float* dh, float* dc) {
+  const int64_t G = 4 * H;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *gr = g + r * G, *ghr = gh + r * gh_stride, *tr = tanh_now + r * H, *cpr = c_prev + r * H,
+                *dhr = dh + r * H;
+    float *dr = d + r * G, *dcr = dc + r * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const float i = gr[j], f = gr[H + j], gg = gr[2 * H + j], o = gr[3 * H + j];
+      const float dhv = ghr[j] + dhr[j], tc = tr[j];
+      const float dcv = dcr[j] + dhv * o * (1.0f - tc * tc);
+      dr[j] = dcv * gg * i * (1.0f - i);
+      dr[H + j] = dcv * cpr[j] * f * (1.0f - f);
+      dr[2 * H + j] = dcv * i * (1.0f - gg * gg);
+      dr[3 * H + j] = dhv * tc * o * (1.0f - o);
+      dcr[j] = dcv * f;
+    }
+  }
+}
+
+// Member k's rows r0.. r0+rows back through every step (one task of lstm_backward): the gates'
+// pre-activation gradients dz, from dh (the last step's output gradient when grad_h is null).
+void backward_rows(const Shape& s, const Tape& tape, const float* grad_h, int64_t k, int64_t r0, int64_t rows,
+                   const float* wh, float* dz, float* dh, float* dc) {
+  const int64_t T = s.T, B = s.B, H = s.H, G = 4 * H;
+  const std::vector<float> none(H, 0.0f);
+  float *dh_k = dh + (k * B + r0) * H, *dc_k = dc + (k * B + r0) * H;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t step = (k * T + t) * B + r0;
+    float* d = dz + step * G;
+    gate_gradients(rows, H, tape.gates + step * G, grad_h ? grad_h + step * H : none.data(), grad_h ? H : 0,
+                   tape.tanh_c + step * H, tape.c + ((k * (T + 1) + t) * B + r0) * H, d, dh_k, dc_k);
+    if (t > 0) small_mm(rows, H, G, d, G, wh, H, dh_k, H, false);  // dh_{t-1} = dz_t @ W_hh
+  }
+}
+
+// Member k's weight gradients for gate q from every step's dz (one task of lstm_backward): over
+// all steps and rows at once, one BLAS product each; and the bias gradient, dz's column sums.
+void weight_gradients(const Shape& s, const Tape& tape, const float* dz, int64_t k, int64_t q, float* dw_ih,
+                      float* dw_hh, float* db) {
+  const int64_t T = s.T, B = s.B, I = s.I, H = s.H, G = 4 * H;
+  const float* d = dz + k * T * B * G + q * H;  // (T*B, H) columns of gate q, row stride G
+  float* dwh_q = dw_hh + (k * G + q * H) * H;
+  if (T > 1) {  // over steps 1..T-1 only: h_0 = 0 adds nothing
+    gemm(false, true, H, H, (T - 1) * B, 1.0f, tape.h + (k * (T + 1) + 1) * B * H, H, d + B * G, G, 0.0f, dwh_q, H);
+  } else {
+    std::fill(dwh_q, dwh_q + H * H, 0.0f);
+  }
+  gemm(false, true, I, H, T * B, 1.0f, tape.x + k * T * B * I, I, d, G, 0.0f, dw_ih + (k * G + q * H) * I, I);
+  column_sums(d, T * B, H, G, db + k * G + q * H);
+}
+
+// dx (K, T, B, I) = dz (K, T, B, 4H) @ W_ih, member by member
+at::Tensor input_gradient(const at::Tensor& dz, const std::vector<at::Tensor>& w_ih, int64_t I) {
+  const int64_t K = dz.size(0), rows = dz.size(1) * dz.size(2), G = dz.size(3);
+  auto dx = at::empty({K, dz.size(1), dz.size(2), I}, dz.options());
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k)
+      mm_nn(rows, G, I, dz.data_ptr<float>() + k * rows * G, G, w_ih[k].data_ptr<float>(),
+            dx.data_ptr<float>() + k * rows * I, I);
+  });
+  return dx;
+}
+
+}  // namespace
+
+namespace grouped_lstm {
+
+// (Declared in grouped_forecast.cpp.) tanh(c) is kept rather than computed again in the backward pass: the same values, once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at::Tensor& x_, at::TensorList w_ih_,
+                                                                        at::TensorList w_hh_, at::TensorList b_ih_,
+                                                                        at::TensorList b_hh_) {
   const Shape s = shape_of(x_, w_hh_);
   const auto x = x_.contiguous();
-  const int64_t K = s.K, T = s.T, B = s.B, I = s.I, H = s.H, G = 4 * H;
+  const int64_t K = s.K, T = s.T, B = s.B, H = s.H, G = 4 * H;
   auto w_ih = contiguous(w_ih_), w_hh = contiguous(w_hh_), b_ih = contiguous(b_ih_), b_hh = contiguous(b_hh_);
-  auto h = at::empty({K, T + 1, B, H}, x.options());
-  auto c = at::empty({K, T + 1, B, H}, x.options());
+  auto h = at::empty({K, T + 1, B, H}, x.options()), c = at::empty({K, T + 1, B, H}, x.options());
   h.select(1, 0).zero_();
   c.select(1, 0).zero_();
-  auto gates = at::empty({K, T, B, G}, x.options());
+  auto gates = at::empty({K, T, B, G}, x.options()), tanh_c = at::empty({K, T, B, H}, x.options());
   std::vector<at::Tensor> w_in, w_rec, bias;  // W_ih^T (I, 4H) and W_hh^T (H, 4H); b_ih + b_hh
   for (int64_t k = 0; k < K; ++k) {
     w_in.push_back(w_ih[k].t().contiguous());
     w_rec.push_back(w_hh[k].t().contiguous());
     bias.push_back(b_ih[k] + b_hh[k]);
   }
-  const float* xp = x.data_ptr<float>();
-  float *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>(), *gp = gates.data_ptr<float>();
-
+  const Tape tape{x.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), tanh_c.data_ptr<float>(),
+                  gates.data_ptr<float>()};
   at::parallel_for(0, K * s.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / s.chunks, r0 = (task % s.chunks) * s.rows, rows = std::min(s.rows, B - r0);
-      if (rows <= 0) continue;
-      const float *wi = w_in[k].data_ptr<float>(), *wh = w_rec[k].data_ptr<float>(), *bk = bias[k].data_ptr<float>();
-      for (int64_t t = 0; t < T; ++t) {
-        float* g = gp + ((k * T + t) * B + r0) * G;
-        const float* xt = xp + ((k * T + t) * B + r0) * I;
-        const float* h_prev = hp + ((k * (T + 1) + t) * B + r0) * H;
-        const float* c_prev = cp + ((k * (T + 1) + t) * B + r0) * H;
-        float* h_next = hp + ((k * (T + 1) + t + 1) * B + r0) * H;
-        float* c_next = cp + ((k * (T + 1) + t + 1) * B + r0) * H;
-        for (int64_t r = 0; r < rows; ++r) {  // bias + x_t W_ih^T: few inputs, so a loop, not a GEMM
-          float* gr = g + r * G;
-          std::copy(bk, bk + G, gr);
-          for (int64_t i = 0; i < I; ++i) {
-            const float xv = xt[r * I + i];
-            const float* wr = wi + i * G;
-#pragma omp simd
-            for (int64_t j = 0; j < G; ++j) gr[j] += xv * wr[j];
-          }
-        }
-        if (t > 0) small_mm(rows, G, H, h_prev, H, wh, G, g, G, true);  // += h_{t-1} W_hh^T (h_0 = 0)
-        for (int64_t r = 0; r < rows; ++r) {
-          float* gr = g + r * G;
-          const float* cr = c_prev + r * H;
-          float *hn = h_next + r * H, *cn = c_next + r * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const float i = sigmoid(gr[j]), f = sigmoid(gr[H + j]), gg = std::tanh(gr[2 * H + j]),
-                        o = sigmoid(gr[3 * H + j]);
-            const float cv = f * cr[j] + i * gg;
-            gr[j] = i, gr[H + j] = f, gr[2 * H + j] = gg, gr[3 * H + j] = o;
-            cn[j] = cv;
-            hn[j] = o * std::tanh(cv);
-          }
-        }
-      }
+      if (rows > 0)
+        forward_rows(s, tape, k, r0, rows, w_in[k].data_ptr<float>(), w_rec[k].data_ptr<float>(),
+                     bias[k].data_ptr<float>());
     }
   });
-  return {h, c, gates};
+  return {h, c, tanh_c, gates};
 }
 
-// grad_h (K, T, B, H): the loss's gradient with respect to each step's output h_1..h_T; or
-// (K, B, H), with respect to the last one h_T alone (a forecaster reads no other).
-// Returns dx (K, T, B, I) (empty unless need_dx), dw_ih (K, 4H, I), dw_hh (K, 4H, H), db (K, 4H),
-// db being the gradient of b_ih and of b_hh alike.
+// (Declared in grouped_forecast.cpp.) A forecaster reads the last step's output alone: grad_h (K, B, H).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
     const at::Tensor& grad_h_, const at::Tensor& x_, at::TensorList w_ih_, at::TensorList w_hh_,
-    const at::Tensor& h, const at::Tensor& c, const at::Tensor& gates, bool need_dx) {
+    const at::Tensor& h, const at::Tensor& c, const at::Tensor& tanh_c, const at::Tensor& gates, bool need_dx) {
   const Shape s = shape_of(x_, w_hh_);
   const auto x = x_.contiguous();
   const int64_t K = s.K, T = s.T, B = s.B, I = s.I, H = s.H, G = 4 * H;
@@ -188,83 +289,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   auto dz = at::empty({K, T, B, G}, x.options());  // the gates' pre-activation gradients, every step
   // carried to the step before; for the last step alone, it starts as that step's gradient
   auto dh = last_only ? grad_h.clone() : at::zeros({K, B, H}, x.options());
-  const std::vector<float> no_grad(H, 0.0f);
   auto dc = at::zeros({K, B, H}, x.options());
-  const float *ghp = grad_h.data_ptr<float>(), *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>(),
-              *gp = gates.data_ptr<float>();
-  float *dzp = dz.data_ptr<float>(), *dhp = dh.data_ptr<float>(), *dcp = dc.data_ptr<float>();
-
+  const Tape tape{x.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), tanh_c.data_ptr<float>(),
+                  gates.data_ptr<float>()};
   at::parallel_for(0, K * s.chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task / s.chunks, r0 = (task % s.chunks) * s.rows, rows = std::min(s.rows, B - r0);
-      if (rows <= 0) continue;
-      const float* wh = w_hh[k].data_ptr<float>();
-      float *dh_k = dhp + (k * B + r0) * H, *dc_k = dcp + (k * B + r0) * H;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const float* g = gp + ((k * T + t) * B + r0) * G;
-        float* d = dzp + ((k * T + t) * B + r0) * G;
-        const float* gh = last_only ? nullptr : ghp + ((k * T + t) * B + r0) * H;
-        const float* c_now = cp + ((k * (T + 1) + t + 1) * B + r0) * H;
-        const float* c_prev = cp + ((k * (T + 1) + t) * B + r0) * H;
-        for (int64_t r = 0; r < rows; ++r) {
-          const float *gr = g + r * G, *ghr = gh ? gh + r * H : no_grad.data(), *cr = c_now + r * H, *cpr = c_prev + r * H;
-          float *dr = d + r * G, *dhr = dh_k + r * H, *dcr = dc_k + r * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            const float i = gr[j], f = gr[H + j], gg = gr[2 * H + j], o = gr[3 * H + j];
-            const float dhv = ghr[j] + dhr[j], tc = std::tanh(cr[j]);
-            const float dcv = dcr[j] + dhv * o * (1.0f - tc * tc);
-            dr[j] = dcv * gg * i * (1.0f - i);
-            dr[H + j] = dcv * cpr[j] * f * (1.0f - f);
-            dr[2 * H + j] = dcv * i * (1.0f - gg * gg);
-            dr[3 * H + j] = dhv * tc * o * (1.0f - o);
-            dcr[j] = dcv * f;
-          }
-        }
-        if (t > 0) small_mm(rows, H, G, d, G, wh, H, dh_k, H, false);  // dh_{t-1} = dz_t @ W_hh
-      }
+      if (rows > 0)
+        backward_rows(s, tape, last_only ? nullptr : grad_h.data_ptr<float>(), k, r0, rows,
+                      w_hh[k].data_ptr<float>(), dz.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>());
     }
   });
-
-  // weight gradients: one reduction over every step and row of each member
-  auto dw_ih = at::empty({K, G, I}, x.options()), dw_hh = at::empty({K, G, H}, x.options());
-  auto db = dz.sum({1, 2});
-  auto dx = need_dx ? at::empty({K, T, B, I}, x.options()) : at::Tensor();
+  auto dw_ih = at::empty({K, G, I}, x.options()), dw_hh = at::empty({K, G, H}, x.options()),
+       db = at::empty({K, G}, x.options());
   // tasks of (member, gate): K x 4 independent products, so the threads share them evenly
-  float *dwh = dw_hh.data_ptr<float>(), *dwi = dw_ih.data_ptr<float>();
-  const float* x_all = x.data_ptr<float>();
   at::parallel_for(0, K * 4, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / 4, q = task % 4;
-      const float* d = dzp + k * T * B * G + q * H;  // (T*B, H) columns of gate q, row stride G
-      float* dwh_q = dwh + (k * G + q * H) * H;
-      if (T > 1) {  // over steps 1..T-1 only: h_0 = 0 adds nothing
-        gemm(false, true, H, H, (T - 1) * B, 1.0f, hp + (k * (T + 1) + 1) * B * H, H, d + B * G, G, 0.0f, dwh_q, H);
-      } else {
-        std::fill(dwh_q, dwh_q + H * H, 0.0f);
-      }
-      gemm(false, true, I, H, T * B, 1.0f, x_all + k * T * B * I, I, d, G, 0.0f, dwi + (k * G + q * H) * I, I);
-    }
+    for (int64_t task = begin; task < end; ++task)
+      weight_gradients(s, tape, dz.data_ptr<float>(), task / 4, task % 4, dw_ih.data_ptr<float>(),
+                       dw_hh.data_ptr<float>(), db.data_ptr<float>());
   });
-  if (need_dx) {
-    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k)
-        mm_nn(T * B, G, I, dzp + k * T * B * G, G, w_ih[k].data_ptr<float>(), dx.data_ptr<float>() + k * T * B * I, I);
-    });
-  }
-  return {dx, dw_ih, dw_hh, db};
+  return {need_dx ? input_gradient(dz, w_ih, I) : at::Tensor(), dw_ih, dw_hh, db};
 }
 
-}  // namespace
-
-TORCH_LIBRARY(rnnflow_grouped, m) {
-  m.def("lstm_forward(Tensor x, Tensor[] w_ih, Tensor[] w_hh, Tensor[] b_ih, Tensor[] b_hh)"
-        " -> (Tensor, Tensor, Tensor)");
-  m.def("lstm_backward(Tensor grad_h, Tensor x, Tensor[] w_ih, Tensor[] w_hh, Tensor h, Tensor c,"
-        " Tensor gates, bool need_dx) -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(rnnflow_grouped, CPU, m) {
-  m.impl("lstm_forward", &lstm_forward);
-  m.impl("lstm_backward", &lstm_backward);
-}
+}  // namespace grouped_lstm
