@@ -38,9 +38,9 @@ from rnn_models.training_state import (
     update_averages,
 )
 
-__all__ = ["STOP", "Budget", "EpochStats", "FitResult", "MovingAverage", "NonFiniteLossError", "Stopped",
-           "TrainConfig", "TrainingRun", "autocast", "between_steps", "cosine", "eval_pass", "fit", "fit_members",
-           "mean_over", "native_bf16_cpu", "resolve_device", "tensor_batches", "TrainStep", "warmed_up"]
+__all__ = ["STOP", "Budget", "EpochStats", "FitResult", "MembersApart", "MovingAverage", "NonFiniteLossError",
+           "Stopped", "TrainConfig", "TrainStep", "TrainingRun", "autocast", "between_steps", "cosine", "eval_pass",
+           "fit", "fit_members", "mean_over", "native_bf16_cpu", "resolve_device", "tensor_batches", "warmed_up"]
 
 Batch = Any
 Objective = Callable[[nn.Module, Batch], tuple[torch.Tensor, int]]
