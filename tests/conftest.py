@@ -61,6 +61,12 @@ def mlflow_store(tmp_path, monkeypatch):
     """A fresh SQLite tracking store and registry in a temp dir; returns its URI."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # tasks.registry.client() sets MLflow's process-wide URIs, which win over the variable:
+    # point them here too, or an earlier test's store answers this test's in-process calls
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     monkeypatch.setenv("RNNFLOW_DOWNLOADS", str(tmp_path / "downloads"))
     monkeypatch.setenv("RNNFLOW_CHECKPOINTS", str(tmp_path / "checkpoints"))
     return uri
