@@ -68,7 +68,7 @@ def run_rnnflow(job: tuple) -> tuple[str, str, int, float, float, str]:
 
     from tasks.data import DataError, read_series
     from tasks.evaluation import backtest
-    from tasks.selection import train_directly
+    from tasks.selection import train_models
 
     torch.set_num_threads(1)  # two jobs at once on two cores
     series_name, variant, seed, data_seed = (*job, 0)[:4]
@@ -76,11 +76,11 @@ def run_rnnflow(job: tuple) -> tuple[str, str, int, float, float, str]:
     t0 = time.perf_counter()
     series = read_series(replace(cfg, seed=data_seed))  # the same data for every training seed and every model
     try:
-        cfg, selection, split, windows, trained = train_directly(series, cfg)
+        out = train_models({series_name: (series, cfg)})[series_name]
     except DataError as e:  # log of a series with values <= 0
         return series_name, variant, seed, float("nan"), 0.0, f"not applicable: {e}"
-    note = selection.choice if selection else ""
-    bt = backtest(series, split, windows.test_origins, trained.pipeline(), "rnnflow")
+    note = out.settings.selection.choice if out.settings.selection else ""
+    bt = backtest(series, out.windows, out.trained.pipeline(), "rnnflow")
     return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note
 
 

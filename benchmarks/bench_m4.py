@@ -63,15 +63,15 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     from tasks.config import TimeSeriesConfig
     from tasks.data import fetch_data
     from tasks.panel import load_panel
-    from tasks.selection import train_panel_directly
+    from tasks.selection import train_models
 
     cfg = TimeSeriesConfig(source="file", data=path, id_column="id", season_length=M, horizon=H, seed=seed,
                            **options)
     panel = load_panel(*fetch_data(path), cfg)
     start = time.perf_counter()
-    cfg, selection, _, trained = train_panel_directly(panel, cfg)
+    out = train_models({"m4": (panel, cfg)})["m4"]
     seconds = time.perf_counter() - start
-    pipeline = trained.pipeline()
+    cfg, selection, pipeline = out.settings.cfg, out.settings.selection, out.trained.pipeline()
     windows = np.stack([v[-cfg.lookback :] for v in panel.values])[..., None]
     forecast = dict(zip(panel.ids, pipeline.point(pipeline.predict(windows)), strict=True))
     return np.stack([forecast[i] for i in ids]), seconds, selection.choice if selection else "--no-auto"

@@ -35,7 +35,7 @@ def charlm_flow(cfg: CharLMFlowConfig) -> dict:
         trained = steps.train_charlm(corpus, cfg, partial(publish_samples, cfg.registered_name), checkpoints)
 
         # --- load
-        reg = steps.register_charlm(cfg, corpus, trained)
+        reg = steps.register_charlm(cfg, corpus, trained, steps.champion_gate_lock)
 
     name, fit = cfg.registered_name, trained.fit
     bpc = fit.best_val_loss / math.log(2)

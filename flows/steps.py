@@ -21,7 +21,7 @@ try:
     from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
     from prefect.utilities.hashing import hash_objects
 
-    from tasks import data, evaluation, features, panel, register, registry, selection, sweep, text, training
+    from tasks import data, evaluation, features, panel, publish, selection, sweep, text, training
 finally:
     gc.freeze()
     if _collecting:
@@ -43,9 +43,9 @@ CONTENT = INPUTS + TASK_SOURCE + LIBRARIES
 
 
 def _by_series_content(ctx, params: dict) -> str:
-    # a Series is keyed by its data's sha256 (it is what the config made of that data);
+    # series are keyed by their data's sha256 (they are what the config made of that data);
     # hashing the DataFrame itself proved unstable from one flow run to the next
-    return hash_objects(params["series"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
+    return hash_objects(params["data"].sha256, params["cfg"], params.get("split"), raise_on_failure=True)
 
 
 SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE + LIBRARIES
@@ -70,21 +70,15 @@ split_series = task(name="split-series", cache_policy=SERIES_CONTENT, persist_re
 scale_and_window = task(name="scale-and-window", cache_policy=SERIES_CONTENT,
                         persist_result=True)(features.scale_and_window)
 train_forecaster = task(name="train-forecaster", cache_policy=NO_CACHE)(training.train_forecaster)
-choose_panel_settings = task(name="choose-settings", cache_policy=NO_CACHE)(selection.choose_panel_settings)
-split_panel = task(name="split-panel", cache_policy=NO_CACHE)(panel.split_panel)
-train_panel = task(name="train-global-forecaster", cache_policy=NO_CACHE)(training.train_panel)
-backtest_panel = task(name="backtest", cache_policy=NO_CACHE)(panel.backtest_panel)
-train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(training.train_charlm)
+train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(text.train_charlm)
 run_trials = task(name="sweep-trials", cache_policy=NO_CACHE)(sweep.run_trials)
 backtest = task(name="backtest", cache_policy=NO_CACHE)(evaluation.backtest)
 plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plot_backtest)
 
 # --- load
-score_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_champion)
-register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_forecaster)
-score_panel_champion = task(name="score-champion", cache_policy=NO_CACHE)(register.score_panel_champion)
-register_panel_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(register.register_panel_forecaster)
-register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(register.register_charlm)
+score_champion = task(name="score-champion", cache_policy=NO_CACHE)(publish.score_champion)
+register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(publish.register_forecaster)
+register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(publish.register_charlm)
 
 
 @contextlib.contextmanager
@@ -107,5 +101,3 @@ def champion_gate_lock(model_name: str, timeout_seconds: float = 600):
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
 
-
-registry.shared_champion_lock = champion_gate_lock

@@ -33,23 +33,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import exit_process
 from flows.cli import USER_ERRORS, Terminated, registration_note, terminate
 from flows.server import prefect_api
-from flows.steps import (
-    backtest,
-    plot_backtest,
-    register_forecaster,
-    run_trials,
-    score_champion,
-    split_by_id,
-    split_series,
-)
+from flows.steps import run_trials, scale_and_window, split_by_id, split_series
+from flows.timeseries import evaluate_and_register
 from rnn_models.training import STOP, resolve_device
-from rnn_models.windows import window_origins
 from tasks.config import ConfigError, TimeSeriesConfig, flag, safe_name
 from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
-from tasks.training import GROUP_PER_THREAD, why_not_grouped
+from tasks.training import GROUP_PER_THREAD, Settings, why_not_grouped
 
 
 def train_trials(jobs: list[tuple[dict, dict]], parent_id: str, experiment_id: str, workers: int):
@@ -134,17 +126,12 @@ def start_workers(workers: int) -> int:
 
 
 def register_best(base: dict, best, out: str):
-    """The best trial through the single-run tasks: backtest, champion gate, registration."""
+    """The best trial through the single run's last steps: backtest, champion gate, registration."""
     cfg = TimeSeriesConfig(**{**base, **best.params})
     series = read_series(cfg)
-    split = split_series(series, cfg)
-    trained = trained_from(best, out)
-    label = cfg.label
-    origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
-    bt = backtest(series, split, origins, trained.pipeline(), label)
-    champion = score_champion(cfg.registered_name, series, split, origins, cfg.horizon)
-    plots = plot_backtest(series, bt, trained.first_fit, label, out)
-    return bt, register_forecaster(cfg, series, split, trained, bt, label, champion, plots)
+    windows = scale_and_window(series, split_series(series, cfg), cfg)
+    bt, _, reg = evaluate_and_register(Settings(cfg, None), series, windows, trained_from(best, out))
+    return bt, reg
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect.artifacts import create_markdown_artifact
 
@@ -16,6 +17,10 @@ from tasks.features import check_lookback, split_series
 from tasks.panel import load_panel
 from tasks.tracking import CHAMPION, check_tracking_server
 
+if TYPE_CHECKING:
+    from tasks.features import Data, Windows
+    from tasks.training import Settings, Trained
+
 DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and register it in MLflow."
 
 
@@ -23,55 +28,47 @@ DESCRIPTION = "Train a recurrent forecaster (RNN/LSTM/GRU) on a series and regis
 def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     # imported here, not at the top: the command line checks its input without importing torch and MLflow
     from flows import steps
-    from tasks.selection import train_directly
 
     check_tracking_server()  # before any work: a run that cannot be registered is not started
-    if cfg.panel:
-        return global_model(cfg, steps)
 
-    # --- extract
+    # --- extract: one series (generated or read), or the many series of a long-format file (--id-column)
     if cfg.source == "file":
         path, sha256 = steps.fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
-        series = steps.load_series(path, sha256, cfg)
+        data = (steps.load_panel if cfg.panel else steps.load_series)(path, sha256, cfg)
     else:
-        series = steps.generate_series(cfg)
+        data = steps.generate_series(cfg)
 
     # --- transform: with --auto the transform options are settled on the validation part first
-    data_sha256 = series.sha256 if cfg.source == "file" else ""
+    data_sha256 = data.sha256 if cfg.source == "file" else ""
     checkpoints = checkpoint_dir(cfg, data_sha256)
     with checkpointed(checkpoints, "timeseries", cfg, data_sha256):
-        cfg, selection, split, windows, trained = train_directly(series, cfg, steps, checkpoints)
-        label = cfg.label
-        bt = steps.backtest(series, split, windows.test_origins, trained.pipeline(), label)
+        settings = steps.choose_settings(data, cfg, checkpoints and checkpoints / "auto")
+        split = steps.split_series(data, settings.cfg)
+        windows = steps.scale_and_window(data, split, settings.cfg)
+        trained = steps.train_forecaster(data, windows, settings, checkpoints and checkpoints / "model")
 
         # --- load
-        champion = steps.score_champion(cfg.registered_name, series, split, windows.test_origins, cfg.horizon,
-                                        cfg.registry_retry_minutes)
-        with tempfile.TemporaryDirectory() as tmp:
-            plots = steps.plot_backtest(series, bt, trained.first_fit, label, tmp)
-            reg = steps.register_forecaster(cfg, series, split, trained, bt, label, champion, plots, selection)
-
-    return report(cfg, reg, bt, champion, selection, trained)
+        bt, champion, reg = evaluate_and_register(settings, data, windows, trained)
+    return report(settings, reg, bt, champion, trained)
 
 
-def global_model(cfg: TimeSeriesConfig, steps) -> dict:
-    """``--id-column``: one network over every series of a long-format file."""
-    from tasks.selection import train_panel_directly
+def evaluate_and_register(settings: Settings, data: Data, windows: Windows, trained: Trained):
+    """Backtest on the test part -> score the champion on the same origins -> plot -> register
+    through the champion gate: the flow's last steps, and a sweep's for its best trial."""
+    from flows import steps
 
-    path, sha256 = steps.fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
-    panel = steps.load_panel(path, sha256, cfg)
-    checkpoints = checkpoint_dir(cfg, panel.sha256)
-    with checkpointed(checkpoints, "timeseries", cfg, panel.sha256):
-        cfg, selection, split, trained = train_panel_directly(panel, cfg, steps, checkpoints)
-        label, name = cfg.label, cfg.registered_name
-        bt = steps.backtest_panel(panel, split, trained.pipeline(), label)
-        champion = steps.score_panel_champion(name, panel, split, bt.origins, cfg.horizon, cfg.registry_retry_minutes)
-        reg = steps.register_panel_forecaster(cfg, panel, split, trained, bt, label, champion, selection)
-    return report(cfg, reg, bt, champion, selection, trained)
+    cfg = settings.cfg
+    bt = steps.backtest(data, windows, trained.pipeline(), cfg.label)
+    champion = steps.score_champion(cfg.registered_name, data, windows, cfg.horizon, cfg.registry_retry_minutes)
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = steps.plot_backtest(data, bt, trained.first_fit, cfg.label, tmp)
+        reg = steps.register_forecaster(settings, data, windows, trained, bt, champion, plots, steps.champion_gate_lock)
+    return bt, champion, reg
 
 
-def report(cfg: TimeSeriesConfig, reg, bt, champion, selection, trained) -> dict:
+def report(settings: Settings, reg, bt, champion, trained) -> dict:
     """The run's markdown artifact in Prefect, and what the flow returns."""
+    cfg, selection = settings.cfg, settings.selection
     name, label = cfg.registered_name, cfg.label
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
           if champion.score is not None else "")

@@ -13,7 +13,7 @@ from rnn_models.grouped import available as grouped_available
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.registry import client
-from tasks.selection import train_directly
+from tasks.selection import train_models
 from tasks.sweep import run_trials  # noqa: F401  (the trials' task and everything it imports)
 
 # as in the sweep's own process (flows.sweep.task_runner): the worker's INFO chatter, and a
@@ -27,7 +27,7 @@ def dask_setup(worker) -> None:
     # one tiny training through the trial's own code: lazy imports, torch's first passes
     cfg = TimeSeriesConfig(length=120, lookback=8, hidden_size=4, epochs=1, auto=False, ensemble=1,
                            device="cpu")
-    train_directly(generate_series(cfg), cfg)
+    train_models({"warm-up": (generate_series(cfg), cfg)})
     grouped_available()  # loads the grouped operation (built by `make install`)
     try:
         client().search_experiments(max_results=1)  # opens (and for SQLite, migrates) the store

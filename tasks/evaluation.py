@@ -19,6 +19,8 @@ from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from rnn_models.windows import Split
 from tasks.data import Series
+from tasks.features import Data, Origins, Windows
+from tasks.panel import PanelBacktest, PanelData, PanelSplit, panel_windows, score_panel
 
 METRICS = ("mae", "rmse", "smape", "mase")
 
@@ -68,17 +70,32 @@ def run_backtest(series: Series, split: Split, origins: np.ndarray, horizon: int
     return Backtest(origins, actual, all_f, scores, m, quantiles, tuple(levels), intervals)
 
 
-def history_windows(series: Series, origins: np.ndarray, lookback: int) -> np.ndarray:
-    """Raw input windows (N, L, F) in original units ending just before each origin."""
+def history_windows(data: Data, origins: Origins, lookback: int) -> np.ndarray:
+    """Raw input windows (N, L, F) in original units ending just before each origin (of each
+    series in turn)."""
+    if isinstance(data, PanelData):
+        return panel_windows(data, origins, lookback)
     steps = origins[:, None] + np.arange(-lookback, 0)[None, :]
-    return series.features[steps]
+    return data.features[steps]
 
 
-def backtest(series: Series, split: Split, origins: np.ndarray, pipeline: ForecastPipeline, label: str) -> Backtest:
-    """The pipeline's forecasts, and each ensemble member's beside them, against the baselines."""
-    forecast, each = pipeline.predict(history_windows(series, origins, pipeline.lookback), members=True)
+def score(data: Data, split: Split | PanelSplit, origins: Origins, horizon: int, forecasts: dict[str, np.ndarray],
+          levels: tuple[float, ...] = ()) -> Backtest | PanelBacktest:
+    """``forecasts`` (name -> (N, H), or (N, H, Q) quantiles at ``levels``) scored beside the
+    naive baselines: of one series, or of each of many and their means."""
+    if isinstance(data, PanelData):
+        points = {name: f[..., levels.index(0.5)] if f.ndim == 3 else f for name, f in forecasts.items()}
+        return score_panel(data, split, origins, horizon, points)
+    return run_backtest(data, split, origins, horizon, forecasts, levels)
+
+
+def backtest(data: Data, windows: Windows, pipeline: ForecastPipeline, label: str) -> Backtest | PanelBacktest:
+    """The pipeline's forecasts of every test origin, in one batched call, and each ensemble
+    member's beside them, against the baselines."""
+    origins = windows.test_origins
+    forecast, each = pipeline.predict(history_windows(data, origins, pipeline.lookback), members=True)
     members = {f"{label}-member{i + 1}": f for i, f in enumerate(each)} if len(each) > 1 else {}
-    return run_backtest(series, split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
+    return score(data, windows.split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
 
 
 def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Series, origins: np.ndarray,
@@ -135,6 +152,8 @@ def plot_losses(fit: FitResult, path: Path) -> Path:
     return path
 
 
-def plot_backtest(series: Series, bt: Backtest, fit: FitResult, label: str, directory: str) -> list[str]:
+def plot_backtest(data: Data, bt: Backtest | PanelBacktest, fit: FitResult, label: str, directory: str) -> list[str]:
+    """The training curves and, for one series, its test-part forecasts."""
     d = Path(directory)
-    return [str(plot_forecast(series, bt, label, d / "forecast.png")), str(plot_losses(fit, d / "loss.png"))]
+    forecast = [str(plot_forecast(data, bt, label, d / "forecast.png"))] if isinstance(data, Series) else []
+    return [*forecast, str(plot_losses(fit, d / "loss.png"))]

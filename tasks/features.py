@@ -1,5 +1,5 @@
-"""Windowing and transforms: the chronological split, the transform chain fitted on the
-training part only, and the (X, Y) arrays the network trains on."""
+"""Splitting and windowing, for one series or many: the chronological split, the transform
+chain (fitted on the training part only), and the windows the network trains on."""
 
 from __future__ import annotations
 
@@ -11,20 +11,26 @@ from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Trans
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import DataError, Series
+from tasks.panel import PanelData, PanelSplit, split_panel
+
+Data = Series | PanelData  # what the forecasting pipeline trains on: one series, or many (--id-column)
+Origins = np.ndarray | list[np.ndarray]  # forecast origins (rows of the first forecast step): of each series
 
 
 @dataclass
 class Windows:
-    """Training/validation arrays in network space, plus what the backtest needs."""
+    """Where the network trains, validates and is tested. For one series, its training and
+    validation windows in network space, built here; many series' windows are gathered batch by
+    batch from the data where it lives (``rnn_models.panel``), never all at once."""
 
-    split: Split
+    split: Split | PanelSplit
     chain: Chain  # fitted on the training part; the registered model carries it
-    x_train: np.ndarray  # (N, L', F) network space
-    y_train: np.ndarray  # (N, H) network space
-    x_val: np.ndarray
-    y_val: np.ndarray
-    val_origins: np.ndarray  # (N_val,) indices of the first forecast step
-    test_origins: np.ndarray  # (N_test,)
+    val_origins: Origins
+    test_origins: Origins
+    x_train: np.ndarray | None = None  # (N, L', F) network space
+    y_train: np.ndarray | None = None  # (N, H) network space
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
@@ -68,9 +74,14 @@ def check_lookback(cfg: TimeSeriesConfig, season_length: int) -> None:
                           f"a lookback of at least {chain.consumes + max(lag, 2)} is needed")
 
 
-def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
+def split_series(data: Data, cfg: TimeSeriesConfig) -> Split | PanelSplit:
     """Chronological train/validation/test boundaries, refusing a series too short for them
-    or one the transforms cannot take."""
+    or one the transforms cannot take. Many series are each split at the same relative point
+    (those too short were left out when they were read)."""
+    if isinstance(data, PanelData):
+        check_lookback(cfg, data.season_length)
+        return split_panel(data, cfg)
+    series = data
     check_transforms(series, cfg)
     n, L, H = len(series.frame), cfg.lookback, cfg.horizon
     split = Split.by_fraction(n, cfg.val_size, cfg.test_size, H)
@@ -84,16 +95,26 @@ def split_series(series: Series, cfg: TimeSeriesConfig) -> Split:
     return split
 
 
-def scale_and_window(series: Series, split: Split, cfg: TimeSeriesConfig) -> Windows:
+def scale_and_window(data: Data, split: Split | PanelSplit, cfg: TimeSeriesConfig) -> Windows:
     """Raw windows of the training and validation parts, through the transform chain fitted
-    on the training rows only."""
-    features = series.features  # (T, F), target first
-    chain = build_chain(cfg, series.season_length).fit(features[: split.train_end])
+    on the training rows only (many series: no fitted transform, each window normalised by itself)."""
+    if isinstance(data, PanelData):
+        return Windows(split, build_chain(cfg, data.season_length), origins(split, "val", cfg),
+                       origins(split, "test", cfg))
     L, H = cfg.lookback, cfg.horizon
+    features = data.features  # (T, F), target first
+    chain = build_chain(cfg, data.season_length).fit(features[: split.train_end])
     arrays = []
-    for origins in (window_origins(*split.part("train"), L, H, cfg.stride), window_origins(*split.part("val"), L, H)):
-        x, y = make_windows(features, features[:, 0], origins, L, H, dtype=np.float64)
+    for part in (window_origins(*split.part("train"), L, H, cfg.stride), origins(split, "val", cfg)):
+        x, y = make_windows(features, features[:, 0], part, L, H, dtype=np.float64)
         x, y, _ = chain.encode(x, y)
-        arrays += [x.astype(np.float32), y.astype(np.float32), origins]
+        arrays += [x.astype(np.float32), y.astype(np.float32), part]
     x_tr, y_tr, _, x_va, y_va, val_o = arrays
-    return Windows(split, chain, x_tr, y_tr, x_va, y_va, val_o, window_origins(*split.part("test"), L, H))
+    return Windows(split, chain, val_o, origins(split, "test", cfg), x_tr, y_tr, x_va, y_va)
+
+
+def origins(split: Split | PanelSplit, part: str, cfg: TimeSeriesConfig) -> Origins:
+    """The forecast origins of a part of the split, every step (of each series, for many)."""
+    if isinstance(split, PanelSplit):
+        return split.origins(part, cfg.lookback, cfg.horizon)
+    return window_origins(*split.part(part), cfg.lookback, cfg.horizon)

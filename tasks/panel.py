@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -31,9 +30,6 @@ from tasks.data import (
     _times,
 )
 
-if TYPE_CHECKING:
-    from rnn_models.forecasting import ForecastPipeline
-
 
 @dataclass
 class PanelData:
@@ -52,6 +48,10 @@ class PanelData:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def covariate_columns(self) -> list[str]:
+        return []  # a global model reads the value column alone
 
     @property
     def lengths(self) -> np.ndarray:
@@ -232,14 +232,6 @@ def panel_windows(panel: PanelData, origins: list[np.ndarray], lookback: int) ->
     """Raw input windows (N, L, 1) ending before each origin of each series, series after series."""
     return np.concatenate([v[o[:, None] + np.arange(-lookback, 0)[None, :]]
                            for v, o in zip(panel.values, origins, strict=True)])[..., None]
-
-
-def backtest_panel(panel: PanelData, split: PanelSplit, pipeline: ForecastPipeline, label: str) -> PanelBacktest:
-    """The pipeline's forecasts of every test origin of every series, in one batched call,
-    scored per series beside naive and seasonal naive."""
-    origins = split.origins("test", pipeline.lookback, pipeline.horizon)
-    forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, pipeline.lookback)))
-    return score_panel(panel, split, origins, pipeline.horizon, {label: forecast})
 
 
 def score_panel(panel: PanelData, split: PanelSplit, origins: list[np.ndarray], horizon: int,

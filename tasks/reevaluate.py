@@ -8,18 +8,16 @@ import typing
 from dataclasses import dataclass, fields
 
 import mlflow
-import numpy as np
-import pandas as pd
 import torch
 
-from rnn_models.forecasting import ForecastPipeline
 from rnn_models.text import mean_loss
-from rnn_models.windows import Split, window_origins
+from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
 from tasks.data import SERIES_SUFFIXES, Series, fetch_data, read_series
-from tasks.evaluation import forecast_with, run_backtest
-from tasks.features import split_series
-from tasks.panel import PanelData, PanelSplit, load_panel, score_panel, split_panel
+from tasks.evaluation import forecast_with, history_windows
+from tasks.evaluation import score as score_forecasts
+from tasks.features import Data, Origins, origins, split_series
+from tasks.panel import PanelSplit, load_panel
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus
 
@@ -38,8 +36,7 @@ class EvalData:
     kind: str  # forecaster | charlm
     description: str
     cfg: TimeSeriesConfig | CharLMFlowConfig
-    series: Series | None = None
-    panel: PanelData | None = None  # a global model's many series
+    forecast_data: Data | None = None  # a forecaster's: one series, or a global model's many
     val_text: str = ""
     batch_size: int = 0  # the char LM's batch shape as fitted to its corpus
     num_steps: int = 0
@@ -66,49 +63,32 @@ def evaluation_data(version) -> EvalData:
         if cfg.panel:
             panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
             return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} "
-                            f"(v{version.version}'s data)", cfg, panel=panel)
+                            f"(v{version.version}'s data)", cfg, forecast_data=panel)
         series = read_series(cfg)
-        return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, series=series)
+        return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, forecast_data=series)
     cfg = config_from_params(CharLMFlowConfig, params)
     corpus = load_corpus(*fetch_data(cfg.corpus, cfg.sha256), cfg)
     return EvalData(kind, f"validation text of {corpus.source} (v{version.version}'s data)", cfg,
                     val_text=corpus.val_text, batch_size=corpus.batch_size, num_steps=corpus.num_steps)
 
 
-def backtest_registered(model_uri: str, series: Series, split: Split, origins, horizon: int) -> float:
-    """Test MASE of a registered forecaster loaded from the registry. An rnnflow forecaster
-    (tasks/pyfunc/forecaster.py) answers a history with its pipeline's forecast from the last
-    ``lookback`` rows, so every origin's window goes through that pipeline in one batch (the
-    same numbers, tests/test_flow_timeseries.py; one call per origin through MLflow's predict
-    took seconds); any other model is called as a user calls it, one origin at a time."""
+def backtest_registered(model_uri: str, data: Data, split: Split | PanelSplit, origins: Origins,
+                        horizon: int) -> float:
+    """Test MASE (of one series, or the mean over many) of a registered forecaster loaded from the
+    registry. An rnnflow forecaster (tasks/pyfunc/forecaster.py) answers a history with its
+    pipeline's forecast from the last ``lookback`` values of each series, so every origin's window
+    goes through that pipeline in one batch (the same numbers, tests/test_flow_timeseries.py; one
+    call per origin through MLflow's predict took seconds); any other model of one series is
+    called as a user calls it, one origin at a time."""
     model = load_registered(model_uri)
     pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
-    if isinstance(pipeline, ForecastPipeline):
-        values = series.features  # (T, F): the value column, then the covariates, as the pyfunc reads them
-        windows = np.stack([values[o - pipeline.lookback : o] for o in origins])  # (N, L, F)
-        forecasts = pipeline.point(pipeline.predict(windows))[:, :horizon]
+    if hasattr(pipeline, "lookback") and hasattr(pipeline, "predict"):  # this rnnflow's class, or the one it saved
+        forecasts = pipeline.point(pipeline.predict(history_windows(data, origins, pipeline.lookback)))[:, :horizon]
+    elif isinstance(data, Series):
+        forecasts = forecast_with(model.predict, data, origins, horizon)
     else:
-        forecasts = forecast_with(model.predict, series, origins, horizon)
-    return run_backtest(series, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
-
-
-def backtest_registered_panel(model_uri: str, panel: PanelData, split: PanelSplit, origins: list[np.ndarray],
-                              horizon: int) -> float:
-    """Mean test MASE over series of a registered global model, called as a user calls it: at
-    each step of the test part, one request holding every series' history."""
-    model = load_registered(model_uri)
-    pipeline = model.unwrap_python_model().pipeline
-    L, id_col, value_col = pipeline.lookback, pipeline.meta["id_column"], pipeline.meta["value_column"]
-    out = [np.empty((len(o), horizon)) for o in origins]
-    for k in range(max(len(o) for o in origins)):
-        alive = [i for i, o in enumerate(origins) if len(o) > k]
-        frame = pd.DataFrame({id_col: np.repeat([panel.ids[i] for i in alive], L),
-                              value_col: np.concatenate([panel.values[i][origins[i][k] - L : origins[i][k]]
-                                                         for i in alive])})
-        forecast = model.predict(frame)["forecast"].to_numpy().reshape(len(alive), -1)[:, :horizon]
-        for j, i in enumerate(alive):
-            out[i][k] = forecast[j]
-    return score_panel(panel, split, origins, horizon, {"m": np.concatenate(out)}).scores["m"]["mase"]
+        raise RegistryError(f"{model_uri} is not an rnnflow global model: it cannot be scored on many series")
+    return score_forecasts(data, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
 
 
 def score(version, data: EvalData) -> float:
@@ -116,16 +96,9 @@ def score(version, data: EvalData) -> float:
     if kind_of(version) != data.kind:
         raise RegistryError(f"v{version.version} is a {kind_of(version)}, the data is for a {data.kind}")
     uri = f"models:/{version.name}/{version.version}"
-    if data.panel is not None:
-        cfg, panel = data.cfg, data.panel
-        split = split_panel(panel, cfg)
-        return backtest_registered_panel(uri, panel, split, split.origins("test", cfg.lookback, cfg.horizon),
-                                         cfg.horizon)
     if data.kind == "forecaster":
-        cfg, series = data.cfg, data.series
-        split = split_series(series, cfg)
-        origins = window_origins(*split.part("test"), cfg.lookback, cfg.horizon)
-        return backtest_registered(uri, series, split, origins, cfg.horizon)
+        split = split_series(data.forecast_data, data.cfg)
+        return backtest_registered(uri, data.forecast_data, split, origins(split, "test", data.cfg), data.cfg.horizon)
     lm = load_registered(uri).unwrap_python_model()
     ids = torch.tensor(lm.vocab.encode(data.val_text), dtype=torch.long)
     return mean_loss(lm.model, ids, data.batch_size, data.num_steps) / math.log(2)

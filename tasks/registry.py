@@ -1,5 +1,5 @@
-"""Every MLflow call of rnnflow: the tracking store, one run per flow run, model-from-code
-registration and the champion gate.
+"""The tracking store and the registry: one run per flow run, registered versions, the
+champion alias and the gate that moves it, retries while the tracking server is away.
 
 A run is written only after training and evaluation succeeded, and if anything fails while
 it is written the run and the new model version are deleted again: no half-written run, no
@@ -16,27 +16,17 @@ import json
 import math
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
-from mlflow.models import infer_signature
-from mlflow.types.schema import AnyType, ColSpec, Schema
 
-import rnn_models
 from tasks import run_logger
 from tasks.tracking import CHAMPION, TrackingUnavailable, tracking_uri
-
-PYFUNC_DIR = Path(__file__).resolve().parent / "pyfunc"
-CODE_PATHS = [str(Path(rnn_models.__file__).resolve().parent)]  # the models import only rnn_models
-
 
 # ---------------------------------------------------------------- the store
 
@@ -234,87 +224,18 @@ def with_retries(fn: Callable[[], object], minutes: float, what: str):
             delay = min(delay * 2, 30.0)
 
 
-def log_history(history) -> None:
-    """Per-epoch losses (and learning rate) of the active run, in one request rather than one per epoch."""
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, s.epoch) for s in history
-               for k, v in (("train_loss", s.train_loss), ("val_loss", s.val_loss), ("epoch_seconds", s.seconds),
-                            ("lr", s.lr)) if math.isfinite(v)]
-    client().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
-
-
-def log_input(dataset, context: str) -> None:
-    """``mlflow.log_input``, tried again if another run created the same dataset at that moment:
-    MLflow's get-or-create of a dataset is not atomic, so two runs at once on one store can hit
-    its UNIQUE constraint (seen against a tracking server on SQLite); the retry finds the row."""
-    for attempt in range(3):
-        try:
-            return mlflow.log_input(dataset, context=context)
-        except MlflowException as e:
-            if attempt == 2 or not any(s in str(e) for s in ("UNIQUE constraint", "IntegrityError")):
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-@contextlib.contextmanager
-def no_integer_hint():
-    """Silence MLflow's "Inferred schema contains integer column(s)" hint, which it prints for
-    every schema it infers: a forecast's ``step`` and a series' time step are integers on purpose."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-        yield
-
-
-def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_example: pd.DataFrame,
-               output_example: pd.DataFrame, params: dict | None = None, lenient_inputs: bool = False,
-               optional_inputs: tuple[str, ...] = ()) -> str:
-    """Log a model from code and register it under ``model_name``; returns the new version.
-
-    ``lenient_inputs`` declares the input columns by name only (type Any): MLflow's schema
-    check refuses int64 for a double column, but a history of 70, 80, 90 is a fair input; the
-    model itself converts and checks the values. ``optional_inputs``: columns the model reads
-    when they are sent (MLflow drops a column its signature does not name).
-    """
-    with no_integer_hint(), tempfile.TemporaryDirectory() as tmp:
-        signature = infer_signature(input_example, output_example, params=params)
-        if lenient_inputs:
-            signature.inputs = Schema([ColSpec(AnyType(), c) for c in input_example.columns]
-                                      + [ColSpec(AnyType(), c, required=False) for c in optional_inputs])
-        artifacts = artifacts_dir_writer(tmp)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_DIR / python_model),
-            artifacts=artifacts,
-            code_paths=CODE_PATHS,
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=pip_requirements(),
-            registered_model_name=model_name,
-        )
-    return str(info.registered_model_version)
-
-
-def pip_requirements() -> list[str]:
-    """What a served model needs, pinned to what trained it (skips MLflow's slow inference)."""
-    import safetensors
-    import torch
-
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
-
-
 def finish_registration(model_name: str, version: str, challenger: float, champion: ChampionScore,
-                        metric: str, tags: dict[str, str],
-                        rescore: Callable[[], ChampionScore] | None = None) -> Registration:
+                        metric: str, tags: dict[str, str], rescore: Callable[[], ChampionScore] | None = None,
+                        shared_lock: SharedLock | None = None) -> Registration:
     """Tag the version, apply the champion gate, and record the decision on the run.
 
-    Two runs may finish at once: under a lock, a champion that changed since ``champion`` was
-    scored is scored again with ``rescore``, so the alias ends on the better model.
+    Two runs may finish at once: under a lock (``champion_lock``), a champion that changed since
+    ``champion`` was scored is scored again with ``rescore``, so the alias ends on the better model.
     """
     c = client()
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, v)
-    with champion_lock(model_name):
+    with champion_lock(model_name, shared_lock):
         current = champion_version(model_name)
         if rescore is not None and (str(current.version) if current else None) != champion.version:
             champion = rescore()
@@ -329,17 +250,17 @@ def finish_registration(model_name: str, version: str, challenger: float, champi
 
 
 # A lock that every machine sharing a tracking server takes at the champion gate, by model name:
-# set by ``flows`` (a Prefect global concurrency limit on the Prefect server they share), since
-# this layer does not import Prefect. Without it, a file lock serialises the runs of one machine.
-shared_champion_lock: Callable[[str], contextlib.AbstractContextManager] | None = None
+# the flows pass one (a Prefect global concurrency limit on the Prefect server they share), since
+# this layer does not import Prefect.
+SharedLock = Callable[[str], contextlib.AbstractContextManager]
 
 
 @contextlib.contextmanager
-def champion_lock(name: str):
+def champion_lock(name: str, shared: SharedLock | None = None):
     """Serialise champion moves for ``name``: among the processes of this machine with a file
     lock (beside a SQLite store, or in the temp dir for a tracking server), and for a tracking
-    server also among machines, with ``shared_champion_lock`` when one is set."""
-    shared = shared_champion_lock if shared_champion_lock and not tracking_uri().startswith("sqlite:") else None
+    server also among machines, with the ``shared`` lock when one is given."""
+    shared = shared if shared and not tracking_uri().startswith("sqlite:") else None
     with _file_lock(name), (shared(name) if shared else contextlib.nullcontext()):
         yield
 

@@ -10,29 +10,20 @@ from the end of the training part, and the chosen settings are then trained on t
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
-from tasks.data import DataError, Series
-from tasks.evaluation import history_windows, run_backtest
-from tasks.features import Windows, build_chain, check_lookback, scale_and_window, split_series
-from tasks.panel import PanelData, panel_windows, score_panel, split_panel
-from tasks.training import (
-    Ensemble,
-    Trained,
-    forecaster_ensemble,
-    label,
-    panel_ensemble,
-    train_ensembles,
-    train_forecaster,
-    train_panel,
-)
+from tasks.data import DataError
+from tasks.evaluation import history_windows, score
+from tasks.features import Data, Windows, scale_and_window, split_series
+from tasks.panel import PanelSplit
+from tasks.training import Ensemble, Settings, Trained, forecaster_ensemble, label, train_ensembles
 
 CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benchmarks/bench_accuracy.py
     "plain": ("none", "none", "none", "none"),
@@ -73,12 +64,17 @@ class Selection:
         return "\n".join([*lines, "", "| candidate | validation MASE |", "|---|---:|", *rows])
 
 
-def selection_split(split: Split, cfg: TimeSeriesConfig) -> Split:
+def candidates_for(cfg: TimeSeriesConfig) -> dict[str, tuple[str, str, str, str]]:
+    return PANEL_CANDIDATES if cfg.panel else CANDIDATES
+
+
+def selection_split(split: Split | PanelSplit, cfg: TimeSeriesConfig) -> Split | PanelSplit:
     """The split the candidates are scored on: the flow's own, or, when its validation part holds
     fewer than MIN_ORIGINS origins, one whose validation part is the last MIN_ORIGINS + H - 1 rows
-    before the test part, provided the shorter training part still holds MIN_ORIGINS windows."""
+    before the test part, provided the shorter training part still holds MIN_ORIGINS windows.
+    (Many series: the flow's own; their validation parts hold many origins together.)"""
     H = cfg.horizon
-    if len(window_origins(*split.part("val"), cfg.lookback, H)) >= MIN_ORIGINS:
+    if isinstance(split, PanelSplit) or len(window_origins(*split.part("val"), cfg.lookback, H)) >= MIN_ORIGINS:
         return split
     train_end = split.val_end - (MIN_ORIGINS + H - 1)
     if len(window_origins(0, train_end, cfg.lookback, H, cfg.stride)) < MIN_ORIGINS:
@@ -89,74 +85,80 @@ def selection_split(split: Split, cfg: TimeSeriesConfig) -> Split:
 def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     """The config with the candidate's settings, as if given with --no-auto: what the run logs,
     so that rebuilding the config from the run's params gives this model's settings back."""
-    settings = (PANEL_CANDIDATES if cfg.panel else CANDIDATES)[candidate]
-    return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, settings, strict=True)))
+    return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, candidates_for(cfg)[candidate], strict=True)))
 
 
 @dataclass
 class AutoRound:
-    """--auto's candidates for one series, ready to be trained (``candidates``: give them to
+    """--auto's candidates for one model, ready to be trained (``candidates``: give them to
     ``train_ensembles``, alone or with other models) and then chosen from (``choose``)."""
 
-    series: Series
+    data: Data
     cfg: TimeSeriesConfig
     candidates: dict[str, Ensemble]
-    prepared: dict[str, tuple[Split, Windows]]  # each candidate's split (see selection_split) and windows
+    prepared: dict[str, Windows]  # each candidate's windows, on its split (see selection_split)
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
 
-    def choose(self, trained: dict[str, Trained]) -> tuple[TimeSeriesConfig, Selection]:
+    def choose(self, trained: dict[str, Trained]) -> Settings:
         """The config with the settings of the trained candidate with the best validation MASE."""
-        series, cfg, logger = self.series, self.cfg, run_logger()
+        data, cfg, logger = self.data, self.cfg, run_logger()
         scores = dict.fromkeys(self.reasons, float("nan"))
-        for name, (split, windows) in self.prepared.items():
+        for name, windows in self.prepared.items():
             pipeline = trained[name].pipeline()
-            forecast = pipeline.point(pipeline.predict(history_windows(series, windows.val_origins, cfg.lookback)))
-            bt = run_backtest(series, split, windows.val_origins, cfg.horizon, {name: forecast})
+            forecast = pipeline.point(pipeline.predict(history_windows(data, windows.val_origins, cfg.lookback)))
+            bt = score(data, windows.split, windows.val_origins, cfg.horizon, {name: forecast})
             scores[name] = bt.scores[name]["mase"]
             logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
-        scores = {name: scores[name] for name in CANDIDATES}  # in the candidates' order, skipped ones too
-        choice = best(scores, self.reasons, f"{series.source}: no --auto candidate could run on this series")
-        return apply(cfg, choice), Selection(choice, scores, self.reasons,
-                                             None if self.widened else trained[choice], self.widened)
+        scores = {name: scores[name] for name in candidates_for(cfg)}  # in the candidates' order, skipped ones too
+        choice = best(scores, self.reasons, f"{data.source}: no --auto candidate could run on this data")
+        return Settings(apply(cfg, choice), Selection(choice, scores, self.reasons,
+                                                      None if self.widened else trained[choice], self.widened))
 
 
-def auto_candidates(series: Series, cfg: TimeSeriesConfig, checkpoints: Path | None = None,
-                    name: str = "") -> AutoRound:
-    """--auto's candidates on one series: each one network (the config's first member) on the
-    windows its settings make. ``checkpoints``: a folder for each candidate's training checkpoints;
-    ``name``: what the log calls the model they are chosen for (a sweep's trial), if anything."""
-    logger = run_logger()
+def auto_candidates(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None, name: str = "") -> AutoRound:
+    """--auto's candidates: each one network (the config's first member) on the windows its
+    settings make. ``checkpoints``: a folder for each candidate's training checkpoints; ``name``:
+    what the log calls the model they are chosen for (a sweep's trial), if anything."""
     reasons, prepared, candidates, widened = {}, {}, {}, ""
-    for candidate in CANDIDATES:
+    for candidate in candidates_for(cfg):
         trial = replace(apply(cfg, candidate), ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
-            own = split_series(series, trial)
+            own = split_series(data, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
-            reasons[candidate] = str(e).removeprefix(f"{series.source}: ")
+            reasons[candidate] = str(e).removeprefix(f"{data.source}: ")
             continue
         split = selection_split(own, trial)
-        if split != own and not widened:
+        if split is not own and not widened:
             widened = (f"The validation part holds {len(window_origins(*own.part('val'), cfg.lookback, cfg.horizon))} "
                        f"forecast origins, too few to choose on: candidates were trained on rows "
                        f"0..{split.train_end - 1} and scored on {MIN_ORIGINS} origins in rows "
                        f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
                        f"flow's split.")
-            logger.info("--auto: %s", widened)
-        windows = scale_and_window(series, split, trial)
-        prepared[candidate] = split, windows
+            run_logger().info("--auto: %s", widened)
+        prepared[candidate] = windows = scale_and_window(data, split, trial)
         # candidates whose networks and windows have one shape train together (tasks.training)
-        candidates[candidate] = forecaster_ensemble(series, windows, trial, None, folder(checkpoints, candidate),
+        candidates[candidate] = forecaster_ensemble(data, windows, Settings(trial), folder(checkpoints, candidate),
                                                     label(name, candidate))
-    return AutoRound(series, cfg, candidates, prepared, reasons, widened)
+    return AutoRound(data, cfg, candidates, prepared, reasons, widened)
 
 
-def choose_settings(series: Series, cfg: TimeSeriesConfig,
-                    checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
-    """The config with the transform settings of the candidate with the best validation MASE.
-    ``checkpoints``: a folder for each candidate's training checkpoints."""
-    auto = auto_candidates(series, cfg, checkpoints)
-    return auto.choose(train_ensembles(auto.candidates))
+def choose_settings(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None) -> Settings:
+    """The config settled for the data (the automatic settings of a global model, once the
+    season is known) and, with --auto, given the transform settings of the candidate with the
+    best validation MASE. ``checkpoints``: a folder for each candidate's training checkpoints."""
+    return choose_all({"": (data, cfg, checkpoints)})[""]
+
+
+def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]]) -> dict[Hashable, Settings]:
+    """``choose_settings`` for several models at once ({name: (data, config, checkpoint folder)}):
+    the --auto candidates of all of them train together, so those of one shape train as one
+    batched network across models too."""
+    settled = {k: (data, cfg.settled(data.season_length), ckpt) for k, (data, cfg, ckpt) in models.items()}
+    rounds = {k: auto_candidates(data, cfg, ckpt, str(k)) for k, (data, cfg, ckpt) in settled.items() if cfg.auto}
+    tried = train_ensembles({(k, c): e for k, auto in rounds.items() for c, e in auto.candidates.items()})
+    return {k: rounds[k].choose({c: tried[k, c] for c in rounds[k].candidates}) if k in rounds else Settings(cfg)
+            for k, (_, cfg, _) in settled.items()}
 
 
 def folder(checkpoints: Path | None, candidate: str) -> Path | None:
@@ -173,88 +175,23 @@ def best(scores: dict[str, float], reasons: dict[str, str], none_ran: str) -> st
     return choice
 
 
-def train_directly(series: Series, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
-    """The time-series pipeline's transform and training steps, written once: returns (settled
-    config, selection or None, split, windows, trained). ``steps`` holds the four step
-    functions: by default this package's plain ones (sweep trials, the Dask warm-up, tests,
-    benchmarks); the flow passes ``flows.steps``, the same functions as Prefect tasks.
-    ``checkpoints``: the run's checkpoint folder (``training.checkpoint_dir``), or None."""
-    s = steps or PLAIN_STEPS
-    selection = None
-    if cfg.auto:
-        cfg, selection = s.choose_settings(series, cfg, checkpoints and checkpoints / "auto")
-    split = s.split_series(series, cfg)
-    windows = s.scale_and_window(series, split, cfg)
-    trained = s.train_forecaster(series, windows, cfg, selection.trained if selection else None,
-                                 checkpoints and checkpoints / "model")
-    return cfg, selection, split, windows, trained
+@dataclass
+class Outcome:
+    """What the forecasting pipeline made of one model's data and config."""
+
+    settings: Settings  # the settled config and --auto's choice
+    windows: Windows  # and its split
+    trained: Trained
 
 
-def train_many_directly(models: dict[str, tuple[Series, TimeSeriesConfig]]) -> dict[str, tuple]:
-    """``train_directly`` for several models at once, each {name: (series, config)}: a sweep's
-    trials on one worker. Each phase hands the networks of every model to ``train_ensembles``
-    together (--auto's candidates, then the members), so those of one shape train as one batched
-    network across models too. Returns what ``train_directly`` returns, for each name."""
-    rounds = {name: auto_candidates(series, cfg, name=name) for name, (series, cfg) in models.items() if cfg.auto}
-    tried = train_ensembles({(name, c): e for name, auto in rounds.items() for c, e in auto.candidates.items()})
-    settled = {name: rounds[name].choose({c: tried[name, c] for c in rounds[name].candidates}) if name in rounds
-               else (cfg, None) for name, (_, cfg) in models.items()}
-    planned = {}
-    for name, (series, _) in models.items():
-        cfg, selection = settled[name]
-        split = split_series(series, cfg)
-        windows = scale_and_window(series, split, cfg)
-        planned[name] = split, windows, forecaster_ensemble(series, windows, cfg, selection and selection.trained,
-                                                            name=name)
-    trained = train_ensembles({name: e for name, (_, _, e) in planned.items()})
-    return {name: (*settled[name], split, windows, trained[name]) for name, (split, windows, _) in planned.items()}
-
-
-# ---------------------------------------------------------------- many series, one network
-
-
-def choose_panel_settings(panel: PanelData, cfg: TimeSeriesConfig,
-                          checkpoints: Path | None = None) -> tuple[TimeSeriesConfig, Selection]:
-    """--auto for a global model: each candidate trains one network on every series' training
-    part and is scored by the mean over series of its validation MASE."""
-    logger, split = run_logger(), split_panel(panel, cfg)
-    scores, reasons, candidates = {}, {}, {}
-    for name in PANEL_CANDIDATES:
-        trial = replace(apply(cfg, name), ensemble=1, ensemble_cells=cfg.member_cells[0])
-        try:
-            check_lookback(trial, panel.season_length)
-        except ConfigError as e:
-            scores[name], reasons[name] = float("nan"), str(e)
-            continue
-        candidates[name] = panel_ensemble(panel, split, build_chain(trial, panel.season_length), trial, None,
-                                          folder(checkpoints, name), name)
-    trained = train_ensembles(candidates)  # those of one shape together (tasks.training)
-    for name in trained:
-        pipeline = trained[name].pipeline()
-        origins = split.origins("val", cfg.lookback, cfg.horizon)
-        forecast = pipeline.point(pipeline.predict(panel_windows(panel, origins, cfg.lookback)))
-        scores[name] = score_panel(panel, split, origins, cfg.horizon, {name: forecast}).scores[name]["mase"]
-        logger.info("--auto: %s scores mean validation MASE %.4f", name, scores[name])
-    scores = {name: scores[name] for name in PANEL_CANDIDATES}  # in the candidates' order, skipped ones too
-    choice = best(scores, reasons, f"{panel.source}: no --auto candidate could run on these series")
-    return apply(cfg, choice), Selection(choice, scores, reasons, trained[choice])
-
-
-def train_panel_directly(panel: PanelData, cfg: TimeSeriesConfig, steps=None, checkpoints: Path | None = None):
-    """``train_directly`` for a global model over many series: returns (settled config,
-    selection or None, split, trained)."""
-    s, cfg = steps or PLAIN_STEPS, cfg.settled(panel.season_length)
-    selection = None
-    if cfg.auto:
-        cfg, selection = s.choose_panel_settings(panel, cfg, checkpoints and checkpoints / "auto")
-    check_lookback(cfg, panel.season_length)
-    split = s.split_panel(panel, cfg)
-    trained = s.train_panel(panel, split, build_chain(cfg, panel.season_length), cfg,
-                            selection.trained if selection else None, checkpoints and checkpoints / "model")
-    return cfg, selection, split, trained
-
-
-PLAIN_STEPS = SimpleNamespace(choose_settings=choose_settings, split_series=split_series,
-                              scale_and_window=scale_and_window, train_forecaster=train_forecaster,
-                              choose_panel_settings=choose_panel_settings, split_panel=split_panel,
-                              train_panel=train_panel)
+def train_models(models: dict[Hashable, tuple[Data, TimeSeriesConfig]]) -> dict[Hashable, Outcome]:
+    """The pipeline's transform and training steps for several models at once, each {name:
+    (data, config)}: a sweep's trials on one worker, a benchmark's model. Each phase hands the
+    networks of every model to ``train_ensembles`` together (--auto's candidates, then the
+    members), so those of one shape train as one batched network across models too."""
+    settings = choose_all({k: (data, cfg, None) for k, (data, cfg) in models.items()})
+    windows = {k: scale_and_window(data, split_series(data, settings[k].cfg), settings[k].cfg)
+               for k, (data, _) in models.items()}
+    trained = train_ensembles({k: forecaster_ensemble(data, windows[k], settings[k], name=str(k))
+                               for k, (data, _) in models.items()})
+    return {k: Outcome(settings[k], windows[k], trained[k]) for k in models}

@@ -24,8 +24,9 @@ from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag, parse_value
 from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, read_series
 from tasks.evaluation import backtest
-from tasks.registry import client, log_history
-from tasks.selection import train_many_directly
+from tasks.publish import log_history
+from tasks.registry import client
+from tasks.selection import train_models
 from tasks.training import Trained
 
 TRIAL_MODEL = "model"  # artifact folder of a trial's run holding its weights and config
@@ -76,18 +77,18 @@ class TrialResult:
 def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experiment_id: str) -> list[TrialResult]:
     """Trials (index, grid point, base config) on one worker, one core: their networks of one
     shape (ensemble members, --auto candidates, across trials alike) train together as one
-    batched network (``tasks.selection.train_many_directly``); each trial is then backtested and
+    batched network (``tasks.selection.train_models``); each trial is then backtested and
     logged as its own nested run. A trial's seconds are the group's work shared evenly."""
     torch.set_num_threads(1)  # one core per worker: trials in parallel beat threads fighting
     t0 = time.perf_counter()
     cfgs = {f"trial {index}": TimeSeriesConfig(**{**base, **point}) for index, point, base in trials}
     series = {name: read_series(cfg) for name, cfg in cfgs.items()}
-    trained = train_many_directly({name: (series[name], cfg) for name, cfg in cfgs.items()})
+    outcomes = train_models({name: (series[name], cfg) for name, cfg in cfgs.items()})
     done = []
     for (index, point, _), name in zip(trials, cfgs, strict=True):
-        cfg, _, split, windows, model = trained[name]
+        cfg, windows, model = outcomes[name].settings.cfg, outcomes[name].windows, outcomes[name].trained
         pipeline = model.pipeline()
-        bt = backtest(series[name], split, windows.test_origins, pipeline, cfg.label)
+        bt = backtest(series[name], windows, pipeline, cfg.label)
         done.append((index, point, cfg, model, pipeline, bt))
     c, results = client(), []
     seconds = (time.perf_counter() - t0) / len(trials)

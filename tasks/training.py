@@ -3,31 +3,30 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballObjective, mae_objective, mse_objective
-from rnn_models.generation import complete
 from rnn_models.grouped import available as grouped_available
 from rnn_models.grouped import fit_grouped, groupable_shape
 from rnn_models.grouped import turned_off as grouped_turned_off
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
-from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig
-from rnn_models.text import LanguageModelLoss, normalize, random_batches, sequential_batches, val_batch_size
-from rnn_models.training import FitResult, TrainConfig, fit, native_bf16_cpu, resolve_device, tensor_batches
-from rnn_models.transforms import Chain
+from rnn_models.recurrent import Forecaster, ForecasterConfig
+from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
 from tasks.data import Series
-from tasks.features import Windows
-from tasks.panel import PanelData, PanelSplit
-from tasks.text import Corpus
+from tasks.features import Data, Windows
+from tasks.panel import PanelData
+
+if TYPE_CHECKING:
+    from tasks.selection import Selection
 
 
 @dataclass
@@ -54,6 +53,15 @@ class Trained:
 
     def pipeline(self) -> ForecastPipeline:
         return self.forecaster
+
+
+@dataclass
+class Settings:
+    """A forecaster's settled config, and --auto's choice that settled it (None without --auto):
+    what ``tasks.selection.choose_settings`` gives the training step."""
+
+    cfg: TimeSeriesConfig
+    selection: Selection | None = None
 
 
 @functools.cache
@@ -86,6 +94,9 @@ def open_checkpoint(directory: Path | None, cfg: TimeSeriesConfig | CharLMFlowCo
     return ckpt
 
 
+EPOCHS_UNBOUNDED = 1_000_000  # with --minutes the budget, not the epoch count, ends training
+
+
 @dataclass
 class Batches:
     """A forecaster's training data as the loop reads it: shuffled training batches (by a
@@ -98,20 +109,12 @@ class Batches:
     length: int  # time steps of a window as the network reads it (a difference shortens it)
 
 
-def train_forecaster(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
-                     checkpoints: Path | None = None) -> Trained:
-    """Train the config's network, or its ``--ensemble`` members (seed + i).
-    ``first``: member 1 already trained on these windows with this config (--auto's choice).
-    ``checkpoints``: a folder for each member's checkpoint (member-1, ...), resumed from if there."""
-    return train_ensembles({"": forecaster_ensemble(series, windows, cfg, first, checkpoints)})[""]
-
-
-def train_panel(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
-                first: Trained | None = None, checkpoints: Path | None = None) -> Trained:
-    """One global network (or ``--ensemble`` of them) on the windows of every series: the series
-    live on the device end to end, each batch of windows is gathered there by index and
-    normalised window by window (``rnn_models.panel``), never materialised all at once."""
-    return train_ensembles({"": panel_ensemble(panel, split, chain, cfg, first, checkpoints)})[""]
+def train_forecaster(data: Data, windows: Windows, settings: Settings, checkpoints: Path | None = None) -> Trained:
+    """Train the config's network, or its ``--ensemble`` members (seed + i), on one series or on
+    the windows of many. ``settings.selection``'s network, trained by --auto on these windows
+    with this config, is kept as member 1. ``checkpoints``: a folder for each member's checkpoint
+    (member-1, ...), resumed from if there."""
+    return train_ensembles({"": forecaster_ensemble(data, windows, settings, checkpoints)})[""]
 
 
 @dataclass
@@ -186,57 +189,45 @@ def label(*parts: str) -> str:
     return ": ".join(p for p in parts if p)
 
 
-def forecaster_ensemble(series: Series, windows: Windows, cfg: TimeSeriesConfig, first: Trained | None = None,
-                        checkpoints: Path | None = None, name: str = "") -> Ensemble:
-    """The networks of the config's model on one series' windows (``train_forecaster``), named
-    ``name`` in the log (an --auto candidate, a sweep's trial)."""
-    device = resolve_device(cfg.device)
-    return ensemble(cfg, window_batches(windows, cfg, device), first, checkpoints, name,
-                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, series_meta(series, cfg)),
+def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkpoints: Path | None = None,
+                        name: str = "") -> Ensemble:
+    """The networks of the config's model on ``windows`` (``train_forecaster``), named ``name`` in
+    the log (an --auto candidate, a sweep's trial)."""
+    cfg, device = settings.cfg, resolve_device(settings.cfg.device)
+    first = settings.selection and settings.selection.trained
+    return ensemble(cfg, batches(data, windows, cfg, device), first, checkpoints, name,
+                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, model_meta(data, cfg)),
                                                   fits, device))
 
 
-def panel_ensemble(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig,
-                   first: Trained | None = None, checkpoints: Path | None = None, name: str = "") -> Ensemble:
-    """The networks of a global model over many series (``train_panel``)."""
-    device = resolve_device(cfg.device)
-    return ensemble(cfg, panel_batches(panel, split, chain, cfg, device), first, checkpoints, name,
-                    lambda members, fits: Trained(ForecastPipeline(members, chain, panel_meta(panel, cfg)), fits,
-                                                  device))
-
-
-def window_batches(windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
-    """A forecaster's windows as the training loop reads them: the whole data set lives on the
-    device; batches are index slices, not a DataLoader."""
-    x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
-                              for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
-    return Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                   lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)),
-                   x_tr.shape[1])
-
-
-def series_meta(series: Series, cfg: TimeSeriesConfig) -> dict:
-    return {"lookback": cfg.lookback, "value_column": series.value_column,
-            "covariate_columns": series.covariate_columns, "frequency": series.freq,
-            "season_length": series.season_length, "trained_on": series.source, "data_sha256": series.sha256}
-
-
-def panel_batches(panel: PanelData, split: PanelSplit, chain: Chain, cfg: TimeSeriesConfig, device: str) -> Batches:
-    data = Panel.from_series(panel.values, panel.ids, device=device)
-    L, H = cfg.lookback, cfg.horizon
-    train = PanelWindows(data, L, H, *split.part("train"), stride=cfg.stride)
-    val = PanelWindows(data, L, H, *split.part("val"))
+def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
+    """The windows as the training loop reads them, living on the device: one series' arrays,
+    sliced by index; many series end to end, each batch of windows gathered there by index and
+    normalised window by window (``rnn_models.panel``), never materialised all at once."""
+    if isinstance(data, Series):
+        x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
+                                  for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
+        return Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
+                       lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)),
+                       x_tr.shape[1])
+    panel, split, chain, L, H = Panel.from_series(data.values, data.ids, device=device), windows.split, windows.chain, \
+        cfg.lookback, cfg.horizon
+    train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
+    val = PanelWindows(panel, L, H, *split.part("val"))
     first = next(encoded_batches(train, chain, 1), None)  # a window as the network reads it
-    length = L if first is None else first[0].shape[1]
     return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
-                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)), length)
+                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)),
+                   L if first is None else first[0].shape[1])
 
 
-def panel_meta(panel: PanelData, cfg: TimeSeriesConfig) -> dict:
-    return {"lookback": cfg.lookback, "value_column": panel.value_column, "covariate_columns": [],
-            "id_column": panel.id_column, "time_column": panel.time_column, "series": len(panel),
-            "frequency": panel.freq, "season_length": panel.season_length, "trained_on": panel.source,
-            "data_sha256": panel.sha256}
+def model_meta(data: Data, cfg: TimeSeriesConfig) -> dict:
+    """What the registered model says of its data: what a request must hold, where it came from."""
+    meta = {"lookback": cfg.lookback, "value_column": data.value_column, "covariate_columns": data.covariate_columns,
+            "frequency": data.freq, "season_length": data.season_length, "trained_on": data.source,
+            "data_sha256": data.sha256}
+    if isinstance(data, PanelData):
+        meta.update(id_column=data.id_column, time_column=data.time_column, series=len(data))
+    return meta
 
 
 def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]]:
@@ -342,81 +333,3 @@ def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batch
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     result = fit(model, batches.train, batches.val, forecast_objective(cfg), tcfg, checkpoint=checkpoint)
     return model, result
-
-# ---------------------------------------------------------------- character language model
-
-
-@dataclass
-class TrainedLM:
-    state_dict: dict[str, torch.Tensor]
-    model_config: dict
-    fit: FitResult
-    device: str
-    samples: dict[int, dict[str, str]]  # epoch -> prefix -> generated text
-
-    def model(self) -> CharLM:
-        model = CharLM(CharLMConfig(**self.model_config))
-        model.load_state_dict(self.state_dict)
-        return model.eval()
-
-
-EPOCHS_UNBOUNDED = 1_000_000  # with --minutes the budget, not the epoch count, ends training
-SampleHook = Callable[[int, dict[str, str]], None]  # (epoch, {prefix: text}); epoch 0: the final model
-
-
-def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook | None = None,
-                 checkpoints: Path | None = None) -> TrainedLM:
-    """Train the config's char LM; every ``--sample-every`` epochs (and at the end, as epoch 0)
-    continue the prompts and hand the texts to ``on_samples``. ``checkpoints``: a folder for
-    the run's checkpoint, resumed from if there."""
-    logger, device = run_logger(), resolve_device(cfg.device)
-    model_cfg = project(CharLMConfig, cfg, vocab_size=len(corpus.vocab))
-    with init_lock():
-        seed_everything(cfg.seed)
-        model = CharLM(model_cfg).to(device)
-    train, val = torch.from_numpy(corpus.train).to(device), torch.from_numpy(corpus.val).to(device)
-    sample = random_batches if cfg.sampling == "random" else sequential_batches
-    batch_size, num_steps = corpus.batch_size, corpus.num_steps  # the config's, or fitted to a small text
-    val_batch = val_batch_size(len(val), batch_size, num_steps)
-    samples: dict[int, dict[str, str]] = {}
-
-    def take_samples(epoch: int, m) -> None:
-        samples[epoch] = continue_prompts(m, corpus, cfg)
-        if on_samples is not None:
-            on_samples(epoch, samples[epoch])
-
-    def on_epoch(stats, m) -> None:
-        logger.info("epoch %d: train %.4f, val %.4f nats/char (%.3f bits/char), %.1f s", stats.epoch,
-                    stats.train_loss, stats.val_loss, stats.val_loss / math.log(2), stats.seconds)
-        if cfg.sample_every and stats.epoch % cfg.sample_every == 0:
-            take_samples(stats.epoch, m)
-
-    logger.info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
-                cfg.cell, device, len(train), len(val), len(corpus.vocab))
-    if note := corpus.fitted_note(cfg):
-        logger.info(note)
-    result = fit(model, lambda gen: sample(train, batch_size, num_steps, gen),
-                 lambda: sequential_batches(val, val_batch, num_steps),
-                 LanguageModelLoss(carry_state=cfg.sampling == "sequential"),
-                 project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs,
-                         cosine=True, precision=charlm_precision(cfg.precision, device)),
-                 on_epoch=on_epoch, checkpoint=open_checkpoint(checkpoints, cfg, ""))
-    take_samples(0, model)  # 0: the restored best weights, what gets registered
-    logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
-                result.best_val_loss / math.log(2), result.samples_per_second)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return TrainedLM(state, model.config_dict(), result, device, samples)
-
-
-def charlm_precision(precision: str, device: str) -> str:
-    """``auto`` on a CPU that multiplies bf16 natively is bf16 for the char LM: its LSTM trains
-    about 1.7x faster in the same minutes (docs/BENCHMARKS.md). Forecasters keep float32 on CPU:
-    their small networks gain nothing from it."""
-    return "bf16" if precision == "auto" and device == "cpu" and native_bf16_cpu() else precision
-
-
-def continue_prompts(model: CharLM, corpus: Corpus, cfg: CharLMFlowConfig) -> dict[str, str]:
-    """Each prompt, read as the corpus was, continued by ``model`` with the config's sampling."""
-    model.eval()
-    return {p: complete(model, corpus.vocab, normalize(p, cfg.lower, cfg.letters_only), cfg.sample_chars,
-                        cfg.temperature, cfg.top_k, seed=cfg.seed + i) for i, p in enumerate(cfg.prompts)}

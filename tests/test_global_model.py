@@ -220,5 +220,5 @@ def test_a_registered_global_model_scores_again_as_it_scored_in_its_run(trained)
     mlflow.set_tracking_uri(uri)
     version = MlflowClient(uri, uri).get_model_version("meters-forecaster", result["version"])
     data = evaluation_data(version)  # the series rebuilt from the run's params, as promote and compare do
-    assert len(data.panel) == 22
+    assert len(data.forecast_data) == 22
     assert score(version, data) == pytest.approx(result["scores"]["rnnflow-lstm"]["mase"], rel=1e-5)

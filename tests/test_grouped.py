@@ -18,17 +18,17 @@ from rnn_models.windows import make_windows, window_origins
 from tasks import training
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
-from tasks.features import build_chain, scale_and_window, split_series
-from tasks.panel import load_panel, split_panel
-from tasks.selection import apply, choose_panel_settings, train_directly, train_many_directly
+from tasks.features import scale_and_window, split_series
+from tasks.panel import load_panel
+from tasks.selection import apply, choose_settings, train_models
 from tasks.training import (
     Batches,
+    Settings,
     ensemble,
     forecaster_ensemble,
     train_ensembles,
     train_forecaster,
     train_member,
-    train_panel,
 )
 
 pytestmark = pytest.mark.skipif(not available(), reason="the grouped C++ operation could not be built here")
@@ -223,11 +223,11 @@ def test_auto_candidates_of_one_shape_train_together_as_one_by_one(caplog):
     longer = replace(apply(cfg, "plain"), ensemble=1, lookback=30)  # windows of another length: on its own
     jobs["plain, lookback 30"] = scale_and_window(series, split_series(series, longer), longer), longer
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        together = train_ensembles({n: forecaster_ensemble(series, w, c, name=n) for n, (w, c) in jobs.items()})
+        together = train_ensembles({n: forecaster_ensemble(series, w, Settings(c), name=n) for n, (w, c) in jobs.items()})
     assert "plain, window-norm last, window-norm mean: training lstm together" in caplog.text
     assert together["plain, lookback 30"].forecaster.lookback == 30
     for name, (windows, trial) in jobs.items():
-        alone = train_forecaster(series, windows, trial).forecaster
+        alone = train_forecaster(series, windows, Settings(trial)).forecaster
         mine = together[name].forecaster
         assert mine.chain.to_list() == windows.chain.to_list() and mine.meta == alone.meta
         for (key, pa), pb in zip(alone.members[0].state_dict().items(), mine.members[0].state_dict().values(),
@@ -243,33 +243,33 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     panel = load_panel(cfg.data, "", cfg)
     cfg = cfg.settled(panel.season_length)
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        _, selection = choose_panel_settings(panel, cfg)
+        selection = choose_settings(panel, cfg).selection
     assert "window-norm last, window-norm mean, window-norm last + seasonal baseline: training lstm together" \
            in caplog.text
     chosen = replace(apply(cfg, selection.choice), ensemble=1)
-    alone = train_panel(panel, split_panel(panel, chosen), build_chain(chosen, panel.season_length), chosen)
+    alone = train_forecaster(panel, scale_and_window(panel, split_series(panel, chosen), chosen), Settings(chosen))
     for (key, pa), pb in zip(alone.forecaster.members[0].state_dict().items(),
                              selection.trained.forecaster.members[0].state_dict().values(), strict=True):
         torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_a_sweeps_trials_on_one_worker_train_together_as_one_by_one(caplog, monkeypatch):
-    """tasks.selection.train_many_directly (a sweep's trials on one worker): --auto's candidates
-    of both LSTM trials, then their remaining members, train as one batched network each phase;
-    every model ends as train_directly alone makes it."""
+    """tasks.selection.train_models of several models (a sweep's trials on one worker): --auto's
+    candidates of both LSTM trials, then their remaining members, train as one batched network each
+    phase; every model ends as it does trained alone."""
     base = TimeSeriesConfig(length=600, epochs=2, hidden_size=16, ensemble=2)
     cfgs = {"trial 0": base, "trial 1": replace(base, lr=3e-3, seed=7), "trial 2": replace(base, hidden_size=32)}
     series = generate_series(base)
     monkeypatch.setattr(training, "GROUP_PER_THREAD", 6)  # both trials' 6 candidates in one group, on any threads
     with caplog.at_level(logging.INFO, logger="rnnflow"):
-        together = train_many_directly({name: (series, cfg) for name, cfg in cfgs.items()})
+        together = train_models({name: (series, cfg) for name, cfg in cfgs.items()})
     assert "trial 0: plain, trial 0: window-norm last, trial 0: window-norm mean, trial 1: plain, " in caplog.text
     assert "trial 0: member 2/2, trial 1: member 2/2: training lstm together" in caplog.text
     for name, cfg in cfgs.items():
-        settled, selection, _, _, alone = train_directly(series, cfg)
-        mine_cfg, mine_selection, _, _, mine = together[name]
-        assert mine_cfg == settled and mine_selection.scores == pytest.approx(selection.scores, rel=1e-4, nan_ok=True)
-        for a, b in zip(alone.forecaster.members, mine.forecaster.members, strict=True):
+        alone, mine = train_models({name: (series, cfg)})[name], together[name]
+        assert mine.settings.cfg == alone.settings.cfg
+        assert mine.settings.selection.scores == pytest.approx(alone.settings.selection.scores, rel=1e-4, nan_ok=True)
+        for a, b in zip(alone.trained.forecaster.members, mine.trained.forecaster.members, strict=True):
             for (key, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
                 torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
 

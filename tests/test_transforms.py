@@ -16,7 +16,7 @@ from rnn_models.windows import Split, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import generate_series
 from tasks.evaluation import backtest
-from tasks.selection import MIN_ORIGINS, selection_split, train_directly
+from tasks.selection import MIN_ORIGINS, selection_split, train_models
 
 STEPS = {
     "log": [Log()],
@@ -128,8 +128,8 @@ PLAIN = dict(auto=False, ensemble=1)  # one network on z-scored levels, no trans
 def _test_mase(**options) -> float:
     cfg = TimeSeriesConfig(**{**TREND, **options})
     series = generate_series(cfg)
-    cfg, _, split, windows, trained = train_directly(series, cfg)
-    return backtest(series, split, windows.test_origins, trained.pipeline(), "m").scores["m"]["mase"]
+    out = train_models({"m": (series, cfg)})["m"]
+    return backtest(series, out.windows, out.trained.pipeline(), "m").scores["m"]["mase"]
 
 
 @pytest.mark.slow
@@ -145,7 +145,8 @@ def test_defaults_forecast_a_trend_that_a_plain_z_scored_model_cannot():
 def test_the_default_ensemble_keeps_the_network_auto_chose_as_its_first_member():
     cfg = TimeSeriesConfig(source="sine", length=400, lookback=12, horizon=2, hidden_size=8, epochs=2, device="cpu")
     series = generate_series(cfg)
-    cfg, selection, _, _, trained = train_directly(series, cfg)
+    out = train_models({"": (series, cfg)})[""]
+    cfg, selection, trained = out.settings.cfg, out.settings.selection, out.trained
     members = trained.pipeline().members
     assert cfg.ensemble == 3 and len(members) == 3 and len(trained.fits) == 3
     assert members[0] is selection.trained.pipeline().members[0] and trained.fits[0] is selection.trained.first_fit
@@ -165,7 +166,8 @@ def test_auto_chooses_on_a_wider_validation_window_when_the_series_is_short():
     assert selection_split(Split(80, 50, 64), cfg) == Split(80, 50, 64)  # too short to widen: as is
 
     series = generate_series(cfg)
-    settled, selection, used, _, trained = train_directly(series, cfg)
-    assert used == split  # the model itself trains on the flow's split
+    out = train_models({"": (series, cfg)})[""]
+    settled, selection, trained = out.settings.cfg, out.settings.selection, out.trained
+    assert out.windows.split == split  # the model itself trains on the flow's split
     assert f"scored on {MIN_ORIGINS} origins in rows {wide.train_end}..{wide.val_end - 1}" in selection.markdown()
     assert selection.trained is None and len(trained.fits) == settled.ensemble  # every member trained anew
