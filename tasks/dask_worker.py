@@ -1,7 +1,8 @@
 """Imported by each Dask worker as it starts (distributed's ``preload``): the one-time costs a
-worker would otherwise pay inside its first trial (about 4 s here: imports, the tracking
-store's first connection, torch's first recurrent pass, loading the grouped operation) are
-paid while the cluster starts, and each worker trains on one core. Local clusters get it from
+worker would otherwise pay inside its first trial (imports, the tracking store's first
+connection, torch's first recurrent pass, loading the grouped operation; docs/BENCHMARKS.md,
+"Sweep scaling on a local Dask cluster") are paid while the cluster starts, and each worker
+trains on one core. Local clusters get it from
 ``flows.sweep``; for a cluster of your own, start the workers with
 ``dask worker tcp://SCHEDULER:8786 --nthreads 1 --preload tasks.dask_worker``."""
 

@@ -27,7 +27,7 @@ METRIC = {"forecaster": "test MASE", "charlm": "validation bits/char"}
 def load_registered(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """A registered version, loaded to be scored in this process. Without MLflow's check of the
     model's pinned requirements against the installed packages: it only warns, and it reads
-    every installed package's metadata, 0.7 s of a one-network run's start-up (measured)."""
+    every installed package's metadata (its cost: docs/BENCHMARKS.md, "Everyday runs")."""
     return mlflow.pyfunc.load_model(model_uri, suppress_warnings=True)
 
 
