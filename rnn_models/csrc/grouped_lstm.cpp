@@ -127,6 +127,23 @@ struct Tape {
   float *h, *c, *tanh_c, *gates;
 };
 
+Tape tape_of(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& tanh_c,
+             const at::Tensor& gates) {
+  return {x.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), tanh_c.data_ptr<float>(),
+          gates.data_ptr<float>()};
+}
+
+// fn(member k, first row r0, rows) for each of the K x chunks tasks, spread over the threads
+template <class Fn>
+void for_each_task(const Shape& s, const Fn& fn) {
+  at::parallel_for(0, s.K * s.chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task / s.chunks, r0 = (task % s.chunks) * s.rows, rows = std::min(s.rows, s.B - r0);
+      if (rows > 0) fn(k, r0, rows);
+    }
+  });
+}
+
 // One time step's gate pass over `rows` rows: g holds the gates' pre-activations and becomes their
 // activations; writes c_t, tanh(c_t) and h_t.
 inline void gate_pass(int64_t rows, int64_t H, float* g, const float* c_prev, float* h_next, float* c_next,
@@ -263,15 +280,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward(const at
     w_rec.push_back(w_hh[k].t().contiguous());
     bias.push_back(b_ih[k] + b_hh[k]);
   }
-  const Tape tape{x.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), tanh_c.data_ptr<float>(),
-                  gates.data_ptr<float>()};
-  at::parallel_for(0, K * s.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / s.chunks, r0 = (task % s.chunks) * s.rows, rows = std::min(s.rows, B - r0);
-      if (rows > 0)
-        forward_rows(s, tape, k, r0, rows, w_in[k].data_ptr<float>(), w_rec[k].data_ptr<float>(),
-                     bias[k].data_ptr<float>());
-    }
+  const Tape tape = tape_of(x, h, c, tanh_c, gates);
+  for_each_task(s, [&](int64_t k, int64_t r0, int64_t rows) {
+    forward_rows(s, tape, k, r0, rows, w_in[k].data_ptr<float>(), w_rec[k].data_ptr<float>(),
+                 bias[k].data_ptr<float>());
   });
   return {h, c, tanh_c, gates};
 }
@@ -290,15 +302,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward(
   // carried to the step before; for the last step alone, it starts as that step's gradient
   auto dh = last_only ? grad_h.clone() : at::zeros({K, B, H}, x.options());
   auto dc = at::zeros({K, B, H}, x.options());
-  const Tape tape{x.data_ptr<float>(), h.data_ptr<float>(), c.data_ptr<float>(), tanh_c.data_ptr<float>(),
-                  gates.data_ptr<float>()};
-  at::parallel_for(0, K * s.chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t k = task / s.chunks, r0 = (task % s.chunks) * s.rows, rows = std::min(s.rows, B - r0);
-      if (rows > 0)
-        backward_rows(s, tape, last_only ? nullptr : grad_h.data_ptr<float>(), k, r0, rows,
-                      w_hh[k].data_ptr<float>(), dz.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>());
-    }
+  const Tape tape = tape_of(x, h, c, tanh_c, gates);
+  for_each_task(s, [&](int64_t k, int64_t r0, int64_t rows) {
+    backward_rows(s, tape, last_only ? nullptr : grad_h.data_ptr<float>(), k, r0, rows, w_hh[k].data_ptr<float>(),
+                  dz.data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>());
   });
   auto dw_ih = at::empty({K, G, I}, x.options()), dw_hh = at::empty({K, G, H}, x.options()),
        db = at::empty({K, G}, x.options());
