@@ -6,9 +6,14 @@ back into a fresh registry as its champion, then loaded, served over HTTP, re-sc
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,7 +27,17 @@ from tasks.registry import client
 from tests.serving import invoke, rnnflow_served
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "saved_models"
-KINDS = sorted(p.name for p in FIXTURES.iterdir() if (p / "model").is_dir())
+KINDS = sorted(p.name for p in FIXTURES.iterdir() if (p / "model.tar.gz").is_file())
+
+
+@functools.cache
+def model_folder(name: str) -> Path:
+    """The saved model's artifacts, unpacked once per test session."""
+    folder = Path(tempfile.mkdtemp(prefix=f"saved-{name}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(FIXTURES / name / "model.tar.gz") as archive:
+        archive.extractall(folder, filter="data")
+    return folder
 
 
 def saved(name: str) -> tuple[dict, dict]:
@@ -41,7 +56,7 @@ def register_saved(name: str) -> None:
     mlflow.set_experiment("saved-models")
     with mlflow.start_run() as run:
         mlflow.log_params(version["params"])
-        mlflow.log_artifacts(str(FIXTURES / name / "model"), "model")
+        mlflow.log_artifacts(str(model_folder(name)), "model")
     c.create_registered_model(name)
     c.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id, tags=version["tags"])
     c.set_registered_model_alias(name, "champion", "1")
@@ -110,7 +125,7 @@ def test_the_champion_gate_of_a_new_run_scores_a_saved_champion_on_the_new_data(
 def test_a_saved_version_is_served_by_flows_serve_as_it_answered(name, mlflow_store):
     register_saved(name)
     _, expected = saved(name)
-    payload = json.loads((FIXTURES / name / "model" / "serving_input_example.json").read_text())
+    payload = json.loads((model_folder(name) / "serving_input_example.json").read_text())
     if "prefix" in expected["input"]:
         payload["params"] = {"seed": 0}
     with rnnflow_served(name, mlflow_store, workers=1) as base:
