@@ -72,6 +72,7 @@ scale_and_window = task(name="scale-and-window", cache_policy=SERIES_CONTENT,
 train_forecaster = task(name="train-forecaster", cache_policy=NO_CACHE)(training.train_forecaster)
 train_charlm = task(name="train-charlm", cache_policy=NO_CACHE)(text.train_charlm)
 run_trials = task(name="sweep-trials", cache_policy=NO_CACHE)(sweep.run_trials)
+calibrate_intervals = task(name="calibrate-intervals", cache_policy=NO_CACHE)(evaluation.calibrate_intervals)
 backtest = task(name="backtest", cache_policy=NO_CACHE)(evaluation.backtest)
 plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plot_backtest)
 

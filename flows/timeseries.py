@@ -53,11 +53,13 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
 
 
 def evaluate_and_register(settings: Settings, data: Data, windows: Windows, trained: Trained):
-    """Backtest on the test part -> score the champion on the same origins -> plot -> register
-    through the champion gate: the flow's last steps, and a sweep's for its best trial."""
+    """Calibrate --intervals on the validation part -> backtest on the test part -> score the
+    champion on the same origins -> plot -> register through the champion gate: the flow's last
+    steps, and a sweep's for its best trial."""
     from flows import steps
 
     cfg = settings.cfg
+    trained = steps.calibrate_intervals(data, windows, trained, cfg.interval_levels)
     bt = steps.backtest(data, windows, trained.pipeline(), cfg.label)
     champion = steps.score_champion(cfg.registered_name, data, windows, cfg.horizon, cfg.registry_retry_minutes)
     with tempfile.TemporaryDirectory() as tmp:

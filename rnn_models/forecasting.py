@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rnn_models import checkpoint
+from rnn_models.conformal import Calibration, calibrate
 from rnn_models.members import Members
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Chain, Scale
@@ -30,6 +31,7 @@ class ForecastPipeline:
             raise ValueError("a forecast pipeline needs at least one member network")
         self.members = nn.ModuleList(members).eval()
         self.chain, self.meta = chain, dict(meta or {})
+        self.calibration = Calibration.from_dict(self.meta["intervals"]) if "intervals" in self.meta else None
 
     @property
     def lookback(self) -> int:
@@ -64,17 +66,40 @@ class ForecastPipeline:
         """The point forecast (N, H) of ``predict``'s output: the median with quantiles."""
         return forecast[..., self.median_index] if self.quantiles else forecast
 
-    def to_frame(self, forecast: np.ndarray, ids: pd.Index | None = None) -> pd.DataFrame:
+    def calibrate(self, windows: np.ndarray, actual: np.ndarray, levels: tuple[float, ...]) -> Calibration:
+        """Conformal intervals at ``levels``, calibrated on held-out ``windows`` (N, L, F) and what
+        followed them, ``actual`` (N, H); saved with the pipeline (``rnn_models.conformal``)."""
+        self.calibration = calibrate(windows, actual, self.point(self.predict(windows)), levels)
+        self.meta["intervals"] = self.calibration.to_dict()
+        return self.calibration
+
+    def bounds(self, windows: np.ndarray, forecast: np.ndarray) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """Level -> (lower, upper) (N, H) of the calibrated intervals around ``predict``'s ``forecast``
+        of ``windows``; {} without intervals."""
+        return self.calibration.bounds(windows, self.point(forecast)) if self.calibration else {}
+
+    def answer(self, windows: np.ndarray, ids: pd.Index | None = None) -> pd.DataFrame:
+        """The served table for one series' window (1, L, F), or for S series' (S, L, F) with ``ids``."""
+        forecast = self.predict(windows)
+        bounds = self.bounds(windows, forecast)
+        if ids is None:
+            forecast, bounds = forecast[0], {a: (lo[0], hi[0]) for a, (lo, hi) in bounds.items()}
+        return self.to_frame(forecast, ids, bounds)
+
+    def to_frame(self, forecast: np.ndarray, ids: pd.Index | None = None,
+                 bounds: dict[float, tuple[np.ndarray, np.ndarray]] | None = None) -> pd.DataFrame:
         """One window's forecast (H,) or (H, Q) as the served table: ``step`` (1..H),
-        ``forecast`` and, with quantiles, one ``q<level>`` column per quantile. With ``ids``
-        (a named index of S series), S windows' forecasts (S, H[, Q]), H rows per series,
-        the id column first."""
+        ``forecast`` and, with quantiles, one ``q<level>`` column per quantile; with ``bounds``
+        (level -> (lower, upper)), ``lo<level>`` and ``hi<level>`` columns. With ``ids`` (a named
+        index of S series), S windows' forecasts (S, H[, Q]), H rows per series, the id column first."""
         steps = np.arange(1, self.horizon + 1, dtype=np.int64)
         flat = forecast.reshape(-1, *forecast.shape[2:]) if ids is not None else forecast  # (S*H[, Q])
         frame = pd.DataFrame({"step": np.tile(steps, len(ids)) if ids is not None else steps,
                               "forecast": self.point(flat)})
         for j, q in enumerate(self.quantiles):
             frame[f"q{q:g}"] = flat[:, j]
+        for a, (lo, hi) in (bounds or {}).items():
+            frame[f"lo{a:g}"], frame[f"hi{a:g}"] = lo.reshape(-1), hi.reshape(-1)
         if ids is not None:
             frame.insert(0, ids.name, np.repeat(ids.to_numpy(), self.horizon))
         return frame

@@ -106,6 +106,18 @@ class WindowOptions:
                         "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
 
 
+def parse_levels(name: str, text: str) -> list[float]:
+    """``--NAME 0.1,0.9``'s numbers, each strictly between 0 and 1."""
+    try:
+        levels = [float(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+    bad = [q for q in levels if not 0 < q < 1]
+    if bad:
+        raise ConfigError(f"--{name} must lie strictly between 0 and 1, got {sorted(bad)}")
+    return levels
+
+
 @dataclass
 class ForecasterOptions(ModelOptions):
     """The forecaster's own model options: quantiles and ensemble."""
@@ -115,6 +127,9 @@ class ForecasterOptions(ModelOptions):
                         "--id-column")
     quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
                             "q<level> column each beside forecast (the median, always included)")
+    intervals: str = option("", "comma-separated levels, e.g. 0.8,0.95: conformal prediction intervals around the "
+                            "forecast, calibrated per horizon step on validation errors; columns lo<level>, "
+                            "hi<level>")
     ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
 
@@ -172,7 +187,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         for cell in self.member_cells:
             if cell not in CELL_NAMES:
                 raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
-        self.quantile_levels  # noqa: B018 - parses, so a bad list stops here
+        self.quantile_levels, self.interval_levels  # noqa: B018 - parses, so a bad list stops here
 
     def _check_panel(self) -> None:
         """What a global model over many series cannot take."""
@@ -215,16 +230,13 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     @property
     def quantile_levels(self) -> tuple[float, ...]:
         """Sorted quantile levels with the median added; () for point forecasts."""
-        if not self.quantiles.strip():
-            return ()
-        try:
-            levels = {float(q) for q in self.quantiles.split(",") if q.strip()}
-        except ValueError:
-            raise ConfigError(f"--quantiles must be comma-separated numbers, got {self.quantiles!r}") from None
-        bad = [q for q in levels if not 0 < q < 1]
-        if bad:
-            raise ConfigError(f"--quantiles must lie strictly between 0 and 1, got {sorted(bad)}")
-        return tuple(sorted(levels | {0.5}))
+        levels = parse_levels("quantiles", self.quantiles)
+        return tuple(sorted({*levels, 0.5})) if levels else ()
+
+    @property
+    def interval_levels(self) -> tuple[float, ...]:
+        """The conformal intervals' levels, sorted; () for none."""
+        return tuple(sorted(set(parse_levels("intervals", self.intervals))))
 
     @property
     def covariates(self) -> list[str]:

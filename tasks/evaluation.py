@@ -15,12 +15,15 @@ import numpy as np
 import pandas as pd
 
 from rnn_models import metrics
+from rnn_models.conformal import coverage_lines, interval_scores, short_note
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from rnn_models.windows import Split
+from tasks import run_logger
 from tasks.data import Series
 from tasks.features import Data, Origins, Windows
 from tasks.panel import PanelBacktest, PanelData, PanelSplit, panel_windows, score_panel
+from tasks.training import Trained
 
 METRICS = ("mae", "rmse", "smape", "mase")
 
@@ -35,6 +38,9 @@ class Backtest:
     quantiles: dict[str, np.ndarray] = field(default_factory=dict)  # model name -> (N, H, Q)
     levels: tuple[float, ...] = ()
     intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # model name -> coverage, spl
+    conformal: dict[float, dict[str, float]] = field(default_factory=dict)  # --intervals level -> coverage, msis
+    calibrated_on: int = 0
+    bounds: dict[float, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # level -> (N, H) each
 
     def markdown(self, title: str = "Backtest") -> str:
         n, h = self.actual.shape
@@ -49,6 +55,7 @@ class Backtest:
             lines += ["", f"{name}: the {self.levels[0]:g}-{self.levels[-1]:g} quantile interval covers "
                       f"{100 * s['coverage']:.1f} % of actual values (nominal {100 * s['nominal']:.0f} %); "
                       f"mean scaled pinball loss {s['spl']:.4g} over quantiles {', '.join(map(str, self.levels))}."]
+        lines += ["", *coverage_lines(self.conformal, self.calibrated_on)] if self.conformal else []
         return "\n".join(lines)
 
 
@@ -91,11 +98,53 @@ def score(data: Data, split: Split | PanelSplit, origins: Origins, horizon: int,
 
 def backtest(data: Data, windows: Windows, pipeline: ForecastPipeline, label: str) -> Backtest | PanelBacktest:
     """The pipeline's forecasts of every test origin, in one batched call, and each ensemble
-    member's beside them, against the baselines."""
+    member's beside them, against the baselines; with --intervals, their coverage and MSIS."""
     origins = windows.test_origins
-    forecast, each = pipeline.predict(history_windows(data, origins, pipeline.lookback), members=True)
+    x = history_windows(data, origins, pipeline.lookback)
+    forecast, each = pipeline.predict(x, members=True)
     members = {f"{label}-member{i + 1}": f for i, f in enumerate(each)} if len(each) > 1 else {}
-    return score(data, windows.split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
+    bt = score(data, windows.split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
+    if pipeline.calibration:
+        actual, scales = actuals(data, origins, pipeline.horizon), in_sample_scales(data, windows.split, origins)
+        bounds = pipeline.bounds(x, forecast)
+        bt.conformal = {a: interval_scores(actual, lo, hi, a, *scales) for a, (lo, hi) in bounds.items()}
+        bt.calibrated_on = pipeline.calibration.calibrated_on
+        if isinstance(bt, Backtest):  # for its plot
+            bt.bounds = bounds
+    return bt
+
+
+def calibrate_intervals(data: Data, windows: Windows, trained: Trained, levels: tuple[float, ...]) -> Trained:
+    """--intervals: the trained model's conformal intervals, calibrated per horizon step on the
+    validation part's origins, errors it did not train on (``rnn_models.conformal``)."""
+    if levels:
+        pipeline, origins = trained.pipeline(), windows.val_origins
+        cal = pipeline.calibrate(history_windows(data, origins, pipeline.lookback),
+                                 actuals(data, origins, pipeline.horizon), levels)
+        run_logger().info("intervals %s calibrated on %d validation errors per horizon step",
+                          ", ".join(f"{a:g}" for a in levels), cal.calibrated_on)
+        if cal.short:
+            run_logger().warning(short_note(cal))
+    return trained
+
+
+def actuals(data: Data, origins: Origins, horizon: int) -> np.ndarray:
+    """The target's values (N, H) from each origin on (of each series in turn)."""
+    steps = np.arange(horizon)[None, :]
+    if isinstance(data, PanelData):
+        return np.concatenate([v[o[:, None] + steps] for v, o in zip(data.values, origins, strict=True)])
+    return data.features[:, 0][origins[:, None] + steps]
+
+
+def in_sample_scales(data: Data, split: Split | PanelSplit, origins: Origins) -> tuple[np.ndarray, np.ndarray]:
+    """Each origin's MASE denominator (its series' in-sample seasonal-naive error) and series number."""
+    if isinstance(data, PanelData):
+        counts = [len(o) for o in origins]
+        scales = [metrics.seasonal_naive_scale(v[:end], data.season_length)
+                  for v, end in zip(data.values, split.train_end, strict=True)]
+        return np.repeat(scales, counts), np.repeat(np.arange(len(counts)), counts)
+    scale = metrics.seasonal_naive_scale(data.features[: split.train_end, 0], data.season_length)
+    return np.full(len(origins), scale), np.zeros(len(origins), dtype=np.int64)
 
 
 def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Series, origins: np.ndarray,
@@ -124,6 +173,8 @@ def plot_forecast(series: Series, bt: Backtest, model_label: str, path: Path) ->
         q = bt.quantiles[model_label][:, 0]  # (N, Q) one step ahead
         ax.fill_between(t[bt.origins], q[:, 0], q[:, -1], alpha=0.25, lw=0,
                         label=f"{bt.levels[0]:g}-{bt.levels[-1]:g} quantiles")
+    for a, (lo, hi) in sorted(bt.bounds.items(), reverse=True):  # the widest first, beneath
+        ax.fill_between(t[bt.origins], lo[:, 0], hi[:, 0], alpha=0.2, lw=0, label=f"{a:g} conformal interval")
     last = bt.origins[-1] + np.arange(bt.actual.shape[1])
     if len(last) > 1:
         ax.plot(t[last], bt.forecasts[model_label][-1], "o-", ms=3, label=f"{model_label}, last origin")

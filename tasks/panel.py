@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rnn_models import metrics
+from rnn_models.conformal import coverage_lines
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import ConfigError, TimeSeriesConfig
@@ -204,6 +205,8 @@ class PanelBacktest:
     season_length: int
     horizon: int
     origins: list[np.ndarray]  # each series' forecast origins, in series order
+    conformal: dict[float, dict[str, float]] = field(default_factory=dict)  # --intervals level -> coverage, msis
+    calibrated_on: int = 0
 
     @property
     def scores(self) -> dict[str, dict[str, float]]:
@@ -222,6 +225,7 @@ class PanelBacktest:
                  "| model | MAE | RMSE | sMAPE % | MASE |", "|---|---:|---:|---:|---:|"]
         for name, s in self.scores.items():
             lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        lines += ["", *coverage_lines(self.conformal, self.calibrated_on)] if self.conformal else []
         return "\n".join(lines)
 
 

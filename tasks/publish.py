@@ -92,6 +92,7 @@ def _register_forecaster(settings: Settings, data: Data, windows: Windows, train
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created, tempfile.TemporaryDirectory() as tmp:
         log_training(cfg, trained, bt.scores, cfg.label, data_params(data))
         log_data(data, bt, cfg.label, name, tmp)
+        log_intervals(pipeline, bt)
         for p in plots:
             mlflow.log_artifact(p, "plots")
         mlflow.log_text(bt.markdown(f"{name} backtest"), "backtest.md")
@@ -104,7 +105,8 @@ def _register_forecaster(settings: Settings, data: Data, windows: Windows, train
         tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": data.sha256, "source": data.source,
                 "cell": ",".join(sorted(set(cfg.member_cells))), **data_tags(data), "lookback": str(cfg.lookback),
                 "horizon": str(cfg.horizon), "ensemble": str(cfg.ensemble),
-                "quantiles": ",".join(map(str, pipeline.quantiles)), "transforms": pipeline.chain.describe()}
+                "quantiles": ",".join(map(str, pipeline.quantiles)), "transforms": pipeline.chain.describe(),
+                "intervals": ",".join(f"{a:g}" for a in cfg.interval_levels)}
         metric = "mean test MASE over series" if isinstance(data, PanelData) else "test MASE"
         return finish_registration(name, created["version"], mase, champion, metric, tags,
                                    rescore=lambda: score_champion(name, data, windows, cfg.horizon),
@@ -140,6 +142,16 @@ def log_data(data: Data, bt: Backtest | PanelBacktest, label: str, name: str, tm
                                           targets=data.value_column, digest=data.sha256[:16]), context="training")
 
 
+def log_intervals(pipeline: ForecastPipeline, bt: Backtest | PanelBacktest) -> None:
+    """--intervals: each level's coverage and MSIS on the test part, and the calibration table."""
+    if pipeline.calibration is None:
+        return
+    mlflow.log_param("intervals_calibrated_on", pipeline.calibration.calibrated_on)
+    for a, s in bt.conformal.items():
+        mlflow.log_metrics({f"test_coverage_{a:g}": s["coverage"], f"test_msis_{a:g}": s["msis"]})
+    mlflow.log_text(pipeline.calibration.markdown(), "intervals.md")
+
+
 def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
     """The registered model's input example (one series' first ``lookback`` rows, or two series'
     last ones), its answer, and the columns it reads when sent (a global model's time column)."""
@@ -148,11 +160,11 @@ def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame,
         ids = data.ids[:2]
         tails = np.stack([v[-L:] for v in data.values[:2]])  # (2, L)
         example = pd.DataFrame({data.id_column: np.repeat(ids, L), data.value_column: tails.ravel()})
-        output = pipeline.to_frame(pipeline.predict(tails[..., None]), ids=pd.Index(ids, name=data.id_column))
+        output = pipeline.answer(tails[..., None], ids=pd.Index(ids, name=data.id_column))
         return example, output, (data.time_column,) if data.time_column else ()
     cols = [data.value_column, *data.covariate_columns]
     example = data.frame[cols].iloc[:L].astype("float64").reset_index(drop=True)
-    return example, pipeline.to_frame(pipeline.predict(example.to_numpy()[None])[0]), ()
+    return example, pipeline.answer(example.to_numpy()[None]), ()
 
 
 def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict[str, float]], label: str,

@@ -3,13 +3,14 @@ config and transform numbers) read into :class:`rnn_models.forecasting.ForecastP
 
 Input: a DataFrame whose value column (and any covariate columns) hold the history in
 original units, at least ``lookback`` rows; only the last ``lookback`` rows are used.
-Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``, and with
-quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``).
+Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``, with
+quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``),
+and with ``--intervals`` a ``lo<level>`` and ``hi<level>`` column each (``lo0.8``, ``hi0.8``).
 
 A global model (trained with ``--id-column ID``) reads many series at once: a long table with
 columns ID and the value column (and optionally the time column, by which each series' rows are
 ordered; otherwise the rows' order is the time order), and answers ``horizon`` rows per series,
-``ID, step, forecast[, q...]``, series in the order they first appear, from one batched forward
+``ID, step, forecast[, q...][, lo..., hi...]``, series in the order they first appear, from one batched forward
 pass. A series it never saw is forecast from its own history.
 """
 
@@ -45,10 +46,9 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         if not np.isfinite(window).all():
             raise _bad_input(f"the last {L} rows of {self.columns} contain a missing or infinite value")
         try:
-            forecast = self.pipeline.predict(window[None])[0]  # (H,) or (H, Q)
+            return self.pipeline.answer(window[None])
         except ValueError as e:  # e.g. a value <= 0 in the history of a log-transformed model
             raise _bad_input(str(e)) from e
-        return self.pipeline.to_frame(forecast)
 
     def _predict_many(self, model_input: pd.DataFrame) -> pd.DataFrame:
         """Every series of a long table in one batched call (see the module docstring)."""
@@ -81,8 +81,7 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         if bad.any():
             raise _bad_input(f"series {ids[int(np.flatnonzero(bad)[0])]!r}: the last {L} values of "
                              f"{value_col!r} contain a missing or infinite value")
-        forecast = self.pipeline.predict(windows[..., None])  # (S, H) or (S, H, Q)
-        return self.pipeline.to_frame(forecast, ids=pd.Index(ids, name=id_col))
+        return self.pipeline.answer(windows[..., None], ids=pd.Index(ids, name=id_col))
 
 
 def _bad_input(message: str) -> MlflowException:
