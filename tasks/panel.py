@@ -22,8 +22,7 @@ from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import (
     DataError,
     _fill_gaps,
-    _guess_time_column,
-    _mostly_numeric,
+    _pick_columns,
     _read_table,
     _regularise,
     _season_for,
@@ -89,19 +88,11 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
 
 
 def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, str]:
-    columns = list(df.columns)
-    for col, what in ((cfg.id_column, "id"), (cfg.time_column, "time"), (cfg.value_column, "value")):
-        if col and col not in columns:
-            raise DataError(f"{label}: no {what} column {col!r}; the columns are {columns}")
-    rest = df.drop(columns=[cfg.id_column])
-    time_col = cfg.time_column or _guess_time_column(rest)
-    if cfg.value_column:
-        return cfg.id_column, time_col, cfg.value_column
-    candidates = [c for c in rest.columns if c != time_col and _mostly_numeric(rest[c])]
-    if len(candidates) != 1:
-        raise DataError(f"{label}: cannot tell which column to forecast among {candidates or columns}; "
-                        "name it with --value-column")
-    return cfg.id_column, time_col, candidates[0]
+    """(id, time or '', value column): the time and value columns found as for one series, beside the id."""
+    if cfg.id_column not in df.columns:
+        raise DataError(f"{label}: no id column {cfg.id_column!r}; the columns are {list(df.columns)}")
+    time_col, value_col, _ = _pick_columns(df.drop(columns=[cfg.id_column]), cfg, label)
+    return cfg.id_column, time_col, value_col
 
 
 def _panel_times(s: pd.Series, col: str, label: str, cfg: TimeSeriesConfig) -> pd.Series:
