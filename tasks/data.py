@@ -228,12 +228,15 @@ def _guess_time_column(df: pd.DataFrame) -> str:
     return ""
 
 
-def _numeric(s: pd.Series, col: str, label: str) -> pd.Series:
+def _numeric(s: pd.Series, col: str, label: str, ids: pd.Series | None = None) -> pd.Series:
+    """Column ``col`` as floats; ``ids``: each row's series, named in the error for a non-numeric value."""
     values = pd.to_numeric(s, errors="coerce")
     bad = values.isna() & s.notna() & (s.astype(str).str.strip() != "")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{label}: column {col!r} has a non-numeric value {s.iloc[row]!r} at row {row + 1}")
+        whose, where = ((f"column {col!r}", "") if ids is None else
+                        (f"series {ids.iloc[row]!r} (column {ids.name!r})", f" in column {col!r}"))
+        raise DataError(f"{label}: {whose} has a non-numeric value {s.iloc[row]!r}{where} at row {row + 1}")
     if np.isinf(values.to_numpy(dtype=float)).any():
         raise DataError(f"{label}: column {col!r} holds an infinite value")
     if values.isna().all():

@@ -22,6 +22,7 @@ from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.data import (
     DataError,
     _fill_gaps,
+    _numeric,
     _pick_columns,
     _read_table,
     _regularise,
@@ -70,15 +71,7 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
     if ids.isna().any():
         raise DataError(f"{label}: column {id_col!r} is empty at row {int(np.flatnonzero(ids.isna())[0]) + 1}")
     ids = ids.astype(str)
-    values = pd.to_numeric(df[value_col], errors="coerce")
-    bad = values.isna() & df[value_col].notna() & (df[value_col].astype(str).str.strip() != "")
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{label}: series {ids.iloc[row]!r} (column {id_col!r}) has a non-numeric value "
-                        f"{df[value_col].iloc[row]!r} in column {value_col!r} at row {row + 1}")
-    if np.isinf(values.to_numpy(dtype=float)).any():
-        raise DataError(f"{label}: column {value_col!r} holds an infinite value")
-    table = pd.DataFrame({"id": ids, "value": values.astype(float)})
+    table = pd.DataFrame({"id": ids, "value": _numeric(df[value_col], value_col, label, ids)})
     if time_col:
         table["time"] = _panel_times(df[time_col], time_col, label, cfg)
     if table["id"].nunique() == 1:
