@@ -73,7 +73,10 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
     ids = ids.astype(str)
     table = pd.DataFrame({"id": ids, "value": _numeric(df[value_col], value_col, label, ids)})
     if time_col:
-        table["time"] = _panel_times(df[time_col], time_col, label, cfg)
+        if pd.api.types.is_numeric_dtype(df[time_col]) and not cfg.season_length:
+            raise ConfigError(f"{label}: column {time_col!r} holds plain time steps, not dates, so the season is "
+                              "unknown: give --season-length (e.g. 24 for hourly data)")
+        table["time"] = _times(df[time_col], time_col, label)
     if table["id"].nunique() == 1:
         raise DataError(f"{label}: column {id_col!r} holds one id ({ids.iloc[0]!r}), one series: "
                         f"drop --id-column to train on it")
@@ -86,13 +89,6 @@ def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple
         raise DataError(f"{label}: no id column {cfg.id_column!r}; the columns are {list(df.columns)}")
     time_col, value_col, _ = _pick_columns(df.drop(columns=[cfg.id_column]), cfg, label)
     return cfg.id_column, time_col, value_col
-
-
-def _panel_times(s: pd.Series, col: str, label: str, cfg: TimeSeriesConfig) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(s) and not cfg.season_length:
-        raise ConfigError(f"{label}: column {col!r} holds plain time steps, not dates, so the season is "
-                          "unknown: give --season-length (e.g. 24 for hourly data)")
-    return _times(s, col, label)
 
 
 def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,
