@@ -13,14 +13,7 @@ from pathlib import Path
 
 from flows import exit_process
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
-from tasks.registry import (
-    RegistryError,
-    champion_version,
-    client,
-    get_version,
-    rollback_champion,
-    set_champion,
-)
+from tasks.registry import RegistryError, champion_version, client, get_version, rollback_champion, set_champion
 from tasks.tracking import CHAMPION
 
 KEY_METRIC = {"forecaster": "test_mase", "charlm": "val_bpc"}

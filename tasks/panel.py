@@ -19,16 +19,7 @@ from rnn_models import metrics
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import ConfigError, TimeSeriesConfig
-from tasks.data import (
-    DataError,
-    _fill_gaps,
-    _numeric,
-    _pick_columns,
-    _read_table,
-    _regularise,
-    _season_for,
-    _times,
-)
+from tasks.data import DataError, _fill_gaps, _numeric, _pick_columns, _read_table, _regularise, _season_for, _times
 
 
 @dataclass
