@@ -252,13 +252,6 @@ def champion_lock(name: str, shared: SharedLock | None = None):
     """Serialise champion moves for ``name``: among the processes of this machine with a file
     lock (beside a SQLite store, or in the temp dir for a tracking server), and for a tracking
     server also among machines, with the ``shared`` lock when one is given."""
-    shared = shared if shared and not tracking_uri().startswith("sqlite:") else None
-    with _file_lock(name), (shared(name) if shared else contextlib.nullcontext()):
-        yield
-
-
-@contextlib.contextmanager
-def _file_lock(name: str):
     uri = tracking_uri()
     store = _sqlite_folder(uri)
     folder = (store / ".locks" if store else
@@ -267,7 +260,8 @@ def _file_lock(name: str):
     with open(folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            with shared(name) if shared and not uri.startswith("sqlite:") else contextlib.nullcontext():
+                yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
