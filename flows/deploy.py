@@ -54,10 +54,9 @@ ZOMBIES = "rnnflow: crash flow runs that stopped beating"
 
 
 def ensure_zombie_automation(silence_seconds: float | None = None) -> None:
-    """Have the Prefect server mark ``Crashed`` a flow run silent for ``silence_seconds`` (default
-    three heartbeats, or $RNNFLOW_ZOMBIE_SECONDS): one whose process died with this serving process
-    can report nothing and would show ``Running`` for ever (Prefect's recipe for zombie flow runs).
-    Created once per server."""
+    """Have the Prefect server mark ``Crashed`` a flow run silent for ``silence_seconds`` (default three
+    heartbeats, or $RNNFLOW_ZOMBIE_SECONDS), once per server: one whose process died with this serving
+    process can report nothing and would show ``Running`` for ever (Prefect's recipe for zombie flow runs)."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -67,11 +66,9 @@ def ensure_zombie_automation(silence_seconds: float | None = None) -> None:
     from prefect.events.schemas.events import ResourceSpecification
 
     silence_seconds = silence_seconds or float(os.environ.get("RNNFLOW_ZOMBIE_SECONDS", 3 * HEARTBEAT_SECONDS))
-    try:
+    with contextlib.suppress(ValueError):  # none of that name yet
         Automation.read(name=ZOMBIES)
         return
-    except ValueError:  # none of that name yet
-        pass
     Automation(name=ZOMBIES, trigger=EventTrigger(
         after={"prefect.flow-run.heartbeat"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
@@ -97,13 +94,11 @@ def _alive(p: psutil.Process) -> bool:
 
 
 class Shutdown:
-    """SIGTERM and Ctrl-C (SIGINT) for the serving process, done within ``STOP_SECONDS`` even with
-    the Prefect server gone (Prefect's own handler retries it for a minute or more, while a flow
-    run's process trains on unreported). The signal freezes the runner's event loop (no new flow
-    run starts) and a thread pauses the deployments, stops the flow runs' processes, marks
-    ``Crashed`` a killed run the server can still be told of (else the heartbeat automation,
-    ``ensure_zombie_automation``, does once it is back), prints one line and exits 0. The next run
-    of a deployment resumes from its checkpoint (docs/RELIABILITY.md)."""
+    """SIGTERM and Ctrl-C for the serving process, done within ``STOP_SECONDS`` even with the Prefect
+    server gone (Prefect's own handler retries it for a minute or more, while a flow run's process
+    trains on unreported). The signal freezes the runner's event loop (no new flow run starts); a thread
+    pauses the deployments, stops the flow runs' processes, marks ``Crashed`` a killed run the server can
+    still be told of (else ``ensure_zombie_automation`` does once it is back), prints one line, exits 0."""
 
     def __init__(self) -> None:
         self.runner: Runner | None = None
@@ -130,8 +125,7 @@ class Shutdown:
         manager = getattr(self.runner, "_process_manager", None)
         found: dict[psutil.Process, UUID | None] = {}
         for run_id in manager.flow_run_ids() if manager is not None else ():
-            handle = manager.get(run_id)
-            if handle is not None and handle.pid:
+            if (handle := manager.get(run_id)) is not None and handle.pid:
                 with contextlib.suppress(psutil.Error):
                     found[psutil.Process(handle.pid)] = run_id
         return found
@@ -157,10 +151,9 @@ class Shutdown:
             os._exit(0)
 
     def _end_processes(self, runs: dict[psutil.Process, UUID | None], killed: list, signum: int, t0: float) -> None:
-        """SIGTERM each flow run's process (on Ctrl-C after 1.5 s, for the terminal's SIGINT to do
-        it), whose Prefect engine then reports the run ``Crashed``; kill, with its children, what
-        still runs after ``GRACE_SECONDS`` (or 1.5 s after the server proved unreachable: the run
-        can report nothing then), adding its run to ``killed``."""
+        """SIGTERM each flow run's process (on Ctrl-C after 1.5 s, for the terminal's SIGINT to do it),
+        whose Prefect engine then reports the run ``Crashed``; kill, with its children, what still runs
+        after ``GRACE_SECONDS`` (or 1.5 s after the server proved unreachable: the run can report nothing)."""
         if signum == signal.SIGINT:
             self._wait(runs, t0 + 1.5)
         for p in runs:
@@ -184,9 +177,9 @@ class Shutdown:
             time.sleep(0.05)
 
     def _tell_server(self, killed: list[UUID | None], deadline: float) -> None:
-        """Pause the deployments; once the flow runs' processes are gone, mark ``Crashed`` any
-        killed run still unfinished. A busy server (a 503, a timeout) is asked again until
-        ``deadline``; a refused connection means no server: give up at once."""
+        """Pause the deployments; once the flow runs' processes are gone, mark ``Crashed`` any killed
+        run still unfinished. A busy server (a 503, a timeout) is asked again until ``deadline``; a
+        refused connection means no server: give up at once."""
         import httpx
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
@@ -275,8 +268,7 @@ class StoppableRunner(Runner):
 
 
 def serve(deployments: list, limit: int | None, shutdown: Shutdown) -> None:
-    """``prefect.serve`` with ``Shutdown``'s handling of SIGTERM and Ctrl-C (it pauses the
-    deployments itself, within a deadline)."""
+    """``prefect.serve`` with ``Shutdown``'s handling of SIGTERM and Ctrl-C."""
     import asyncio
 
     from prefect.flows import _display_serve_start_message

@@ -13,14 +13,7 @@ from pathlib import Path
 
 from flows import exit_process
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
-from tasks.registry import (
-    RegistryError,
-    champion_version,
-    client,
-    get_version,
-    rollback_champion,
-    set_champion,
-)
+from tasks.registry import RegistryError, champion_version, client, get_version, rollback_champion, set_champion
 from tasks.tracking import CHAMPION
 
 KEY_METRIC = {"forecaster": "test_mase", "charlm": "val_bpc"}
@@ -36,12 +29,9 @@ def cmd_list(args) -> str:
     c = client()
     rows = []
     for m in sorted(c.search_registered_models(), key=lambda m: m.name):
-        aliases = {}
-        for alias, version in m.aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
         for v in sorted(c.search_model_versions(f"name='{m.name}'"), key=lambda v: int(v.version)):
-            kind = v.tags.get("kind", "?")
-            rows.append([m.name, v.version, ",".join(aliases.get(str(v.version), [])) or "-", kind,
+            kind, aliases = v.tags.get("kind", "?"), [a for a, n in m.aliases.items() if str(n) == str(v.version)]
+            rows.append([m.name, v.version, ",".join(aliases) or "-", kind,
                          f"{KEY_METRIC.get(kind, '?')}={v.tags.get(KEY_METRIC.get(kind, ''), '?')}", v.run_id[:12]])
     if not rows:
         return "no registered models"
@@ -147,7 +137,6 @@ def parser() -> argparse.ArgumentParser:
     s = command(cmd_register, "register the model a run kept on disk when the tracking server was away")
     s.add_argument("path", help="the checkpoint folder the run named")
     s.add_argument("--name", default="", help="registered model name (default: the run's)")
-    s.set_defaults(command=cmd_register)
     return p
 
 

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 from prefect.settings import (
     PREFECT_API_URL,
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -142,12 +143,8 @@ def stop() -> bool:
     except (OSError, ValueError):
         pid_file.unlink(missing_ok=True)
         return False
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            break
-        time.sleep(0.1)
+    with contextlib.suppress(psutil.Error):  # gone, or still going after 10 s
+        psutil.Process(pid).wait(timeout=10)
     pid_file.unlink(missing_ok=True)
     return True
 

@@ -184,15 +184,12 @@ def many_series_flow(base: dict, grid: list[dict], id_column: str, workers: int 
         files = split_by_id(base_cfg.data, base_cfg.sha256, id_column, out)
         bases = {sid: {**base, "data": path, "sha256": "", "model_name": f"{name}-{sid}"}
                  for sid, path in files.items()}
-        jobs = [(sid, p) for sid in bases for p in grid]
         with parent_run(base_cfg.experiment, f"many-series-{name}", {"series": str(len(files))}) as (exp_id, parent_id):
-            results, wall = train_trials([(bases[sid], p) for sid, p in jobs], parent_id, exp_id, workers)
+            results, wall = train_trials([(b, p) for b in bases.values() for p in grid], parent_id, exp_id, workers)
             rows = []
-            for sid in bases:
-                mine = [r for (s, _), r in zip(jobs, results, strict=True) if s == sid]
-                best = min(mine, key=lambda r: r.val_loss)
-                _, reg = register_best(bases[sid], best, out)
-                rows.append((sid, best, reg))
+            for k, sid in enumerate(bases):  # the results come in job order: each series' grid in turn
+                best = min(results[k * len(grid):(k + 1) * len(grid)], key=lambda r: r.val_loss)
+                rows.append((sid, best, register_best(bases[sid], best, out)[1]))
     table = "\n".join(["| series | model | best trial | val loss | test MASE | version | champion |",
                         "|---|---|---|---:|---:|---:|---|",
                         *(f"| {sid} | {name}-{sid} | {b.index} | {b.val_loss:.5g} | {b.test_mase:.4g} | "

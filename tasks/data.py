@@ -46,19 +46,19 @@ class Series:
 # ---------------------------------------------------------------- synthetic
 
 
+PERIOD = 40  # of the generated sine waves
+# source -> (frame for the config, value column, covariate columns, season)
+GENERATORS = {"sine": (lambda cfg: synthetic.sine(cfg.length, PERIOD, seed=cfg.seed), "value", [], PERIOD),
+              "sin-cos": (lambda cfg: synthetic.sin_cos(cfg.length, PERIOD, seed=cfg.seed), "cos", ["sin"], PERIOD),
+              "arithmetic": (lambda cfg: synthetic.arithmetic(cfg.length), "value", [], 1),
+              "trend-season": (lambda cfg: synthetic.trend_season(cfg.length, seed=cfg.seed), "value", [], 24)}
+
+
 def generate_series(cfg: TimeSeriesConfig) -> Series:
-    period = 40
-    if cfg.source == "sine":
-        df, value, covs, season = synthetic.sine(cfg.length, period, seed=cfg.seed), "value", [], period
-    elif cfg.source == "sin-cos":
-        df, value, covs, season = synthetic.sin_cos(cfg.length, period, seed=cfg.seed), "cos", ["sin"], period
-    elif cfg.source == "arithmetic":
-        df, value, covs, season = synthetic.arithmetic(cfg.length), "value", [], 1
-    elif cfg.source == "trend-season":
-        df, value, covs, season = synthetic.trend_season(cfg.length, seed=cfg.seed), "value", [], 24
-    else:
+    if cfg.source not in GENERATORS:
         raise ValueError(f"generate_series cannot make source {cfg.source!r}")
-    cols = [value, *covs]
+    make, value, covs, season = GENERATORS[cfg.source]
+    df, cols = make(cfg), [value, *covs]
     digest = hashlib.sha256(df[cols].to_numpy().tobytes()).hexdigest()
     return Series(df[["t", *cols]], value, covs, "t", f"generated:{cfg.source}(length={cfg.length}, seed={cfg.seed})",
                   digest, None, cfg.season_length or season)
@@ -83,15 +83,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download_dir() -> Path:
-    return Path(os.environ.get("RNNFLOW_DOWNLOADS", Path.cwd() / "data" / "downloads"))
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 _handed_over: dict[tuple, tuple[str, str]] = {}  # downloads made by a run's pre-flight check
@@ -100,12 +93,8 @@ _handed_over: dict[tuple, tuple[str, str]] = {}  # downloads made by a run's pre
 def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = (), hand_over: bool = False
                ) -> tuple[str, str]:
     """Make ``location`` (a path or http(s) URL) a verified local file; returns (path, sha256).
-
-    A download goes to a temporary file and is moved into place only once complete and
-    matching ``sha256``, so nothing half-written is ever read. ``hand_over``: keep the
-    download for the next call with the same arguments (a run's pre-flight check, then the
-    run), which takes it instead of downloading again.
-    """
+    ``hand_over``: keep a download for the next call with the same arguments (a run's pre-flight
+    check, then the run), which takes it instead of downloading again."""
     key = (location, sha256, tuple(suffixes))
     if not hand_over and key in _handed_over and Path(_handed_over[key][0]).is_file():
         return _handed_over.pop(key)
@@ -127,10 +116,10 @@ def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = (), 
 
 
 def _download(location: str, sha256: str) -> tuple[Path, str]:
-    """Download into the downloads folder through a temporary file, renamed once complete and
-    verified; the temporary file never outlives the call."""
+    """Download through a temporary file, renamed once complete and verified: nothing half-written
+    is ever read, and the temporary file never outlives the call."""
     name = Path(urlparse(location).path).name or "download"
-    dest_dir = download_dir()
+    dest_dir = Path(os.environ.get("RNNFLOW_DOWNLOADS", Path.cwd() / "data" / "downloads"))
     dest_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
     try:
@@ -142,18 +131,13 @@ def _download(location: str, sha256: str) -> tuple[Path, str]:
         path = dest_dir / f"{digest[:12]}-{name}"
         os.replace(tmp, path)
         return path, digest
-    except urllib.error.HTTPError as e:
-        raise _wrap(e, DataError(f"{location}: HTTP {e.code} {e.reason}")) from e
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        reason = getattr(e, "reason", e)
-        raise _wrap(e, DataError(f"{location}: cannot download ({reason})")) from e
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # HTTPError among them
+        why = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError)
+               else f"cannot download ({getattr(e, 'reason', e)})")
+        raise (TransientDataError if _transient(e) else DataError)(f"{location}: {why}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _wrap(original: BaseException, err: DataError) -> DataError:
-    return TransientDataError(str(err)) if _transient(original) else err
 
 
 def _check_sha(location: str, actual: str, expected: str) -> None:
@@ -244,12 +228,15 @@ def _guess_time_column(df: pd.DataFrame) -> str:
     return ""
 
 
-def _numeric(s: pd.Series, col: str, label: str) -> pd.Series:
+def _numeric(s: pd.Series, col: str, label: str, ids: pd.Series | None = None) -> pd.Series:
+    """Column ``col`` as floats; ``ids``: each row's series, named in the error for a non-numeric value."""
     values = pd.to_numeric(s, errors="coerce")
     bad = values.isna() & s.notna() & (s.astype(str).str.strip() != "")
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{label}: column {col!r} has a non-numeric value {s.iloc[row]!r} at row {row + 1}")
+        whose, where = ((f"column {col!r}", "") if ids is None else
+                        (f"series {ids.iloc[row]!r} (column {ids.name!r})", f" in column {col!r}"))
+        raise DataError(f"{label}: {whose} has a non-numeric value {s.iloc[row]!r}{where} at row {row + 1}")
     if np.isinf(values.to_numpy(dtype=float)).any():
         raise DataError(f"{label}: column {col!r} holds an infinite value")
     if values.isna().all():
@@ -283,7 +270,7 @@ def _regularise(df: pd.DataFrame, time_col: str, label: str) -> tuple[pd.DataFra
         freq = str(step)
     else:
         freq, grid = None, None
-        inferred = pd.infer_freq(times) if len(times) >= 3 else None
+        inferred = pd.infer_freq(times)
         candidates = ([inferred] if inferred else []) + [*_CALENDAR_FREQS, pd.Timedelta(step)]  # names first
         present = set(times)
         for cand in candidates:
@@ -307,23 +294,19 @@ def _fill_gaps(df: pd.DataFrame, cols: list[str], time_col: str, max_gap: int, l
     missing = df[cols].isna().any(axis=1).to_numpy()
     if not missing.any():
         return df
-    runs, start = [], None  # (start row, length) of each run of missing steps
-    for i, m in enumerate(np.append(missing, False)):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i - start))
-            start = None
-    worst = max(runs, key=lambda r: r[1])
-    if worst[1] > max_gap:
-        raise DataError(f"{label}: {worst[1]} consecutive time steps are missing from {df[time_col].iloc[worst[0]]} "
-                        f"(at most --max-gap {max_gap} are interpolated)")
+    edges = np.diff(np.concatenate(([0], missing, [0])).astype(np.int8))  # +1 where a gap starts, -1 past its end
+    starts = np.flatnonzero(edges == 1)
+    lengths = np.flatnonzero(edges == -1) - starts
+    worst = int(np.argmax(lengths))
+    if lengths[worst] > max_gap:
+        raise DataError(f"{label}: {lengths[worst]} consecutive time steps are missing from "
+                        f"{df[time_col].iloc[starts[worst]]} (at most --max-gap {max_gap} are interpolated)")
     if missing[0] or missing[-1]:
         edge = df[time_col].iloc[0 if missing[0] else -1]
         raise DataError(f"{label}: the series starts or ends with a missing value (at {edge}); trim it")
     df[cols] = df[cols].interpolate(method="linear")
     logger.warning("%s: interpolated %d missing time steps in %d gaps (longest %d)",
-                   label, int(missing.sum()), len(runs), worst[1])
+                   label, int(missing.sum()), len(starts), lengths[worst])
     return df
 
 

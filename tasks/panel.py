@@ -20,16 +20,7 @@ from rnn_models.conformal import coverage_lines
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import ConfigError, TimeSeriesConfig
-from tasks.data import (
-    DataError,
-    _fill_gaps,
-    _guess_time_column,
-    _mostly_numeric,
-    _read_table,
-    _regularise,
-    _season_for,
-    _times,
-)
+from tasks.data import DataError, _fill_gaps, _numeric, _pick_columns, _read_table, _regularise, _season_for, _times
 
 
 @dataclass
@@ -72,17 +63,12 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
     if ids.isna().any():
         raise DataError(f"{label}: column {id_col!r} is empty at row {int(np.flatnonzero(ids.isna())[0]) + 1}")
     ids = ids.astype(str)
-    values = pd.to_numeric(df[value_col], errors="coerce")
-    bad = values.isna() & df[value_col].notna() & (df[value_col].astype(str).str.strip() != "")
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{label}: series {ids.iloc[row]!r} (column {id_col!r}) has a non-numeric value "
-                        f"{df[value_col].iloc[row]!r} in column {value_col!r} at row {row + 1}")
-    if np.isinf(values.to_numpy(dtype=float)).any():
-        raise DataError(f"{label}: column {value_col!r} holds an infinite value")
-    table = pd.DataFrame({"id": ids, "value": values.astype(float)})
+    table = pd.DataFrame({"id": ids, "value": _numeric(df[value_col], value_col, label, ids)})
     if time_col:
-        table["time"] = _panel_times(df[time_col], time_col, label, cfg)
+        if pd.api.types.is_numeric_dtype(df[time_col]) and not cfg.season_length:
+            raise ConfigError(f"{label}: column {time_col!r} holds plain time steps, not dates, so the season is "
+                              "unknown: give --season-length (e.g. 24 for hourly data)")
+        table["time"] = _times(df[time_col], time_col, label)
     if table["id"].nunique() == 1:
         raise DataError(f"{label}: column {id_col!r} holds one id ({ids.iloc[0]!r}), one series: "
                         f"drop --id-column to train on it")
@@ -90,26 +76,11 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
 
 
 def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, str]:
-    columns = list(df.columns)
-    for col, what in ((cfg.id_column, "id"), (cfg.time_column, "time"), (cfg.value_column, "value")):
-        if col and col not in columns:
-            raise DataError(f"{label}: no {what} column {col!r}; the columns are {columns}")
-    rest = df.drop(columns=[cfg.id_column])
-    time_col = cfg.time_column or _guess_time_column(rest)
-    if cfg.value_column:
-        return cfg.id_column, time_col, cfg.value_column
-    candidates = [c for c in rest.columns if c != time_col and _mostly_numeric(rest[c])]
-    if len(candidates) != 1:
-        raise DataError(f"{label}: cannot tell which column to forecast among {candidates or columns}; "
-                        "name it with --value-column")
-    return cfg.id_column, time_col, candidates[0]
-
-
-def _panel_times(s: pd.Series, col: str, label: str, cfg: TimeSeriesConfig) -> pd.Series:
-    if pd.api.types.is_numeric_dtype(s) and not cfg.season_length:
-        raise ConfigError(f"{label}: column {col!r} holds plain time steps, not dates, so the season is "
-                          "unknown: give --season-length (e.g. 24 for hourly data)")
-    return _times(s, col, label)
+    """(id, time or '', value column): the time and value columns found as for one series, beside the id."""
+    if cfg.id_column not in df.columns:
+        raise DataError(f"{label}: no id column {cfg.id_column!r}; the columns are {list(df.columns)}")
+    time_col, value_col, _ = _pick_columns(df.drop(columns=[cfg.id_column]), cfg, label)
+    return cfg.id_column, time_col, value_col
 
 
 def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,

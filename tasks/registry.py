@@ -31,11 +31,9 @@ from tasks.tracking import CHAMPION, TrackingUnavailable, tracking_uri
 # ---------------------------------------------------------------- the store
 
 
-def _artifact_root(uri: str) -> str | None:
-    """Artifacts beside a SQLite store (mlruns/artifacts); a server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
-    return None
+def _sqlite_folder(uri: str) -> Path | None:
+    """The folder of a SQLite store's file, where its artifacts and locks go; None for a server."""
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
 def client() -> MlflowClient:
@@ -52,9 +50,9 @@ def _initialise_sqlite_store(uri: str) -> None:
     """Create (or migrate) a SQLite store's tables once, one process at a time: MLflow creates
     them on first use, and runs started at once on a new store raced there (seen: SQLAlchemy's
     CircularDependencyError in one of four runs)."""
-    db = Path(uri.removeprefix("sqlite:///"))
-    (db.parent / ".locks").mkdir(parents=True, exist_ok=True)
-    with open(db.parent / ".locks" / "init.lock", "w") as lock:
+    locks = _sqlite_folder(uri) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / "init.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         MlflowClient(uri, uri).search_experiments(max_results=1)  # the tracking store's tables
         MlflowClient(uri, uri).search_registered_models(max_results=1)  # the registry's (the same file)
@@ -62,17 +60,15 @@ def _initialise_sqlite_store(uri: str) -> None:
 
 def ensure_experiment(name: str) -> str:
     c = client()
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    root = _artifact_root(tracking_uri())
-    try:
-        return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
-    except MlflowException:  # another run created it a moment ago
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if (exp := c.get_experiment_by_name(name)) is None:
+        folder = _sqlite_folder(tracking_uri())  # a server decides where artifacts go for itself
+        try:
+            return c.create_experiment(name, artifact_location=f"{(folder / 'artifacts').resolve().as_uri()}/{name}"
+                                       if folder else None)
+        except MlflowException:  # another run created it a moment ago
+            if (exp := c.get_experiment_by_name(name)) is None:
+                raise
+    return exp.experiment_id
 
 
 # ---------------------------------------------------------------- the registry
@@ -151,10 +147,8 @@ def distinct(a: float, b: float) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def atomic_run(experiment: str, run_name: str, model_name: str) -> Iterator[dict]:
-    """An MLflow run that disappears, with any model version it registered, if its body fails.
-
-    The body records a registered version in the yielded dict under ``"version"``.
-    """
+    """An MLflow run that disappears, with any model version it registered (the body records it in the
+    yielded dict under ``"version"``), if its body fails."""
     c = client()
     _clean_up_orphans(c)
     exp_id = ensure_experiment(experiment)
@@ -227,11 +221,9 @@ def with_retries(fn: Callable[[], object], minutes: float, what: str):
 def finish_registration(model_name: str, version: str, challenger: float, champion: ChampionScore,
                         metric: str, tags: dict[str, str], rescore: Callable[[], ChampionScore] | None = None,
                         shared_lock: SharedLock | None = None) -> Registration:
-    """Tag the version, apply the champion gate, and record the decision on the run.
-
-    Two runs may finish at once: under a lock (``champion_lock``), a champion that changed since
-    ``champion`` was scored is scored again with ``rescore``, so the alias ends on the better model.
-    """
+    """Tag the version, apply the champion gate, and record the decision on the run. Two runs may finish
+    at once: under ``champion_lock``, a champion that changed since ``champion`` was scored is scored
+    again with ``rescore``, so the alias ends on the better model."""
     c = client()
     for k, v in tags.items():
         c.set_model_version_tag(model_name, version, k, v)
@@ -260,23 +252,16 @@ def champion_lock(name: str, shared: SharedLock | None = None):
     """Serialise champion moves for ``name``: among the processes of this machine with a file
     lock (beside a SQLite store, or in the temp dir for a tracking server), and for a tracking
     server also among machines, with the ``shared`` lock when one is given."""
-    shared = shared if shared and not tracking_uri().startswith("sqlite:") else None
-    with _file_lock(name), (shared(name) if shared else contextlib.nullcontext()):
-        yield
-
-
-@contextlib.contextmanager
-def _file_lock(name: str):
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent / ".locks"
-    else:
-        folder = Path(tempfile.gettempdir()) / "rnnflow-locks" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    store = _sqlite_folder(uri)
+    folder = (store / ".locks" if store else
+              Path(tempfile.gettempdir()) / "rnnflow-locks" / hashlib.sha256(uri.encode()).hexdigest()[:16])
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{hashlib.sha256(name.encode()).hexdigest()[:16]}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            with shared(name) if shared and not uri.startswith("sqlite:") else contextlib.nullcontext():
+                yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -305,8 +290,7 @@ def get_version(name: str, ref: str):
 
 
 def champion_history(name: str) -> list[dict]:
-    raw = client().get_registered_model(name).tags.get("champion_history", "[]")
-    return json.loads(raw)
+    return json.loads(client().get_registered_model(name).tags.get("champion_history", "[]"))
 
 
 def set_champion(name: str, version: str, why: str) -> str | None:

@@ -15,14 +15,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import torch
 
 from rnn_models import checkpoint
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag, parse_value
-from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES, DataError, _read_table, fetch_data, read_series
 from tasks.evaluation import backtest
 from tasks.publish import log_history
 from tasks.registry import client
@@ -113,8 +112,7 @@ def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experim
 
 
 def trained_from(result: TrialResult, directory: str) -> Trained:
-    """The best trial's model back from its MLflow run (into ``directory``), as the
-    single-run tasks expect it."""
+    """The best trial's model back from its MLflow run (into ``directory``), as the single-run tasks expect it."""
     d = Path(mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path=TRIAL_MODEL,
                                                  dst_path=str(Path(directory) / result.run_id)))
     return Trained(ForecastPipeline.load(d / checkpoint.WEIGHTS, d / checkpoint.CONFIG), [result.fit], "cpu")
@@ -130,10 +128,9 @@ def results_markdown(results: list[TrialResult], best: TrialResult) -> str:
 
 def split_by_id(data: str, sha256: str, id_column: str, out_dir: str) -> dict[str, str]:
     """One CSV per series of a long-format file, in ``out_dir``: {series id: path}."""
-    path, _ = fetch_data(data, sha256, SERIES_SUFFIXES)
-    frame = pd.read_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else pd.read_csv(path)
+    frame = _read_table(fetch_data(data, sha256, SERIES_SUFFIXES)[0], data)
     if id_column not in frame.columns:
-        raise DataError(f"{data}: no id column {id_column!r}; the columns are {[str(c) for c in frame.columns]}")
+        raise DataError(f"{data}: no id column {id_column!r}; the columns are {list(frame.columns)}")
     files = {}
     for key, part in frame.groupby(id_column, sort=True):
         sid = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(key)).strip("_") or "series"

@@ -47,14 +47,6 @@ class Corpus:
     batch_size: int  # the batch shape it trains and is scored with: the config's, or smaller for a small
     num_steps: int  # text (rnn_models.text.fit_batch_shape)
 
-    def fitted_note(self, cfg: CharLMFlowConfig) -> str:
-        """One line when the batch shape was fitted to a small text, else ''."""
-        if (self.batch_size, self.num_steps) == (cfg.batch_size, cfg.num_steps):
-            return ""
-        return (f"{self.source}: {len(self.train):,} training characters fill fewer than {MIN_BATCHES} batches of "
-                f"--batch-size {cfg.batch_size} x --num-steps {cfg.num_steps}: training with {self.batch_size} x "
-                f"{self.num_steps}")
-
 
 def load_corpus(path: str, sha256: str, cfg: CharLMFlowConfig) -> Corpus:
     label = cfg.corpus
@@ -138,8 +130,10 @@ def fit_charlm(model: CharLM, corpus: Corpus, cfg: CharLMFlowConfig, device: str
     val_batch = val_batch_size(len(val), batch_size, num_steps)
     run_logger().info("training %s char LM on %s: %d train / %d validation characters, vocabulary %d",
                       cfg.cell, device, len(train), len(val), len(corpus.vocab))
-    if note := corpus.fitted_note(cfg):
-        run_logger().info(note)
+    if (batch_size, num_steps) != (cfg.batch_size, cfg.num_steps):
+        run_logger().info(f"{corpus.source}: {len(train):,} training characters fill fewer than {MIN_BATCHES} batches "
+                          f"of --batch-size {cfg.batch_size} x --num-steps {cfg.num_steps}: training with "
+                          f"{batch_size} x {num_steps}")
     tcfg = project(TrainConfig, cfg, device=device, epochs=EPOCHS_UNBOUNDED if cfg.minutes else cfg.epochs,
                    cosine=True, precision=charlm_precision(cfg.precision, device))
     return fit(model, lambda gen: sample(train, batch_size, num_steps, gen),
