@@ -10,9 +10,9 @@ from pathlib import Path
 from prefect.artifacts import create_markdown_artifact
 
 from flows import exit_process
-from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
+from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
 from tasks import data, text
-from tasks.config import CharLMFlowConfig, checkpoint_dir, safe_name
+from tasks.config import CharLMFlowConfig, safe_name
 from tasks.tracking import CHAMPION, check_tracking_server
 
 DESCRIPTION = "Train a character-level language model (RNN/LSTM/GRU) on a text corpus and register it in MLflow."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import inspect
 import json
@@ -24,7 +25,7 @@ from prefect.states import Failed
 
 from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
-from tasks.config import ConfigError, flag, parse_value
+from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, flag, parse_value, safe_name
 from tasks.data import DataError
 from tasks.tracking import TrackingUnavailable
 
@@ -199,3 +200,16 @@ def registration_note(name: str, reg) -> str:
     return (f"**{'Promoted to' if reg.promoted else 'Not promoted to'} `champion`**: {reg.reason}.\n\n"
             f"Load it: `mlflow.pyfunc.load_model(\"models:/{name}@champion\")`; "
             f"MLflow run [{reg.run_id}]({reg.run_url}).")
+
+
+# how a run goes, where its model is registered and what is computed after training, not what it trains
+NOT_IN_KEY = ("resume", "checkpoint_minutes", "registry_retry_minutes", "model_name", "experiment", "intervals")
+
+
+def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
+    """A run's checkpoint folder under ./checkpoints (or $RNNFLOW_CHECKPOINTS), keyed by what decides
+    what is trained (the config; the data's sha256, '' for generated data): the same command resumes."""
+    params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
+    key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
+    return root / f"{safe_name(cfg.registered_name)}-{key}"

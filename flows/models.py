@@ -88,8 +88,8 @@ def cmd_register(args) -> int:
     backtests, and applies the same champion gate; the folder goes once it is registered."""
     import importlib
 
-    from flows.cli import load_run, run_config
-    from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, checkpoint_dir
+    from flows.cli import checkpoint_dir, load_run, run_config
+    from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig
 
     folder = Path(args.path).resolve()
     try:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from prefect.artifacts import create_markdown_artifact
 
 from flows import exit_process
-from flows.cli import checkpointed, config_flow, registration_note, run_from_command_line
-from tasks.config import TimeSeriesConfig, checkpoint_dir, safe_name
+from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
+from tasks.config import TimeSeriesConfig, safe_name
 from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
 from tasks.features import check_lookback, split_series
 from tasks.panel import load_panel

@@ -5,9 +5,7 @@ params. Lower layers' configs are projected from it by field name (``project``).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import posixpath
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -394,17 +392,3 @@ def project(cls, cfg, **overrides):
     """A lower layer's config ``cls`` from the fields it shares by name with the flow config ``cfg``."""
     shared = {f.name for f in fields(cls)} & {f.name for f in fields(cfg)}
     return cls(**{**{k: getattr(cfg, k) for k in shared}, **overrides})
-
-
-# how a run goes and where its model is registered, not what it trains
-NOT_IN_KEY = ("resume", "checkpoint_minutes", "registry_retry_minutes", "model_name", "experiment")
-
-
-def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
-    """A run's checkpoint folder under ./checkpoints (or $RNNFLOW_CHECKPOINTS), keyed by what decides
-    what is trained (the config; the data's sha256, '' for generated data): the same command resumes."""
-    params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
-    key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
-    return root / f"{safe_name(cfg.registered_name)}-{key}"
-
