@@ -222,7 +222,7 @@ def _guess_time_column(df: pd.DataFrame) -> str:
         if col.lower() in TIME_NAMES:
             return col
         if not pd.api.types.is_numeric_dtype(df[col]):
-            parsed = pd.to_datetime(df[col], errors="coerce", format="mixed")
+            parsed = _to_datetime(df[col])
             if parsed.notna().mean() > 0.9:
                 return col
     return ""
@@ -244,10 +244,22 @@ def _numeric(s: pd.Series, col: str, label: str, ids: pd.Series | None = None) -
     return values.astype(float)
 
 
+QUARTER = r"^\s*(\d{4})\s*[-_ ]?\s*[Qq]([1-4])\s*$"  # 1970 Q1, 1970-Q1, 1970Q1, as fpp3 and spreadsheets write them
+
+
+def _to_datetime(s: pd.Series) -> pd.Series:
+    """Text as times (NaT where it is not one): what pandas reads, and quarters (as their first day)."""
+    quarters = s.astype(str).str.extract(QUARTER)
+    if quarters[0].notna().all():
+        months = (quarters[1].astype(int) * 3 - 2).astype(str).str.zfill(2)
+        return pd.to_datetime(quarters[0] + "-" + months + "-01")
+    return pd.to_datetime(s, errors="coerce", format="mixed")
+
+
 def _times(s: pd.Series, col: str, label: str) -> pd.Series:
     if pd.api.types.is_numeric_dtype(s):
         return s
-    t = pd.to_datetime(s, errors="coerce", format="mixed")
+    t = _to_datetime(s)
     if t.isna().any():
         row = int(np.flatnonzero(t.isna().to_numpy())[0])
         raise DataError(f"{label}: column {col!r} has a value that is not a time, {s.iloc[row]!r} at row {row + 1}")

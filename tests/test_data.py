@@ -27,6 +27,23 @@ def test_airline_csv_is_monthly_with_season_12(shared_data):
     assert s.sha256 == hashlib.sha256((shared_data / "airline-passengers.csv").read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("write", ["{y} Q{q}", "{y}-Q{q}", "{y}Q{q}"])
+def test_quarters_as_spreadsheets_write_them_are_quarterly(tmp_path, write):
+    """fpp3 and spreadsheets write quarters 1970 Q1, which pandas does not read as a time."""
+    quarters = [write.format(y=1970 + i // 4, q=i % 4 + 1) for i in range(40)]
+    path = tmp_path / "q.csv"
+    pd.DataFrame({"Quarter": quarters, "Consumption": np.sin(np.arange(40.0))}).to_csv(path, index=False)
+    series = load_series(str(path), "", TimeSeriesConfig(source="file", data=str(path)))
+    assert series.time_column == "Quarter" and series.freq.startswith("QS") and series.season_length == 4
+    assert series.frame["Quarter"].iloc[5] == pd.Timestamp("1971-04-01")
+
+
+def test_uschange_reads_its_quarters(shared_data):
+    cfg = TimeSeriesConfig(source="file", data=str(shared_data / "uschange.csv"), value_column="Consumption")
+    series = load_series(cfg.data, "", cfg)
+    assert series.time_column == "Quarter" and len(series.frame) == 187 and series.season_length == 4
+
+
 def test_unsorted_rows_are_sorted_and_short_gaps_interpolated(tmp_path, caplog):
     days = pd.date_range("2024-01-01", periods=30, freq="D")
     df = pd.DataFrame({"day": days, "load": np.arange(30.0), "temp": np.arange(30.0) * 2})
