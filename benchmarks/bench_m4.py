@@ -58,10 +58,12 @@ def long_file(ids: list[str], train: list[np.ndarray], directory: str) -> str:
     return str(path)
 
 
-def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.ndarray, float, str]:
-    """(forecasts (414, 48), training seconds, what --auto chose) of the flow's default global model."""
+def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.ndarray, float, str, dict]:
+    """(forecasts (414, 48), training seconds, what --auto chose, --intervals' level -> (lower, upper))
+    of the flow's default global model."""
     from tasks.config import TimeSeriesConfig
     from tasks.data import fetch_data
+    from tasks.evaluation import calibrate_intervals
     from tasks.panel import load_panel
     from tasks.selection import train_models
 
@@ -72,9 +74,12 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     out = train_models({"m4": (panel, cfg)})["m4"]
     seconds = time.perf_counter() - start
     cfg, selection, pipeline = out.settings.cfg, out.settings.selection, out.trained.pipeline()
+    calibrate_intervals(panel, out.windows, out.trained, cfg.interval_levels)  # as the flow does before registering
     windows = np.stack([v[-cfg.lookback :] for v in panel.values])[..., None]
-    forecast = dict(zip(panel.ids, pipeline.point(pipeline.predict(windows)), strict=True))
-    return np.stack([forecast[i] for i in ids]), seconds, selection.choice if selection else "--no-auto"
+    raw = pipeline.predict(windows)
+    order = [list(panel.ids).index(i) for i in ids]
+    bounds = {a: (lo[order], hi[order]) for a, (lo, hi) in pipeline.bounds(windows, raw).items()}
+    return pipeline.point(raw)[order], seconds, selection.choice if selection else "--no-auto", bounds
 
 
 def statsforecast_models(ids: list[str], train: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,6 +95,8 @@ def statsforecast_models(ids: list[str], train: list[np.ndarray]) -> dict[str, n
 
 
 def main() -> None:
+    from rnn_models.conformal import interval_scores
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0")
     p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
@@ -100,16 +107,18 @@ def main() -> None:
     print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
           f"horizon {H}, season {M}; load average {os.getloadavg()[0]:.2f}; torch threads "
           f"{__import__('torch').get_num_threads()}; options {options or 'defaults'}")
-    rows = []
+    rows, intervals = [], []
     last = np.stack([v[-M:] for v in train])
     rows.append(("seasonal naive", *competition_scores(train, test, np.tile(last, H // M)), ""))
     rows.append(("naive", *competition_scores(train, test, np.repeat(np.stack([v[-1:] for v in train]), H, 1)), ""))
     with tempfile.TemporaryDirectory() as tmp:
         path = long_file(ids, train, tmp)
         for seed in map(int, args.seeds.split(",")):
-            forecast, seconds, choice = rnnflow(path, ids, seed, options)
+            forecast, seconds, choice, bounds = rnnflow(path, ids, seed, options)
             rows.append((f"rnnflow global (seed {seed})", *competition_scores(train, test, forecast),
                          f"{seconds:.0f} s training, --auto: {choice}"))
+            intervals += [(seed, a, interval_scores(np.stack(test), lo, hi, a, *m4_scales(train)))
+                          for a, (lo, hi) in bounds.items()]
     if not args.no_stats:
         start = time.perf_counter()
         for name, f in statsforecast_models(ids, train).items():
@@ -121,6 +130,16 @@ def main() -> None:
     for name, s, m, note in rows:
         print(f"| {name} | {s:.3f} | {m:.3f} | {100 * (s / snaive[1] - 1):+.1f} % / {100 * (m / snaive[2] - 1):+.1f} % "
               f"| {note} |")
+    if intervals:
+        print("\n| rnnflow --intervals | level | coverage | MSIS |\n|---|---:|---:|---:|")
+        for seed, a, scores in intervals:
+            print(f"| seed {seed} | {a:g} | {100 * scores['coverage']:.1f} % | {scores['msis']:.3f} |")
+
+
+def m4_scales(train: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Each series' MSIS denominator (the in-sample error of the 24-step seasonal naive over the
+    whole training part, as for MASE) and its number."""
+    return np.array([np.mean(np.abs(v[M:] - v[:-M])) for v in train]), np.arange(len(train))
 
 
 def parse_options(rest: list[str]) -> dict:

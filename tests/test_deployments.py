@@ -27,7 +27,8 @@ def store(tmp_path):
 def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
     with prefect_server(tmp_path, store) as env, \
             served_deployments(env, tmp_path, "--only", "timeseries", "--timeseries-params", json.dumps(TINY)):
-        out = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", "epochs=2", "--watch")
+        out = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", "epochs=2", "--param", "intervals=0.8",
+                          "--watch")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "Completed" in out.stdout + out.stderr
         bad = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", "horizon=0", "--watch")
@@ -45,8 +46,10 @@ def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
         assert not list(tmp_path.parent.parent.glob(f"{tmp_path.name}-x*"))
     c = MlflowClient(store, store)
     (version,) = c.search_model_versions("name='sine-forecaster'")  # ... and registers nothing
-    params = c.get_run(version.run_id).data.params
+    run = c.get_run(version.run_id)
+    params = run.data.params
     assert params["epochs"] == "2" and params["hidden_size"] == "16"  # the param over the deployment's defaults
+    assert params["intervals"] == "0.8" and 0 <= run.data.metrics["test_coverage_0.8"] <= 1
     assert str(c.get_model_version_by_alias("sine-forecaster", "champion").version) == "1"
 
 

@@ -21,7 +21,7 @@ def store(tmp_path_factory, shared_data):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         timeseries_flow(length=600, lookback=12, horizon=3, hidden_size=16, epochs=3, device="cpu",
-                        quantiles="0.1,0.9")
+                        quantiles="0.1,0.9", intervals="0.8,0.95")
         charlm_flow(data=str(corpus), hidden_size=32, embedding_dim=16, num_steps=20, epochs=1, sample_every=0,
                     sample_chars=10, device="cpu")
     return uri
@@ -35,6 +35,7 @@ def test_forecaster_over_http(store):
         rows = body["predictions"]
         assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["forecast"]) for r in rows)
         assert all(r["q0.1"] <= r["q0.5"] == r["forecast"] <= r["q0.9"] for r in rows), rows
+        assert all(r["lo0.95"] <= r["lo0.8"] <= r["forecast"] <= r["hi0.8"] <= r["hi0.95"] for r in rows), rows
 
         bad = {
             "missing column": {"dataframe_split": {"columns": ["other"], "data": [[1.0]] * 20}},
