@@ -19,6 +19,7 @@ generator, so without that the seeds would score other data).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -56,32 +57,35 @@ VARIANTS = {
 }
 
 
-def config(series: str, variant: str, seed: int):
+def config(series: str, variant: str, seed: int, intervals: str = ""):
     from tasks.config import TimeSeriesConfig
 
-    return TimeSeriesConfig(**{**SERIES[series], **VARIANTS[variant], "seed": seed, "device": "cpu"})
+    return TimeSeriesConfig(**{**SERIES[series], **VARIANTS[variant], "seed": seed, "device": "cpu",
+                               "intervals": intervals})
 
 
-def run_rnnflow(job: tuple) -> tuple[str, str, int, float, float, str]:
-    """One (series, variant, seed[, data seed]): the flow's own tasks, minus MLflow. Returns test MASE."""
+def run_rnnflow(job: tuple, intervals: str = "") -> tuple[str, str, int, float, float, str, dict]:
+    """One (series, variant, seed[, data seed]): the flow's own tasks, minus MLflow. Returns test MASE
+    and, with ``intervals``, the conformal intervals' test coverage and MSIS per level."""
     import torch
 
     from tasks.data import DataError, read_series
-    from tasks.evaluation import backtest
+    from tasks.evaluation import backtest, calibrate_intervals
     from tasks.selection import train_models
 
     torch.set_num_threads(1)  # two jobs at once on two cores
     series_name, variant, seed, data_seed = (*job, 0)[:4]
-    cfg = config(series_name, variant, seed)
+    cfg = config(series_name, variant, seed, intervals)
     t0 = time.perf_counter()
     series = read_series(replace(cfg, seed=data_seed))  # the same data for every training seed and every model
     try:
         out = train_models({series_name: (series, cfg)})[series_name]
     except DataError as e:  # log of a series with values <= 0
-        return series_name, variant, seed, float("nan"), 0.0, f"not applicable: {e}"
+        return series_name, variant, seed, float("nan"), 0.0, f"not applicable: {e}", {}
     note = out.settings.selection.choice if out.settings.selection else ""
+    calibrate_intervals(series, out.windows, out.trained, cfg.interval_levels)  # as the flow does
     bt = backtest(series, out.windows, out.trained.pipeline(), "rnnflow")
-    return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note
+    return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note, bt.conformal
 
 
 def noiseless(series_name: str, cfg) -> np.ndarray | None:
@@ -140,7 +144,10 @@ def main() -> None:
                          "series (data seeds 1..N), 0 to skip")
     ap.add_argument("--rnnflow-only", action="store_true",
                     help="only rnnflow's rows, without statsforecast (which needs pandas < 3): a before/after check")
+    ap.add_argument("--intervals", default="", help="also give rnnflow conformal intervals at these levels "
+                    "(e.g. 0.8,0.95) and print their test coverage and MSIS")
     args = ap.parse_args()
+    rnnflow = functools.partial(run_rnnflow, intervals=args.intervals)
     seeds = [int(s) for s in args.seeds.split(",")]
     names, variants = args.series.split(","), args.variants.split(",")
 
@@ -148,11 +155,12 @@ def main() -> None:
     if args.rnnflow_only:
         t0 = time.perf_counter()
         with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(run_rnnflow, jobs))
+            results = list(pool.map(rnnflow, jobs))
         print(f"# {len(jobs)} rnnflow runs in {time.perf_counter() - t0:.0f} s on {args.jobs} processes\n")
         print("| model | " + " | ".join(names) + " |")
         print("|---|" + "---:|" * len(names))
         print_rnnflow_rows(names, variants, seeds, results)
+        print_intervals(names, results)
         return
     draws = [(s, d) for s in names if noiseless(s, config(s, "default", 0)) is not None
              for d in range(1, args.realizations + 1)]
@@ -160,7 +168,7 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:
         slow_first = pool.map(run_classical, names)  # AutoARIMA with a long season takes minutes
         other_draws = pool.map(run_classical, *zip(*[(s, d, False) for s, d in draws], strict=True)) if draws else []
-        everything = list(pool.map(run_rnnflow, jobs + [(s, "default", 0, d) for s, d in draws]))
+        everything = list(pool.map(rnnflow, jobs + [(s, "default", 0, d) for s, d in draws]))
         results, draw_results = everything[: len(jobs)], everything[len(jobs) :]
         classical = dict(zip(names, slow_first, strict=True))
         on_draws = {key: (c[0], r[3]) for key, c, r in zip(draws, other_draws, draw_results, strict=True)}
@@ -182,6 +190,7 @@ def main() -> None:
     print("| oracle: the generator's noiseless signal | " + " | ".join(
         f"{classical[s][0]['oracle']:.3f}" if "oracle" in classical[s][0] else "-" for s in names) + " |")
     print_rnnflow_rows(names, variants, seeds, results)
+    print_intervals(names, results)
     # what the default beats, per series (to 3 decimals: both exact on a straight line is a tie)
     for s in names if "default" in variants else []:
         d = round(float(np.mean([r[3] for r in results if r[0] == s and r[1] == "default"])), 3)
@@ -212,6 +221,20 @@ def print_rnnflow_rows(names, variants, seeds, results) -> None:
             print(f"--auto on {s} chose: " + "; ".join(chosen))
     secs = {v: np.mean([r[4] for r in results if r[1] == v]) for v in variants}
     print("\nmean seconds per rnnflow training: " + ", ".join(f"{v} {t:.1f}" for v, t in secs.items()))
+
+
+def print_intervals(names, results) -> None:
+    """The default's conformal intervals on each series: coverage and MSIS per level, mean over seeds."""
+    levels = sorted({a for r in results for a in r[6]})
+    if not levels:
+        return
+    print("\n| rnnflow default --intervals | " + " | ".join(f"{a:g}: coverage, MSIS" for a in levels) + " |")
+    print("|---|" + "---:|" * len(levels))
+    for s in names:
+        mine = [r[6] for r in results if r[0] == s and r[1] == "default" and r[6]]
+        cells = [f"{100 * np.mean([c[a]['coverage'] for c in mine]):.1f} %, {np.mean([c[a]['msis'] for c in mine]):.2f}"
+                 for a in levels] if mine else ["n/a"] * len(levels)
+        print(f"| {s} | " + " | ".join(cells) + " |")
 
 
 def print_draws(names, classical, results, on_draws) -> None:
