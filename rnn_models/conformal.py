@@ -73,7 +73,12 @@ class Calibration:
 def short_note(cal: Calibration) -> str:
     return (f"{cal.calibrated_on} held-out errors are too few to promise level(s) "
             f"{', '.join(f'{a:g}' for a in cal.short)} (they need at least "
-            f"{min(math.ceil(a / (1 - a)) for a in cal.short)}): those take the largest error seen")
+            f"{min(needed(a) for a in cal.short)}): those take the largest error seen")
+
+
+def needed(level: float) -> int:
+    """The fewest held-out errors that can promise ``level``: the least n with rank(level, n) <= n."""
+    return math.ceil(level / (1 - level) - 1e-9)
 
 
 def calibrate(windows: np.ndarray, actual: np.ndarray, point: np.ndarray, levels: tuple[float, ...]) -> Calibration:

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.timeseries import timeseries_flow
-from rnn_models.conformal import calibrate, interval_scores, rank, window_scale
+from rnn_models.conformal import calibrate, interval_scores, needed, rank, window_scale
 from tasks.config import ConfigError, TimeSeriesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,8 @@ def test_the_radius_is_the_conformal_rank_and_too_few_errors_say_so():
     assert rank(0.8, 9) == 8 and cal.radius[0, 0] == 8.0  # ceil(10 x 0.8) = 8th smallest
     assert cal.short == (0.95,) and cal.radius[1, 0] == 9.0  # 9 < 0.95 / 0.05: the largest error
     assert "9 held-out errors are too few to promise level(s) 0.95 (they need at least 19)" in cal.markdown()
+    for level, n in ((0.5, 1), (0.8, 4), (0.9, 9), (0.95, 19), (0.99, 99)):  # the least n with rank <= n
+        assert needed(level) == n and rank(level, n) <= n and rank(level, n - 1) > n - 1
 
 
 def test_msis_is_m4s_interval_score_averaged_within_then_over_series():
