@@ -53,19 +53,23 @@ def config_flow(cls, name: str, description: str):
     epochs=5`` sets one). The config is built inside the run, so a bad value fails it before any task;
     a user error fails it with ``error: <what is wrong>`` as its message and no traceback."""
     hints = typing.get_type_hints(cls)
+    # ``prefect deployment run --param intervals=0.8`` sends the JSON number 0.8: a text option
+    # accepts a number in the flow's schema and reads it back as the text the user typed
+    schema = {name: str | int | float if kind is str else kind for name, kind in hints.items()}
 
     def decorate(body: Callable):
         def run(**params):
+            params = {k: v if hints[k] is not str or isinstance(v, str) else str(v) for k, v in params.items()}
             try:
                 return body(cls(**params))
             except USER_ERRORS as e:  # a caller of the flow still gets ``e`` raised from the state
                 return Failed(message=f"error: {e}", data=e)
 
         run.__signature__ = inspect.Signature([
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=schema[f.name])
             for f in fields(cls)
         ])
-        run.__annotations__ = {f.name: hints[f.name] for f in fields(cls)}
+        run.__annotations__ = {f.name: schema[f.name] for f in fields(cls)}
         run.__name__ = run.__qualname__ = body.__name__
         run.__module__ = body.__module__
         # Prefect reads parameter descriptions for its UI from a Google-style docstring
