@@ -88,9 +88,10 @@ def stopping_trials():
 
 # what decides whether trials' networks can train as one (tasks.training.Network.group_key): a field
 # left out here costs only grouping, never correctness (networks train together only where they match)
-SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "max_gap", "lookback", "horizon",
-                "stride", "val_size", "test_size", "cell", "ensemble_cells", "hidden_size", "num_layers", "dropout",
-                "bidirectional", "patch", "batch_size", "loss", "quantiles", "clip", "device")
+SHAPE_FIELDS = ("source", "data", "length", "value_column", "covariate_columns", "future_covariate_columns",
+                "max_gap", "lookback", "horizon", "stride", "val_size", "test_size", "cell", "ensemble_cells",
+                "hidden_size", "num_layers", "dropout", "bidirectional", "patch", "batch_size", "loss", "quantiles",
+                "clip", "device")
 
 
 def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple[int, dict, dict]]]:
@@ -231,9 +232,9 @@ def task_runner(kind: str, workers: int, address: str):
 
 
 # what the input checks read (flows.timeseries.check_input): grid points alike in these are checked once
-DATA_FIELDS = ("source", "data", "sha256", "time_column", "value_column", "covariate_columns", "max_gap", "length",
-               "lookback", "horizon", "stride", "val_size", "test_size", "season_length", "scaler", "transform",
-               "difference", "window_norm", "baseline")
+DATA_FIELDS = ("source", "data", "sha256", "time_column", "value_column", "covariate_columns",
+               "future_covariate_columns", "max_gap", "length", "lookback", "horizon", "stride", "val_size",
+               "test_size", "season_length", "scaler", "transform", "difference", "window_norm", "baseline")
 
 
 def check_data(base: dict, grid: list[dict], id_column: str) -> None:

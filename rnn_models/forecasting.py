@@ -24,7 +24,9 @@ from rnn_models.transforms import Chain, Scale
 
 
 class ForecastPipeline:
-    """Transforms + member networks. Feature 0 is the target; the rest are past covariates."""
+    """Transforms + member networks. Feature 0 is the target; the rest are covariates, the last C
+    of them (``meta["future_covariate_columns"]``) known for the horizon too: a window then holds
+    the H steps ahead after its L steps of history, (N, L + H, F), the target of those H unread."""
 
     def __init__(self, members: list[Forecaster], chain: Chain, meta: dict | None = None):
         if not members:
@@ -32,6 +34,8 @@ class ForecastPipeline:
         self.members = nn.ModuleList(members).eval()
         self.chain, self.meta = chain, dict(meta or {})
         self.calibration = Calibration.from_dict(self.meta["intervals"]) if "intervals" in self.meta else None
+        # the covariates known ahead are scaled on their own (fitted on the training rows), not per window
+        self.future_scale = Chain.from_list([self.meta["future_scale"]]) if "future_scale" in self.meta else None
 
     @property
     def lookback(self) -> int:
@@ -40,6 +44,25 @@ class ForecastPipeline:
     @property
     def horizon(self) -> int:
         return self.members[0].cfg.horizon
+
+    @property
+    def future_columns(self) -> list[str]:
+        return list(self.meta.get("future_covariate_columns", []))
+
+    @property
+    def ahead(self) -> int:
+        """Steps a window holds after its history: H with covariates known ahead, else 0."""
+        return self.horizon if self.future_columns else 0
+
+    def split(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Windows (N, L + ahead, F) -> history (N, L, F) and the covariates known ahead (N, H, C) or None."""
+        L, C = self.lookback, len(self.future_columns)
+        if not C:
+            return windows, None
+        if windows.shape[1] != L + self.horizon:
+            raise ValueError(f"a window holds {self.lookback} steps of history and the {self.horizon} steps ahead "
+                             f"(for {self.future_columns}); got {windows.shape[1]} steps")
+        return windows[:, :L], windows[:, L:, -C:]
 
     @property
     def quantiles(self) -> tuple[float, ...]:
@@ -51,12 +74,15 @@ class ForecastPipeline:
 
     @torch.no_grad()
     def predict(self, windows: np.ndarray, batch_size: int = 4096, members: bool = False):
-        """windows (N, L, F) in original units -> forecasts (N, H), or (N, H, Q) with quantiles
+        """windows (N, L + ahead, F) in original units -> forecasts (N, H), or (N, H, Q) with quantiles
         (sorted along Q), in original units: the members' average. With ``members=True``
         returns (average, [each member's forecast])."""
-        x, _, ctx = self.chain.encode(windows)
-        x = x.astype(np.float32)
-        each = [self.chain.decode(self._run(m, x, batch_size), ctx) for m in self.members]
+        past, future = self.split(windows)
+        x, _, ctx = self.chain.encode(past)
+        inputs = [x.astype(np.float32)]
+        if future is not None:
+            inputs.append(self.future_scale.encode(future)[0].astype(np.float32))
+        each = [self.chain.decode(self._run(m, inputs, batch_size), ctx) for m in self.members]
         mean = np.mean(each, axis=0)
         if self.quantiles:  # rearrangement: sorted quantiles never cross, and score no worse
             mean, each = np.sort(mean, axis=-1), [np.sort(f, axis=-1) for f in each]
@@ -69,17 +95,17 @@ class ForecastPipeline:
     def calibrate(self, windows: np.ndarray, actual: np.ndarray, levels: tuple[float, ...]) -> Calibration:
         """Conformal intervals at ``levels``, calibrated on held-out ``windows`` (N, L, F) and what
         followed them, ``actual`` (N, H); saved with the pipeline (``rnn_models.conformal``)."""
-        self.calibration = calibrate(windows, actual, self.point(self.predict(windows)), levels)
+        self.calibration = calibrate(self.split(windows)[0], actual, self.point(self.predict(windows)), levels)
         self.meta["intervals"] = self.calibration.to_dict()
         return self.calibration
 
     def bounds(self, windows: np.ndarray, forecast: np.ndarray) -> dict[float, tuple[np.ndarray, np.ndarray]]:
         """Level -> (lower, upper) (N, H) of the calibrated intervals around ``predict``'s ``forecast``
         of ``windows``; {} without intervals."""
-        return self.calibration.bounds(windows, self.point(forecast)) if self.calibration else {}
+        return self.calibration.bounds(self.split(windows)[0], self.point(forecast)) if self.calibration else {}
 
     def answer(self, windows: np.ndarray, ids: pd.Index | None = None) -> pd.DataFrame:
-        """The served table for one series' window (1, L, F), or for S series' (S, L, F) with ``ids``."""
+        """The served table for one series' window (1, L + ahead, F), or for S series' with ``ids``."""
         forecast = self.predict(windows)
         bounds = self.bounds(windows, forecast)
         if ids is None:
@@ -104,10 +130,10 @@ class ForecastPipeline:
             frame.insert(0, ids.name, np.repeat(ids.to_numpy(), self.horizon))
         return frame
 
-    def _run(self, model: Forecaster, x: np.ndarray, batch_size: int) -> np.ndarray:
+    def _run(self, model: Forecaster, inputs: list[np.ndarray], batch_size: int) -> np.ndarray:
         device = next(model.parameters()).device
-        out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).float().cpu().numpy()
-               for i in range(0, len(x), batch_size)]
+        out = [model(*(torch.from_numpy(a[i : i + batch_size]).to(device) for a in inputs)).float().cpu().numpy()
+               for i in range(0, len(inputs[0]), batch_size)]
         shape = (0, self.horizon) + ((len(self.quantiles),) if self.quantiles else ())
         return np.concatenate(out) if out else np.zeros(shape, dtype=np.float32)
 
@@ -140,11 +166,12 @@ class ForecastObjective:
         self.elementwise = elementwise
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        x, y = batch  # (B, L, F), (B, H); for K members (K, B, L, F), (K, B, H)
-        loss = self.elementwise(model(x).float(), y)
+        # (x (B, L, F)[, future (B, H, C)], y (B, H)); for K members each with a K dimension first
+        *inputs, y = batch
+        loss = self.elementwise(model(*inputs).float(), y)
         if isinstance(model, Members):
             return loss.mean(dim=tuple(range(1, loss.dim()))), y.shape[1]
-        return loss.mean(), len(x)
+        return loss.mean(), len(y)
 
 
 def _squared(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -107,12 +107,13 @@ def groupable(model: Forecaster) -> bool:
 
 
 def groupable_shape(cfg: ForecasterConfig) -> bool:
-    """LSTM cells, one direction, a hidden size that is a multiple of 16 (the operation's vector
-    blocks), no dropout between layers (random masks could not match one-by-one training). Read
-    from the config alone: building a network to ask would draw its weights from torch's global
-    random generator, which another thread may have just seeded for its own network."""
-    return (cfg.cell == "lstm" and not cfg.bidirectional and (cfg.num_layers == 1 or cfg.dropout == 0.0)
-            and cfg.hidden_size % 16 == 0)
+    """LSTM cells, one direction, no decoder of covariates known ahead, a hidden size that is a
+    multiple of 16 (the operation's vector blocks), no dropout between layers (random masks could
+    not match one-by-one training). Read from the config alone: building a network to ask would
+    draw its weights from torch's global random generator, which another thread may have just
+    seeded for its own network."""
+    return (cfg.cell == "lstm" and not cfg.bidirectional and not cfg.future_size
+            and (cfg.num_layers == 1 or cfg.dropout == 0.0) and cfg.hidden_size % 16 == 0)
 
 
 class GroupedForecasters(Members):

@@ -83,6 +83,7 @@ class ForecasterConfig(RecurrentConfig):
     horizon: int = 1
     quantiles: tuple[float, ...] = ()  # empty: one point forecast per step
     patch: int = 1  # input steps read per recurrent step (segments of the window, as SegRNN does)
+    future_size: int = 0  # covariates known for each horizon step, read by the decoder
 
     def __post_init__(self):
         super().__post_init__()
@@ -91,27 +92,52 @@ class ForecasterConfig(RecurrentConfig):
 
 class Forecaster(nn.Module):
     """Reads a window of L steps of F features and outputs the next H target values at once
-    (B, H), or Q quantiles of each (B, H, Q) when ``cfg.quantiles`` is set."""
+    (B, H), or Q quantiles of each (B, H, Q) when ``cfg.quantiles`` is set. With
+    ``cfg.future_size`` C it also reads the C covariates known for each of the H steps ahead
+    (B, H, C): a decoder adds to each step's forecast what a small network makes of the encoder's
+    state, the step and that step's covariates (MQ-RNN's local decoder, Wen et al. 2017)."""
 
     def __init__(self, cfg: ForecasterConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Recurrent(replace(cfg, input_size=cfg.input_size * cfg.patch))
-        self.head = nn.Linear(self.encoder.output_size, cfg.horizon * max(len(cfg.quantiles), 1))
+        outputs = max(len(cfg.quantiles), 1)
+        self.head = nn.Linear(self.encoder.output_size, cfg.horizon * outputs)
+        self.decoder = FutureDecoder(self.encoder.output_size, cfg, outputs) if cfg.future_size else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x (B, L, F) -> (B, H) or (B, H, Q)
+    def forward(self, x: torch.Tensor, future: torch.Tensor | None = None) -> torch.Tensor:
+        # x (B, L, F)[, future (B, H, C)] -> (B, H) or (B, H, Q)
         if self.cfg.patch > 1:  # (B, L, F) -> (B, L // P, P * F): the oldest L % P steps are left out
             P = self.cfg.patch
             x = x[:, x.shape[1] % P :].reshape(x.shape[0], -1, P * x.shape[2])
         _, state = self.encoder(x)
         h = last_hidden(state)[-self.encoder.directions :]  # last layer, every direction: (dirs, B, Hd)
         h = h.transpose(0, 1).reshape(x.shape[0], -1)  # (B, dirs*Hd)
-        out = self.head(h)
-        return out.view(x.shape[0], self.cfg.horizon, -1) if self.cfg.quantiles else out
+        out = self.head(h).view(x.shape[0], self.cfg.horizon, -1)  # (B, H, Q or 1)
+        if self.decoder is not None:
+            if future is None:
+                raise ValueError(f"this forecaster reads {self.cfg.future_size} covariates known for the horizon")
+            out = out + self.decoder(h, future.to(h.dtype))
+        return out if self.cfg.quantiles else out[..., 0]
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+
+class FutureDecoder(nn.Module):
+    """(encoder state (B, D), future covariates (B, H, C)) -> each step's addition (B, H, Q)."""
+
+    def __init__(self, state_size: int, cfg: ForecasterConfig, outputs: int):
+        super().__init__()
+        width = cfg.hidden_size
+        self.context = nn.Linear(state_size, width)
+        self.step = nn.Parameter(torch.zeros(cfg.horizon, width))
+        self.covariates = nn.Linear(cfg.future_size, width, bias=False)
+        self.out = nn.Linear(width, outputs)
+
+    def forward(self, h: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
+        z = self.context(h)[:, None, :] + self.step[None] + self.covariates(future)  # (B, H, width)
+        return self.out(torch.relu(z))
 
 
 @dataclass

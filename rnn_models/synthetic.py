@@ -52,3 +52,17 @@ def panel(series: int = 40, length: int = 400, seed: int = 0, min_length: int | 
         value = scale * (5 + 2 * shape + rng.uniform(-2, 2) * t / length + 0.4 * rng.standard_normal(n))
         frames.append(pd.DataFrame({"id": f"s{i}", "t": t, "value": value}))
     return pd.concat(frames, ignore_index=True)
+
+
+def promotions(n: int = 730, promo_rate: float = 0.15, lift: float = 40.0, noise: float = 4.0,
+               seed: int = 0) -> pd.DataFrame:
+    """A shop's daily sales (date, sales, promo, price): a weekly season, a slow trend and
+    promotion days, planned ahead and known for the days to come, that lift sales by ``lift``
+    and cut the price. Without the promo column the lift is noise no history can foresee."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    promo = (rng.random(n) < promo_rate).astype(np.int64)
+    price = np.round(9.99 - 2.0 * promo + 0.25 * rng.standard_normal(n).clip(-2, 2), 2)
+    sales = 120 + 0.02 * t + 15 * np.sin(2 * np.pi * t / 7) + lift * promo + noise * rng.standard_normal(n)
+    dates = pd.date_range("2024-01-01", periods=n, freq="D")
+    return pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), "sales": sales.round(1), "promo": promo, "price": price})

@@ -266,6 +266,16 @@ STEPS: list[Step] = [
              '--value-column appliances --covariate-columns household_size"',
          why="placeholders: a generated energy.csv (date, appliances, household_size) served on 127.0.0.1, its sha256",
          checks=(registered("energy-forecaster"),)),
+    Step('make run ARGS="--source file --data data/promotions.csv --future-covariate-columns promo,price --horizon 7 '
+         '--lookback 28 --intervals 0.8"', checks=(registered("promotions-forecaster"),)),
+    Step('import mlflow, numpy as np, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
+         'model = mlflow.pyfunc.load_model("models:/promotions-forecaster@champion")\n'
+         'history = pd.read_csv("data/promotions.csv")[["sales", "promo", "price"]]\n'
+         'week = pd.DataFrame({"promo": [0, 0, 1, 0, 0, 0, 0], "price": [9.99, 9.99, 7.99, 9.99, 9.99, 9.99, 9.99]})\n'
+         'model.predict(pd.concat([history, week.assign(sales=np.nan)], ignore_index=True))',
+         kind="python", checks=(has(r"CHECK OK"),),
+         env={"CHECK": "list(_.columns) == ['step', 'forecast', 'lo0.8', 'hi0.8'] and len(_) == 7 "
+                       "and _.forecast[2] > _.forecast[1] + 20"}),
     # -- Many series
     Step(".venv/bin/python -m flows.timeseries --source file --data data/meters.csv --id-column id --horizon 24",
          checks=(registered("meters-forecaster"),)),

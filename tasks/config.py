@@ -74,6 +74,8 @@ class SeriesOptions:
     time_column: str = option("", "time column; default: the first column that parses as dates")
     value_column: str = option("", "target column; default: the only numeric column left")
     covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
+    future_covariate_columns: str = option("", "comma-separated covariates known for the horizon too (a price, a "
+                                           "promotion, a holiday): a request gives them for the horizon's steps")
     max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
     length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic, trend-season)")
 
@@ -174,8 +176,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
                      fractions=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
-        if self.data and self.source != "file":
-            raise ConfigError(f"--data is only read with --source file (got --source {self.source})")
+        if (self.data or self.future_covariates) and self.source != "file":
+            raise ConfigError(f"{'--data' if self.data else '--future-covariate-columns'} is only read with --source "
+                              f"file (got --source {self.source})")
         if self.id_column:
             self._check_panel()
         chosen = [f for f in TRANSFORM_FIELDS if getattr(self, f) != "none"]
@@ -191,9 +194,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         """What a global model over many series cannot take."""
         if self.source != "file":
             raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
-        if self.covariates:
-            raise ConfigError("--covariate-columns cannot be used with --id-column: the global model reads the "
-                              "value column only")
+        if self.covariates or self.future_covariates:
+            raise ConfigError(f"{'--covariate-columns' if self.covariates else '--future-covariate-columns'} cannot "
+                              "be used with --id-column: the global model reads the value column only")
         if not self.auto and self.window_norm == "none":
             raise ConfigError("--id-column trains series of different scales together: with --no-auto set "
                               "--window-norm last or mean")
@@ -239,6 +242,10 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     @property
     def covariates(self) -> list[str]:
         return [c.strip() for c in self.covariate_columns.split(",") if c.strip()]
+
+    @property
+    def future_covariates(self) -> list[str]:
+        return [c.strip() for c in self.future_covariate_columns.split(",") if c.strip()]
 
     @property
     def registered_name(self) -> str:

@@ -8,7 +8,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -27,7 +27,8 @@ class DataError(ValueError):
 @dataclass
 class Series:
     """A regular series ready for windowing: ``frame`` holds the value column first, then the
-    covariates, one row per time step, no missing values."""
+    covariates (those known for the horizon too, ``future_columns``, last), one row per time
+    step, no missing values."""
 
     frame: pd.DataFrame
     value_column: str
@@ -37,6 +38,7 @@ class Series:
     sha256: str  # of the file's bytes, or of the generated values
     freq: str | None = None
     season_length: int = 1
+    future_columns: list[str] = field(default_factory=list)  # the last of ``covariate_columns``
 
     @property
     def features(self) -> np.ndarray:
@@ -169,7 +171,7 @@ def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
         out.insert(0, time_col, np.arange(len(out)))
     out = _fill_gaps(out, [value_col, *covs], time_col, cfg.max_gap, label, run_logger())
     return Series(out.reset_index(drop=True), value_col, covs, time_col, label, sha256, freq,
-                  cfg.season_length or season)
+                  cfg.season_length or season, cfg.future_covariates)
 
 
 def _read_table(path: str, label: str) -> pd.DataFrame:
@@ -193,7 +195,11 @@ def _pick_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[
         return col
 
     time_col = need(cfg.time_column, "time") if cfg.time_column else _guess_time_column(df)
-    covs = [need(c, "covariate") for c in cfg.covariates]
+    covs = [need(c, "covariate") for c in cfg.covariates] + [need(c, "future covariate") for c in cfg.future_covariates]
+    twice = next((c for c in covs if covs.count(c) > 1), None)
+    if twice:
+        raise DataError(f"{label}: column {twice!r} is named twice in --covariate-columns and "
+                        "--future-covariate-columns")
     if cfg.value_column:
         value_col = need(cfg.value_column, "value")
     else:

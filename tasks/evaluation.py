@@ -77,12 +77,13 @@ def run_backtest(series: Series, split: Split, origins: np.ndarray, horizon: int
     return Backtest(origins, actual, all_f, scores, m, quantiles, tuple(levels), intervals)
 
 
-def history_windows(data: Data, origins: Origins, lookback: int) -> np.ndarray:
+def history_windows(data: Data, origins: Origins, lookback: int, ahead: int = 0) -> np.ndarray:
     """Raw input windows (N, L, F) in original units ending just before each origin (of each
-    series in turn)."""
+    series in turn); with ``ahead`` (a model reading covariates known ahead), the ``ahead`` steps
+    from the origin on too, (N, L + ahead, F), their target not read."""
     if isinstance(data, PanelData):
         return panel_windows(data, origins, lookback)
-    steps = origins[:, None] + np.arange(-lookback, 0)[None, :]
+    steps = origins[:, None] + np.arange(-lookback, ahead)[None, :]
     return data.features[steps]
 
 
@@ -100,7 +101,7 @@ def backtest(data: Data, windows: Windows, pipeline: ForecastPipeline, label: st
     """The pipeline's forecasts of every test origin, in one batched call, and each ensemble
     member's beside them, against the baselines; with --intervals, their coverage and MSIS."""
     origins = windows.test_origins
-    x = history_windows(data, origins, pipeline.lookback)
+    x = history_windows(data, origins, pipeline.lookback, pipeline.ahead)
     forecast, each = pipeline.predict(x, members=True)
     members = {f"{label}-member{i + 1}": f for i, f in enumerate(each)} if len(each) > 1 else {}
     bt = score(data, windows.split, origins, pipeline.horizon, {label: forecast, **members}, pipeline.quantiles)
@@ -119,7 +120,7 @@ def calibrate_intervals(data: Data, windows: Windows, trained: Trained, levels: 
     validation part's origins, errors it did not train on (``rnn_models.conformal``)."""
     if levels:
         pipeline, origins = trained.pipeline(), windows.val_origins
-        cal = pipeline.calibrate(history_windows(data, origins, pipeline.lookback),
+        cal = pipeline.calibrate(history_windows(data, origins, pipeline.lookback, pipeline.ahead),
                                  actuals(data, origins, pipeline.horizon), levels)
         run_logger().info("intervals %s calibrated on %d validation errors per horizon step",
                           ", ".join(f"{a:g}" for a in levels), cal.calibrated_on)

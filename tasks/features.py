@@ -31,6 +31,9 @@ class Windows:
     y_train: np.ndarray | None = None  # (N, H) network space
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    f_train: np.ndarray | None = None  # (N, H, C) the covariates known ahead, scaled (``future_scale``)
+    f_val: np.ndarray | None = None
+    future_scale: Chain | None = None  # fitted on the training rows of --future-covariate-columns
 
 
 def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
@@ -101,16 +104,18 @@ def scale_and_window(data: Data, split: Split | PanelSplit, cfg: TimeSeriesConfi
     if isinstance(data, PanelData):
         return Windows(split, build_chain(cfg, data.season_length), origins(split, "val", cfg),
                        origins(split, "test", cfg))
-    L, H = cfg.lookback, cfg.horizon
-    features = data.features  # (T, F), target first
+    L, H, C = cfg.lookback, cfg.horizon, len(data.future_columns)
+    features = data.features  # (T, F), target first, the covariates known ahead last
     chain = build_chain(cfg, data.season_length).fit(features[: split.train_end])
+    ahead = Chain([Scale()]).fit(features[: split.train_end, -C:]) if C else None
     arrays = []
     for part in (window_origins(*split.part("train"), L, H, cfg.stride), origins(split, "val", cfg)):
         x, y = make_windows(features, features[:, 0], part, L, H, dtype=np.float64)
         x, y, _ = chain.encode(x, y)
-        arrays += [x.astype(np.float32), y.astype(np.float32), part]
-    x_tr, y_tr, _, x_va, y_va, val_o = arrays
-    return Windows(split, chain, val_o, origins(split, "test", cfg), x_tr, y_tr, x_va, y_va)
+        f = ahead.encode(features[part[:, None] + np.arange(H), -C:])[0].astype(np.float32) if C else None
+        arrays += [x.astype(np.float32), y.astype(np.float32), f, part]
+    x_tr, y_tr, f_tr, _, x_va, y_va, f_va, val_o = arrays
+    return Windows(split, chain, val_o, origins(split, "test", cfg), x_tr, y_tr, x_va, y_va, f_tr, f_va, ahead)
 
 
 def origins(split: Split | PanelSplit, part: str, cfg: TimeSeriesConfig) -> Origins:

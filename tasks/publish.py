@@ -162,8 +162,9 @@ def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame,
         example = pd.DataFrame({data.id_column: np.repeat(ids, L), data.value_column: tails.ravel()})
         output = pipeline.answer(tails[..., None], ids=pd.Index(ids, name=data.id_column))
         return example, output, (data.time_column,) if data.time_column else ()
-    cols = [data.value_column, *data.covariate_columns]
-    example = data.frame[cols].iloc[:L].astype("float64").reset_index(drop=True)
+    cols, ahead = [data.value_column, *data.covariate_columns], pipeline.ahead
+    example = data.frame[cols].iloc[: L + ahead].astype("float64").reset_index(drop=True)
+    example.loc[L:, data.value_column] = np.nan  # the steps ahead: covariates known, the value to forecast
     return example, pipeline.answer(example.to_numpy()[None]), ()
 
 

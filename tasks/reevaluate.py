@@ -83,7 +83,8 @@ def backtest_registered(model_uri: str, data: Data, split: Split | PanelSplit, o
     model = load_registered(model_uri)
     pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
     if hasattr(pipeline, "lookback") and hasattr(pipeline, "predict"):  # this rnnflow's class, or the one it saved
-        forecasts = pipeline.point(pipeline.predict(history_windows(data, origins, pipeline.lookback)))[:, :horizon]
+        forecasts = pipeline.point(pipeline.predict(history_windows(data, origins, pipeline.lookback,
+                                                                           getattr(pipeline, "ahead", 0))))[:, :horizon]
     elif isinstance(data, Series):
         forecasts = forecast_with(model.predict, data, origins, horizon)
     else:

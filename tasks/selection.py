@@ -106,7 +106,8 @@ class AutoRound:
         scores = dict.fromkeys(self.reasons, float("nan"))
         for name, windows in self.prepared.items():
             pipeline = trained[name].pipeline()
-            forecast = pipeline.point(pipeline.predict(history_windows(data, windows.val_origins, cfg.lookback)))
+            forecast = pipeline.point(pipeline.predict(history_windows(data, windows.val_origins, cfg.lookback,
+                                                                                    pipeline.ahead)))
             bt = score(data, windows.split, windows.val_origins, cfg.horizon, {name: forecast})
             scores[name] = bt.scores[name]["mase"]
             logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])

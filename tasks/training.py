@@ -195,21 +195,22 @@ def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkp
     the log (an --auto candidate, a sweep's trial)."""
     cfg, device = settings.cfg, resolve_device(settings.cfg.device)
     first = settings.selection and settings.selection.trained
+    meta = model_meta(data, cfg, windows)
     return ensemble(cfg, batches(data, windows, cfg, device), first, checkpoints, name,
-                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, model_meta(data, cfg)),
-                                                  fits, device))
+                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, meta), fits, device))
 
 
 def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
     """The windows as the training loop reads them, living on the device: one series' arrays,
     sliced by index; many series end to end, each batch of windows gathered there by index and
     normalised window by window (``rnn_models.panel``), never materialised all at once."""
-    if isinstance(data, Series):
-        x_tr, y_tr, x_va, y_va = (torch.from_numpy(a).to(device)
-                                  for a in (windows.x_train, windows.y_train, windows.x_val, windows.y_val))
-        return Batches(lambda gen: tensor_batches(x_tr, y_tr, batch_size=cfg.batch_size, generator=gen),
-                       lambda: tensor_batches(x_va, y_va, batch_size=4096), x_tr.shape[2], (len(x_tr), len(x_va)),
-                       x_tr.shape[1])
+    if isinstance(data, Series):  # (x[, covariates known ahead], y) of each window
+        train, val = ([torch.from_numpy(a).to(device) for a in arrays if a is not None]
+                      for arrays in ((windows.x_train, windows.f_train, windows.y_train),
+                                     (windows.x_val, windows.f_val, windows.y_val)))
+        return Batches(lambda gen: tensor_batches(*train, batch_size=cfg.batch_size, generator=gen),
+                       lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
+                       train[0].shape[1])
     panel, split, chain, L, H = Panel.from_series(data.values, data.ids, device=device), windows.split, windows.chain, \
         cfg.lookback, cfg.horizon
     train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
@@ -220,11 +221,13 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
                    L if first is None else first[0].shape[1])
 
 
-def model_meta(data: Data, cfg: TimeSeriesConfig) -> dict:
+def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:
     """What the registered model says of its data: what a request must hold, where it came from."""
     meta = {"lookback": cfg.lookback, "value_column": data.value_column, "covariate_columns": data.covariate_columns,
             "frequency": data.freq, "season_length": data.season_length, "trained_on": data.source,
             "data_sha256": data.sha256}
+    if windows.future_scale:
+        meta.update(future_covariate_columns=data.future_columns, future_scale=windows.future_scale.to_list()[0])
     if isinstance(data, PanelData):
         meta.update(id_column=data.id_column, time_column=data.time_column, series=len(data))
     return meta
@@ -318,7 +321,8 @@ def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_s
 
 
 def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int) -> ForecasterConfig:
-    return project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels)
+    return project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels,
+                   future_size=len(cfg.future_covariates))
 
 
 def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:

@@ -2,7 +2,9 @@
 config and transform numbers) read into :class:`rnn_models.forecasting.ForecastPipeline`; nothing pickled.
 
 Input: a DataFrame whose value column (and any covariate columns) hold the history in
-original units, at least ``lookback`` rows; only the last ``lookback`` rows are used.
+original units, at least ``lookback`` rows; only the last ``lookback`` rows are used. A model
+trained with ``--future-covariate-columns`` also reads those columns for the ``horizon`` steps
+ahead: the request ends with ``horizon`` rows whose value is empty and whose covariates are given.
 Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forecast``, with
 quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``),
 and with ``--intervals`` a ``lo<level>`` and ``hi<level>`` column each (``lo0.8``, ``hi0.8``).
@@ -37,18 +39,39 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         missing = [c for c in self.columns if c not in model_input.columns]
         if missing:
             raise _bad_input(f"missing column(s) {missing}; the model reads {self.columns}")
-        if len(model_input) < L:
-            raise _bad_input(f"need at least {L} rows of history (the lookback), got {len(model_input)}")
         try:
-            window = model_input[self.columns].iloc[-L:].to_numpy(dtype=np.float64)  # (L, F)
+            rows = model_input[self.columns].to_numpy(dtype=np.float64)  # (T, F)
         except (TypeError, ValueError) as e:
             raise _bad_input(f"history must be numeric: {e}") from e
-        if not np.isfinite(window).all():
-            raise _bad_input(f"the last {L} rows of {self.columns} contain a missing or infinite value")
+        ahead = self._ahead(rows)
+        if len(rows) - ahead < L:
+            raise _bad_input(f"need at least {L} rows of history (the lookback), got {len(rows) - ahead}")
+        window = rows[len(rows) - ahead - L :]  # (L + ahead, F)
+        if not np.isfinite(window[:L]).all():
+            raise _bad_input(f"the last {L} rows of history of {self.columns} contain a missing or infinite value")
         try:
             return self.pipeline.answer(window[None])
         except ValueError as e:  # e.g. a value <= 0 in the history of a log-transformed model
             raise _bad_input(str(e)) from e
+
+    def _ahead(self, rows: np.ndarray) -> int:
+        """The rows after the history: a model trained with --future-covariate-columns reads its
+        horizon's H steps ahead from the last H rows, whose value is empty; every column they name
+        must be given there. Other models read none."""
+        future, H, value = self.pipeline.future_columns, self.pipeline.horizon, self.columns[0]
+        empty = np.isnan(rows[:, 0])
+        trailing = len(rows) - (np.flatnonzero(~empty)[-1] + 1) if (~empty).any() else len(rows)
+        if not future:
+            return 0
+        if trailing != H:
+            raise _bad_input(f"this model reads {future} for the {H} steps ahead: give them in {H} rows after the "
+                             f"history, with {value!r} empty (got {trailing} such rows)")
+        for j, col in enumerate(future, start=len(self.columns) - len(future)):
+            bad = np.flatnonzero(~np.isfinite(rows[-H:, j]))
+            if len(bad):
+                raise _bad_input(f"column {col!r} is missing for step {bad[0] + 1} ahead ({len(bad)} of the {H} "
+                                 f"steps ahead lack it)")
+        return H
 
     def _predict_many(self, model_input: pd.DataFrame) -> pd.DataFrame:
         """Every series of a long table in one batched call (see the module docstring)."""
