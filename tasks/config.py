@@ -74,8 +74,7 @@ class SeriesOptions:
     time_column: str = option("", "time column; default: the first column that parses as dates")
     value_column: str = option("", "target column; default: the only numeric column left")
     covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
-    future_covariate_columns: str = option("", "comma-separated covariates known for the horizon too (a price, a "
-                                           "promotion, a holiday): a request gives them for the horizon's steps")
+    future_covariate_columns: str = option("", "comma-separated covariates known for the horizon too (price, promo)")
     max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
     length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic, trend-season)")
 
