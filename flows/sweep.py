@@ -37,7 +37,8 @@ from flows.steps import run_trials, scale_and_window, split_by_id, split_series
 from flows.timeseries import evaluate_and_register
 from rnn_models.training import STOP, resolve_device
 from tasks.config import ConfigError, TimeSeriesConfig, flag, safe_name
-from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES
+from tasks.ingest import fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
