@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 from dataclasses import fields
-from urllib.parse import urlparse
 
 import mlflow
 from prefect import flow
@@ -209,10 +208,11 @@ def task_runner(kind: str, workers: int, address: str):
     """Threads, a local Dask cluster, or the Dask scheduler at ``address`` (which must answer now,
     before any trial)."""
     if address:
-        url = urlparse(address)
+        from distributed.comm import parse_address, parse_host_port  # Dask's own reading of its addresses
+
         try:
-            socket.create_connection((url.hostname, url.port or 8786), timeout=5.0).close()
-        except OSError as e:
+            socket.create_connection(parse_host_port(parse_address(address)[1], default_port=8786), timeout=5.0).close()
+        except (OSError, ValueError) as e:
             raise ConfigError(f"--dask-address {address}: cannot reach the Dask scheduler ({e})") from None
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
