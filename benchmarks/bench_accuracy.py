@@ -69,8 +69,9 @@ def run_rnnflow(job: tuple, intervals: str = "") -> tuple[str, str, int, float, 
     and, with ``intervals``, the conformal intervals' test coverage and MSIS per level."""
     import torch
 
-    from tasks.data import DataError, read_series
+    from tasks.data import DataError
     from tasks.evaluation import backtest, calibrate_intervals
+    from tasks.ingest import read_series
     from tasks.selection import train_models
 
     torch.set_num_threads(1)  # two jobs at once on two cores
@@ -105,9 +106,9 @@ def run_classical(series_name: str, data_seed: int = 0, arima: bool = True) -> t
     from statsforecast.models import AutoARIMA, AutoETS, SeasonalNaive
 
     from rnn_models.windows import window_origins
-    from tasks.data import read_series
     from tasks.evaluation import run_backtest
     from tasks.features import split_series
+    from tasks.ingest import read_series
 
     cfg = config(series_name, "plain z-scored", data_seed)
     series = read_series(cfg)

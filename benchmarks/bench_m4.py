@@ -62,8 +62,8 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     """(forecasts (414, 48), training seconds, what --auto chose, --intervals' level -> (lower, upper))
     of the flow's default global model."""
     from tasks.config import TimeSeriesConfig
-    from tasks.data import fetch_data
     from tasks.evaluation import calibrate_intervals
+    from tasks.ingest import fetch_data
     from tasks.panel import load_panel
     from tasks.selection import train_models
 

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import exit_process
 from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
-from tasks import data, text
+from tasks import ingest, text
 from tasks.config import CharLMFlowConfig, safe_name
 from tasks.tracking import CHAMPION, check_tracking_server
 
@@ -69,7 +69,7 @@ def check_input(cfg: CharLMFlowConfig) -> Path:
     the corpus is a readable UTF-8 file, long enough for the split. Returns the run's checkpoint
     folder."""
     check_tracking_server()
-    corpus = text.load_corpus(*data.fetch_data(cfg.corpus, cfg.sha256, hand_over=True), cfg)
+    corpus = text.load_corpus(*ingest.fetch_data(cfg.corpus, cfg.sha256, hand_over=True), cfg)
     return checkpoint_dir(cfg, corpus.sha256)
 
 

@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 from prefect.settings import (
     PREFECT_API_URL,
@@ -55,9 +55,8 @@ def _home() -> Path:
 
 def answers(url: str, timeout: float = 5.0) -> bool:
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
+        return httpx.get(url.rstrip("/") + "/health", timeout=timeout, follow_redirects=True).status_code == 200
+    except httpx.HTTPError:
         return False
 
 

@@ -21,7 +21,7 @@ try:
     from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
     from prefect.utilities.hashing import hash_objects
 
-    from tasks import data, evaluation, features, panel, publish, selection, sweep, text, training
+    from tasks import data, evaluation, features, ingest, panel, publish, selection, sweep, text, training
 finally:
     gc.freeze()
     if _collecting:
@@ -52,12 +52,12 @@ SERIES_CONTENT = CachePolicy.from_cache_key_fn(_by_series_content) + TASK_SOURCE
 
 
 def _transient(task, run, state) -> bool:
-    return isinstance(state.data, data.TransientDataError)  # network trouble, 5xx, 429: not a bad checksum
+    return isinstance(state.data, ingest.TransientDataError)  # network trouble, 5xx, 429: not a bad checksum
 
 
 # --- extract
 fetch_data = task(name="fetch-data", retries=3, retry_delay_seconds=[1, 2, 4],
-                  retry_condition_fn=_transient)(data.fetch_data)
+                  retry_condition_fn=_transient)(ingest.fetch_data)
 generate_series = task(name="generate-series", cache_policy=CONTENT, persist_result=True)(data.generate_series)
 load_series = task(name="load-series", cache_policy=CONTENT, persist_result=True)(data.load_series)
 split_by_id = task(name="split-by-id", cache_policy=NO_CACHE)(sweep.split_by_id)

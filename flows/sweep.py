@@ -21,7 +21,6 @@ import tempfile
 import threading
 import time
 from dataclasses import fields
-from urllib.parse import urlparse
 
 import mlflow
 from prefect import flow
@@ -37,7 +36,8 @@ from flows.steps import run_trials, scale_and_window, split_by_id, split_series
 from flows.timeseries import evaluate_and_register
 from rnn_models.training import STOP, resolve_device
 from tasks.config import ConfigError, TimeSeriesConfig, flag, safe_name
-from tasks.data import SERIES_SUFFIXES, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES
+from tasks.ingest import fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
 from tasks.tracking import CHAMPION, check_tracking_server
@@ -209,10 +209,11 @@ def task_runner(kind: str, workers: int, address: str):
     """Threads, a local Dask cluster, or the Dask scheduler at ``address`` (which must answer now,
     before any trial)."""
     if address:
-        url = urlparse(address)
+        from distributed.comm import parse_address, parse_host_port  # Dask's own reading of its addresses
+
         try:
-            socket.create_connection((url.hostname, url.port or 8786), timeout=5.0).close()
-        except OSError as e:
+            socket.create_connection(parse_host_port(parse_address(address)[1], default_port=8786), timeout=5.0).close()
+        except (OSError, ValueError) as e:
             raise ConfigError(f"--dask-address {address}: cannot reach the Dask scheduler ({e})") from None
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)

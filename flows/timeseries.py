@@ -12,8 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows import exit_process
 from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, safe_name
-from tasks.data import SERIES_SUFFIXES, fetch_data, load_series
+from tasks.data import SERIES_SUFFIXES, load_series
 from tasks.features import check_lookback, split_series
+from tasks.ingest import fetch_data
 from tasks.panel import load_panel
 from tasks.tracking import CHAMPION, check_tracking_server
 

@@ -3,7 +3,9 @@ test, a benchmark) calls directly. None imports Prefect; ``flows.steps`` wraps t
 tasks (a name, retries on I/O, a cache policy). Every MLflow call lives here too."""
 
 import logging
+import re
 import sys
+from pathlib import PurePath
 
 
 def run_logger():
@@ -17,3 +19,12 @@ def run_logger():
         except exceptions.MissingContextError:
             pass
     return logging.getLogger("rnnflow")
+
+
+def file_name(location: str) -> str:
+    """The file name a path or URL ends with, past any host or bucket and without a query:
+    'air.csv' for data/air.csv, s3://bucket/m/air.csv or https://host/air.csv?raw=1; '' for none."""
+    _, sep, rest = location.partition("://")
+    if not sep:
+        return PurePath(location).name
+    return re.split(r"[?#]", rest, maxsplit=1)[0].partition("/")[2].rpartition("/")[2]

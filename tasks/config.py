@@ -10,9 +10,9 @@ import posixpath
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from urllib.parse import urlparse
 
 from rnn_models import CELL_NAMES, PRECISIONS
+from tasks import file_name
 
 
 class ConfigError(ValueError):
@@ -67,7 +67,7 @@ class SeriesOptions:
     title = "data"  # where the series comes from and how its file is read
     source: str = option("sine", "where the series comes from",
                          ("sine", "sin-cos", "arithmetic", "trend-season", "file"))
-    data: str = option("", "CSV or Parquet file path or http(s) URL (with --source file)")
+    data: str = option("", "CSV or Parquet file (with --source file): a path or an fsspec URL, s3://, https://, ...")
     id_column: str = option("", "long-format --data (id, time, value rows): train one global network on the "
                             "windows of every series of this column, each window normalised by itself")
     sha256: str = option("", "expected sha256 of the --data file; the run stops if it differs")
@@ -248,14 +248,14 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
 
     @property
     def registered_name(self) -> str:
-        stem = self.source if self.source != "file" else Path(urlparse(self.data).path).stem or "series"
+        stem = self.source if self.source != "file" else Path(file_name(self.data)).stem or "series"
         return self.model_name or f"{stem}-forecaster"
 
 
 @dataclass
 class CorpusOptions:
     title = "corpus and batching"  # which text, and how it is cleaned and split
-    data: str = option("", "UTF-8 text file or http(s) URL; default: H. G. Wells' The Time Machine in data/")
+    data: str = option("", "UTF-8 text file, a path or an fsspec URL; default: H. G. Wells' The Time Machine in data/")
     sha256: str = option("", "expected sha256 of the corpus file; the run stops if it differs")
     lower: bool = option(True, "lower-case the corpus (and prompts)")
     letters_only: bool = option(False, "d2l-style clean-up: every run of non-letters becomes one space")
@@ -325,7 +325,7 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
 
     @property
     def registered_name(self) -> str:
-        return self.model_name or f"{Path(urlparse(self.corpus).path).stem or 'corpus'}-charlm"
+        return self.model_name or f"{Path(file_name(self.corpus)).stem or 'corpus'}-charlm"
 
 
 def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=()) -> None:

@@ -1,16 +1,11 @@
-"""Loading a series: the synthetic generators, or a CSV/Parquet file from a path or URL,
+"""Loading a series: the synthetic generators, or a CSV/Parquet file (made local by ``tasks.ingest``),
 validated and made regular (sorted, frequency detected, short gaps interpolated)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -66,85 +61,7 @@ def generate_series(cfg: TimeSeriesConfig) -> Series:
                   digest, None, cfg.season_length or season)
 
 
-# ---------------------------------------------------------------- files and URLs
-
-
-class TransientDataError(DataError):
-    """A download failure worth retrying (network trouble, 5xx, 429)."""
-
-
-def _is_url(s: str) -> bool:
-    return urlparse(s).scheme in ("http", "https")
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: network trouble and server-side errors, not 4xx or a bad checksum."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code == 429
-    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError))
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-_handed_over: dict[tuple, tuple[str, str]] = {}  # downloads made by a run's pre-flight check
-
-
-def fetch_data(location: str, sha256: str = "", suffixes: tuple[str, ...] = (), hand_over: bool = False
-               ) -> tuple[str, str]:
-    """Make ``location`` (a path or http(s) URL) a verified local file; returns (path, sha256).
-    ``hand_over``: keep a download for the next call with the same arguments (a run's pre-flight
-    check, then the run), which takes it instead of downloading again."""
-    key = (location, sha256, tuple(suffixes))
-    if not hand_over and key in _handed_over and Path(_handed_over[key][0]).is_file():
-        return _handed_over.pop(key)
-    if _is_url(location):
-        path, digest = _download(location, sha256)
-    else:
-        path = Path(location).expanduser()
-        if path.is_dir():
-            raise DataError(f"{location}: is a directory, not a file")
-        if not path.is_file():
-            raise DataError(f"{location}: no such file")
-        digest = sha256_file(path)
-        _check_sha(location, digest, sha256)
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise DataError(f"{location}: unsupported file type {path.suffix!r}; expected one of {', '.join(suffixes)}")
-    if hand_over and _is_url(location):
-        _handed_over[key] = (str(path), digest)
-    return str(path), digest
-
-
-def _download(location: str, sha256: str) -> tuple[Path, str]:
-    """Download through a temporary file, renamed once complete and verified: nothing half-written
-    is ever read, and the temporary file never outlives the call."""
-    name = Path(urlparse(location).path).name or "download"
-    dest_dir = Path(os.environ.get("RNNFLOW_DOWNLOADS", Path.cwd() / "data" / "downloads"))
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(location, timeout=30) as resp:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
-        digest = sha256_file(Path(tmp))
-        _check_sha(location, digest, sha256)
-        path = dest_dir / f"{digest[:12]}-{name}"
-        os.replace(tmp, path)
-        return path, digest
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:  # HTTPError among them
-        why = (f"HTTP {e.code} {e.reason}" if isinstance(e, urllib.error.HTTPError)
-               else f"cannot download ({getattr(e, 'reason', e)})")
-        raise (TransientDataError if _transient(e) else DataError)(f"{location}: {why}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _check_sha(location: str, actual: str, expected: str) -> None:
-    if expected and actual.lower() != expected.lower():
-        raise DataError(f"{location}: sha256 is {actual}, expected {expected}")
+# ---------------------------------------------------------------- files
 
 
 SERIES_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -326,11 +243,3 @@ def _fill_gaps(df: pd.DataFrame, cols: list[str], time_col: str, max_gap: int, l
     logger.warning("%s: interpolated %d missing time steps in %d gaps (longest %d)",
                    label, int(missing.sum()), len(starts), lengths[worst])
     return df
-
-
-def read_series(cfg: TimeSeriesConfig) -> Series:
-    """The config's series, fetched or generated: where a sweep trial runs, or when a registered
-    version's data is rebuilt (a path or URL travels, not the data)."""
-    if cfg.source == "file":
-        return load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
-    return generate_series(cfg)

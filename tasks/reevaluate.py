@@ -13,10 +13,11 @@ import torch
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
-from tasks.data import SERIES_SUFFIXES, Series, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES, Series
 from tasks.evaluation import forecast_with, history_windows
 from tasks.evaluation import score as score_forecasts
 from tasks.features import Data, Origins, origins, split_series
+from tasks.ingest import fetch_data, read_series
 from tasks.panel import PanelSplit, load_panel
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus

@@ -21,8 +21,9 @@ from rnn_models import checkpoint
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.training import FitResult
 from tasks.config import ConfigError, TimeSeriesConfig, flag, parse_value
-from tasks.data import SERIES_SUFFIXES, DataError, _read_table, fetch_data, read_series
+from tasks.data import SERIES_SUFFIXES, DataError, _read_table
 from tasks.evaluation import backtest
+from tasks.ingest import fetch_data, read_series
 from tasks.publish import log_history
 from tasks.registry import client
 from tasks.selection import train_models

@@ -4,7 +4,6 @@ MLflow, so a command line can refuse an unreachable server in a second, before a
 from __future__ import annotations
 
 import os
-import urllib.request
 from pathlib import Path
 
 CHAMPION = "champion"  # the alias the champion gate moves
@@ -24,7 +23,9 @@ def check_tracking_server(timeout: float = 10.0) -> None:
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
+    import httpx  # here: a local store needs no HTTP client
+
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except OSError as e:
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout, follow_redirects=True).raise_for_status()
+    except httpx.HTTPError as e:
         raise TrackingUnavailable(f"MLFLOW_TRACKING_URI {uri}: the tracking server does not answer ({e})") from None

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from tasks.config import TimeSeriesConfig
-from tasks.data import SERIES_SUFFIXES, DataError, fetch_data, generate_series, load_series
+from tasks.data import SERIES_SUFFIXES, DataError, generate_series, load_series
+from tasks.ingest import TransientDataError, fetch_data
 
 
 def _cfg(path, **kw):
@@ -109,10 +110,18 @@ def test_url_download_with_checksum(http_root, shared_data, tmp_path, monkeypatc
 
 def test_url_errors_are_clear(http_root, mlflow_store):
     _, base = http_root
-    with pytest.raises(DataError, match=r"missing\.csv: HTTP 404"):
+    with pytest.raises(DataError, match=r"missing\.csv: HTTP 404 Not Found$") as missing:
         fetch_data(f"{base}/missing.csv", "", SERIES_SUFFIXES)
-    with pytest.raises(DataError, match=r"127\.0\.0\.1:9/x\.csv: cannot download"):
-        fetch_data("http://127.0.0.1:9/x.csv", "", SERIES_SUFFIXES)  # retried, then refused
+    assert not isinstance(missing.value, TransientDataError)  # a 404 is not retried
+    with pytest.raises(TransientDataError, match=r"127\.0\.0\.1:9/x\.csv: cannot download"):
+        fetch_data("http://127.0.0.1:9/x.csv", "", SERIES_SUFFIXES)  # retried in a flow, then refused
+
+
+@pytest.mark.parametrize("data, name", [("data/air.csv", "air"), ("s3://bucket/m4/air.csv", "air"),
+                                        ("https://host/air.csv?raw=1", "air"), ("hf://datasets/org/set/air.parquet", "air"),
+                                        ("file:///tmp/air.csv", "air"), ("https://host", "series")])
+def test_the_model_is_named_after_the_file_of_any_url(data, name):
+    assert TimeSeriesConfig(source="file", data=data).registered_name == f"{name}-forecaster"
 
 
 def test_generated_sources():
