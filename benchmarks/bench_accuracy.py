@@ -84,8 +84,8 @@ def run_rnnflow(job: tuple, intervals: str = "") -> tuple[str, str, int, float, 
     except DataError as e:  # log of a series with values <= 0
         return series_name, variant, seed, float("nan"), 0.0, f"not applicable: {e}", {}
     note = out.settings.selection.choice if out.settings.selection else ""
-    calibrate_intervals(series, out.windows, out.trained, cfg.interval_levels)  # as the flow does
-    bt = backtest(series, out.windows, out.trained.pipeline(), "rnnflow")
+    calibrate_intervals(out.data, out.windows, out.trained, cfg.interval_levels)  # as the flow does
+    bt = backtest(out.data, out.windows, out.trained.pipeline(), "rnnflow")
     return series_name, variant, seed, bt.scores["rnnflow"]["mase"], time.perf_counter() - t0, note, bt.conformal
 
 

@@ -90,7 +90,7 @@ def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
         group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
         kind, default = hints[f.name], f.default if f.default is not MISSING else None
         helptext, choices = f.metadata.get("help", "") or " ", f.metadata.get("choices")
-        if kind is bool:
+        if kind in (bool, bool | None):
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=helptext)
         else:
             group.add_argument(flag(f.name), type=_converter(kind, f.name), default=default, choices=choices,

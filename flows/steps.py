@@ -66,6 +66,7 @@ load_corpus = task(name="load-corpus", cache_policy=NO_CACHE)(text.load_corpus)
 
 # --- transform
 choose_settings = task(name="choose-settings", cache_policy=NO_CACHE)(selection.choose_settings)
+with_calendar = task(name="calendar-features", cache_policy=NO_CACHE)(data.with_calendar)
 split_series = task(name="split-series", cache_policy=SERIES_CONTENT, persist_result=True)(features.split_series)
 scale_and_window = task(name="scale-and-window", cache_policy=SERIES_CONTENT,
                         persist_result=True)(features.scale_and_window)

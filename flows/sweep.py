@@ -36,7 +36,7 @@ from flows.steps import run_trials, scale_and_window, split_by_id, split_series
 from flows.timeseries import evaluate_and_register
 from rnn_models.training import STOP, resolve_device
 from tasks.config import ConfigError, TimeSeriesConfig, flag, safe_name
-from tasks.data import SERIES_SUFFIXES
+from tasks.data import SERIES_SUFFIXES, with_calendar
 from tasks.ingest import fetch_data, read_series
 from tasks.registry import client, ensure_experiment
 from tasks.sweep import build_grid, results_markdown, split_grid, trained_from
@@ -104,7 +104,8 @@ def packs(trials: list[tuple[int, dict, dict]], workers: int) -> list[list[tuple
     for trial in trials:
         cfg = TimeSeriesConfig(**{**trial[2], **trial[1]})
         roomy = not cfg.auto and 2 * cfg.ensemble <= GROUP_PER_THREAD and "lstm" in cfg.member_cells
-        groupable = roomy and not why_not_grouped("lstm", cfg, resolve_device(cfg.device), 1)
+        device, ahead = resolve_device(cfg.device), len(cfg.future_covariates)
+        groupable = roomy and not why_not_grouped("lstm", cfg, device, 1, ahead)
         key = (cfg.ensemble, *(str(getattr(cfg, f)) for f in SHAPE_FIELDS)) if groupable else ("alone", trial[0])
         classes.setdefault(key, []).append(trial)
     out = []
@@ -129,7 +130,7 @@ def start_workers(workers: int) -> int:
 def register_best(base: dict, best, out: str):
     """The best trial through the single run's last steps: backtest, champion gate, registration."""
     cfg = TimeSeriesConfig(**{**base, **best.params})
-    series = read_series(cfg)
+    series = with_calendar(read_series(cfg), cfg)  # the calendar features, if the trial had them
     windows = scale_and_window(series, split_series(series, cfg), cfg)
     bt, _, reg = evaluate_and_register(Settings(cfg, None), series, windows, trained_from(best, out))
     return bt, reg

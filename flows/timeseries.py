@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows import exit_process
 from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, safe_name
-from tasks.data import SERIES_SUFFIXES, load_series
+from tasks.data import SERIES_SUFFIXES, load_series, with_calendar
 from tasks.features import check_lookback, split_series
 from tasks.ingest import fetch_data
 from tasks.panel import load_panel
@@ -44,6 +44,7 @@ def timeseries_flow(cfg: TimeSeriesConfig) -> dict:
     checkpoints = checkpoint_dir(cfg, data_sha256)
     with checkpointed(checkpoints, "timeseries", cfg, data_sha256):
         settings = steps.choose_settings(data, cfg, checkpoints and checkpoints / "auto")
+        data = steps.with_calendar(data, settings.cfg)  # the calendar features, if asked for or chosen
         split = steps.split_series(data, settings.cfg)
         windows = steps.scale_and_window(data, split, settings.cfg)
         trained = steps.train_forecaster(data, windows, settings, checkpoints and checkpoints / "model")
@@ -96,7 +97,7 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
         check_lookback(cfg.settled(panel.season_length), panel.season_length)
         return checkpoint_dir(cfg, panel.sha256)
     series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
-    split_series(series, cfg)
+    split_series(with_calendar(series, cfg), cfg)
     return checkpoint_dir(cfg, series.sha256)
 
 

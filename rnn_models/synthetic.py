@@ -66,3 +66,18 @@ def promotions(n: int = 730, promo_rate: float = 0.15, lift: float = 40.0, noise
     sales = 120 + 0.02 * t + 15 * np.sin(2 * np.pi * t / 7) + lift * promo + noise * rng.standard_normal(n)
     dates = pd.date_range("2024-01-01", periods=n, freq="D")
     return pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), "sales": sales.round(1), "promo": promo, "price": price})
+
+
+def holiday_sales(n: int = 730, dip: float = 60.0, noise: float = 3.0, countries: tuple[str, ...] = ("US",),
+                  seed: int = 0) -> pd.DataFrame:
+    """A shop's daily sales (date, sales): a weekly season, a yearly one and a slow trend, and the
+    shop half closed on the public holidays of ``countries`` (sales fall by ``dip``): a drop that
+    history alone cannot place, and the calendar features can (``--calendar --holidays US``)."""
+    from rnn_models.calendar import holiday_flags
+
+    rng = np.random.default_rng(seed)
+    t, dates = np.arange(n), pd.date_range("2024-01-01", periods=n, freq="D")
+    closed = holiday_flags(dates, countries)
+    sales = (150 + 0.02 * t + 20 * np.sin(2 * np.pi * t / 7) + 10 * np.sin(2 * np.pi * t / 365.25)
+             - dip * closed + noise * rng.standard_normal(n))
+    return pd.DataFrame({"date": dates.strftime("%Y-%m-%d"), "sales": sales.round(1)})

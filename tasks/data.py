@@ -4,13 +4,14 @@ validated and made regular (sorted, frequency detected, short gaps interpolated)
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from rnn_models import synthetic
+from rnn_models.calendar import calendar_columns, calendar_frame
 from tasks import run_logger
 from tasks.config import TimeSeriesConfig
 
@@ -34,6 +35,8 @@ class Series:
     freq: str | None = None
     season_length: int = 1
     future_columns: list[str] = field(default_factory=list)  # the last of ``covariate_columns``
+    calendar_columns: list[str] = field(default_factory=list)  # the last of ``future_columns``: made, not read
+    countries: list[str] = field(default_factory=list)  # whose public holidays ``cal_holiday`` flags
 
     @property
     def features(self) -> np.ndarray:
@@ -89,6 +92,29 @@ def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
     out = _fill_gaps(out, [value_col, *covs], time_col, cfg.max_gap, label, run_logger())
     return Series(out.reset_index(drop=True), value_col, covs, time_col, label, sha256, freq,
                   cfg.season_length or season, cfg.future_covariates)
+
+
+def with_calendar(series: Series, cfg: TimeSeriesConfig) -> Series:
+    """``series`` with calendar features made from its time column (``rnn_models.calendar``) as
+    covariates known ahead, when ``cfg.calendar`` asks for them; as it is otherwise."""
+    if not cfg.calendar or series.calendar_columns:
+        return series
+    times = series.frame[series.time_column]
+    try:
+        if not has_dates(series):
+            raise ValueError(f"calendar features need dates, and column {series.time_column!r} holds step numbers")
+        columns = calendar_columns(series.freq, cfg.countries)
+    except ValueError as e:
+        raise DataError(f"{series.source}: --calendar: {e}") from None
+    frame = pd.concat([series.frame, calendar_frame(times, series.freq, cfg.countries)], axis=1)
+    return replace(series, frame=frame, covariate_columns=[*series.covariate_columns, *columns],
+                   future_columns=[*series.future_columns, *columns], calendar_columns=columns,
+                   countries=cfg.countries)
+
+
+def has_dates(data) -> bool:
+    """Whether ``data`` is one series whose time column holds dates (calendar features can be made)."""
+    return isinstance(data, Series) and pd.api.types.is_datetime64_any_dtype(data.frame[data.time_column])
 
 
 def _read_table(path: str, label: str) -> pd.DataFrame:

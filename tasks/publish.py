@@ -163,9 +163,17 @@ def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame,
         output = pipeline.answer(tails[..., None], ids=pd.Index(ids, name=data.id_column))
         return example, output, (data.time_column,) if data.time_column else ()
     cols, ahead = [data.value_column, *data.covariate_columns], pipeline.ahead
-    example = data.frame[cols].iloc[: L + ahead].astype("float64").reset_index(drop=True)
-    example.loc[L:, data.value_column] = np.nan  # the steps ahead: covariates known, the value to forecast
-    return example, pipeline.answer(example.to_numpy()[None]), ()
+    window = data.frame[cols].iloc[: L + ahead].astype("float64").reset_index(drop=True)
+    window.loc[L:, data.value_column] = np.nan  # the steps ahead: covariates known, the value to forecast
+    output = pipeline.answer(window.to_numpy()[None])
+    if not data.calendar_columns:
+        return window, output, ()
+    # the model makes its calendar features from the time column: a request sends that instead, and
+    # rows ahead only for the covariates known ahead that it must give
+    given_ahead = len(data.future_columns) > len(data.calendar_columns)
+    example = window.drop(columns=data.calendar_columns).iloc[: L + ahead if given_ahead else L]
+    example.insert(0, data.time_column, data.frame[data.time_column].iloc[: len(example)].astype(str).to_numpy())
+    return example, output, ()
 
 
 def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict[str, float]], label: str,
@@ -256,11 +264,13 @@ def log_pyfunc(model_name: str, python_model: str, artifacts_dir_writer, input_e
 
 def pip_requirements() -> list[str]:
     """What a served model needs, pinned to what trained it (skips MLflow's slow inference)."""
+    import holidays
     import safetensors
     import torch
 
     return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}"]
+            f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+            f"holidays=={holidays.__version__}"]  # calendar features flag public holidays
 
 
 def _source(s: str) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
-from tasks.data import DataError
+from tasks.data import DataError, has_dates, with_calendar
 from tasks.evaluation import history_windows, score
 from tasks.features import Data, Windows, scale_and_window, split_series
 from tasks.panel import PanelSplit
@@ -90,42 +90,40 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
 
 @dataclass
 class AutoRound:
-    """--auto's candidates for one model, ready to be trained (``candidates``: give them to
-    ``train_ensembles``, alone or with other models) and then chosen from (``choose``)."""
+    """One round of --auto's candidates for one model, ready to be trained (``candidates``: give
+    them to ``train_ensembles``, alone or with other models) and then scored (``score``)."""
 
-    data: Data
-    cfg: TimeSeriesConfig
+    trials: dict[str, TimeSeriesConfig]  # candidate -> its settings
     candidates: dict[str, Ensemble]
-    prepared: dict[str, Windows]  # each candidate's windows, on its split (see selection_split)
+    prepared: dict[str, tuple[Data, Windows]]  # each candidate's data and windows, on its split (selection_split)
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
 
-    def choose(self, trained: dict[str, Trained]) -> Settings:
-        """The config with the settings of the trained candidate with the best validation MASE."""
-        data, cfg, logger = self.data, self.cfg, run_logger()
-        scores = dict.fromkeys(self.reasons, float("nan"))
-        for name, windows in self.prepared.items():
-            pipeline = trained[name].pipeline()
+    def score(self, trained: dict[str, Trained]) -> dict[str, float]:
+        """Each candidate's validation MASE in the trials' order (nan: it could not run)."""
+        scores = dict.fromkeys(self.trials, float("nan"))
+        for name, (data, windows) in self.prepared.items():
+            pipeline, cfg = trained[name].pipeline(), self.trials[name]
             forecast = pipeline.point(pipeline.predict(history_windows(data, windows.val_origins, cfg.lookback,
-                                                                                    pipeline.ahead)))
+                                                                       pipeline.ahead)))
             bt = score(data, windows.split, windows.val_origins, cfg.horizon, {name: forecast})
             scores[name] = bt.scores[name]["mase"]
-            logger.info("--auto: %s scores validation MASE %.4f", name, scores[name])
-        scores = {name: scores[name] for name in candidates_for(cfg)}  # in the candidates' order, skipped ones too
-        choice = best(scores, self.reasons, f"{data.source}: no --auto candidate could run on this data")
-        return Settings(apply(cfg, choice), Selection(choice, scores, self.reasons,
-                                                      None if self.widened else trained[choice], self.widened))
+            run_logger().info("--auto: %s scores validation MASE %.4f", name, scores[name])
+        return scores
 
 
-def auto_candidates(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None, name: str = "") -> AutoRound:
-    """--auto's candidates: each one network (the config's first member) on the windows its
-    settings make. ``checkpoints``: a folder for each candidate's training checkpoints; ``name``:
-    what the log calls the model they are chosen for (a sweep's trial), if anything."""
+def auto_round(data: Data, trials: dict[str, TimeSeriesConfig], checkpoints: Path | None = None,
+               name: str = "") -> AutoRound:
+    """Candidates ({name: settings}) of one model: each one network (the config's first member) on
+    the windows its settings make of ``data`` (with calendar features if they ask for them).
+    ``checkpoints``: a folder for each candidate's training checkpoints; ``name``: what the log
+    calls the model they are chosen for (a sweep's trial), if anything."""
     reasons, prepared, candidates, widened = {}, {}, {}, ""
-    for candidate in candidates_for(cfg):
-        trial = replace(apply(cfg, candidate), ensemble=1, ensemble_cells=cfg.member_cells[0])
+    for candidate, cfg in trials.items():
+        trial = replace(cfg, ensemble=1, ensemble_cells=cfg.member_cells[0])
         try:
-            own = split_series(data, trial)
+            own_data = with_calendar(data, trial)
+            own = split_series(own_data, trial)
         except (DataError, ConfigError) as e:  # e.g. log on a series with zeros, lookback too short
             reasons[candidate] = str(e).removeprefix(f"{data.source}: ")
             continue
@@ -137,17 +135,20 @@ def auto_candidates(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None 
                        f"{split.train_end}..{split.val_end - 1}; the chosen settings were then trained on the "
                        f"flow's split.")
             run_logger().info("--auto: %s", widened)
-        prepared[candidate] = windows = scale_and_window(data, split, trial)
+        windows = scale_and_window(own_data, split, trial)
+        prepared[candidate] = own_data, windows
         # candidates whose networks and windows have one shape train together (tasks.training)
-        candidates[candidate] = forecaster_ensemble(data, windows, Settings(trial), folder(checkpoints, candidate),
+        candidates[candidate] = forecaster_ensemble(own_data, windows, Settings(trial), folder(checkpoints, candidate),
                                                     label(name, candidate))
-    return AutoRound(data, cfg, candidates, prepared, reasons, widened)
+    return AutoRound(trials, candidates, prepared, reasons, widened)
 
 
 def choose_settings(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None) -> Settings:
     """The config settled for the data (the automatic settings of a global model, once the
     season is known) and, with --auto, given the transform settings of the candidate with the
-    best validation MASE. ``checkpoints``: a folder for each candidate's training checkpoints."""
+    best validation MASE, then calendar features if they score better still (where --calendar
+    and --no-calendar leave it to --auto). ``checkpoints``: a folder for each candidate's
+    training checkpoints. The data the model then trains on is ``with_calendar(data, cfg)``."""
     return choose_all({"": (data, cfg, checkpoints)})[""]
 
 
@@ -156,10 +157,47 @@ def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]
     the --auto candidates of all of them train together, so those of one shape train as one
     batched network across models too."""
     settled = {k: (data, cfg.settled(data.season_length), ckpt) for k, (data, cfg, ckpt) in models.items()}
-    rounds = {k: auto_candidates(data, cfg, ckpt, str(k)) for k, (data, cfg, ckpt) in settled.items() if cfg.auto}
-    tried = train_ensembles({(k, c): e for k, auto in rounds.items() for c, e in auto.candidates.items()})
-    return {k: rounds[k].choose({c: tried[k, c] for c in rounds[k].candidates}) if k in rounds else Settings(cfg)
-            for k, (_, cfg, _) in settled.items()}
+    auto = {k: (data, {c: apply(cfg, c) for c in candidates_for(cfg)}, ckpt)
+            for k, (data, cfg, ckpt) in settled.items() if cfg.auto}
+    first = {k: choose(*tried, settled[k][0].source) for k, tried in train_rounds(auto).items()}
+    # a second round where --auto decides the calendar features: the first round's choice with them
+    undecided = {k: (settled[k][0], {f"{s.selection.choice} + calendar": replace(s.cfg, calendar=True)}, settled[k][2])
+                 for k, s in first.items() if s.cfg.calendar is None and has_dates(settled[k][0])}
+    second = train_rounds(undecided)
+    chosen = {k: first.get(k, Settings(cfg)) for k, (_, cfg, _) in settled.items()}
+    return {k: with_calendar_round(s, *second[k]) if k in second else
+            replace(s, cfg=replace(s.cfg, calendar=bool(s.cfg.calendar))) for k, s in chosen.items()}
+
+
+def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig], Path | None]]
+                 ) -> dict[Hashable, tuple[AutoRound, dict[str, Trained], dict[str, float]]]:
+    """Each model's round of candidates trained (all models' together) and scored."""
+    made = {k: auto_round(data, trials, ckpt, str(k)) for k, (data, trials, ckpt) in rounds.items()}
+    tried = train_ensembles({(k, c): e for k, rnd in made.items() for c, e in rnd.candidates.items()})
+    out = {}
+    for k, rnd in made.items():
+        trained = {c: tried[k, c] for c in rnd.candidates}
+        out[k] = rnd, trained, rnd.score(trained)
+    return out
+
+
+def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str) -> Settings:
+    """The settings of the round's candidate with the best validation MASE."""
+    choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data")
+    return Settings(rnd.trials[choice], Selection(choice, scores, rnd.reasons, None if rnd.widened else trained[choice],
+                                                  rnd.widened))
+
+
+def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trained],
+                        scores: dict[str, float]) -> Settings:
+    """``first``'s choice, or its calendar candidate if that scored a lower validation MASE."""
+    (name, mase), sel = next(iter(scores.items())), first.selection
+    better = bool(np.isfinite(mase) and mase < sel.scores[sel.choice])
+    run_logger().info("--auto: calendar features %s", "kept" if better else "left out")
+    selection = replace(sel, scores={**sel.scores, **scores}, reasons={**sel.reasons, **rnd.reasons})
+    if not better:
+        return Settings(replace(first.cfg, calendar=False), selection)
+    return Settings(rnd.trials[name], replace(selection, choice=name, trained=None if rnd.widened else trained[name]))
 
 
 def folder(checkpoints: Path | None, candidate: str) -> Path | None:
@@ -181,6 +219,7 @@ class Outcome:
     """What the forecasting pipeline made of one model's data and config."""
 
     settings: Settings  # the settled config and --auto's choice
+    data: Data  # what it trained on: the data given, with calendar features if chosen
     windows: Windows  # and its split
     trained: Trained
 
@@ -191,8 +230,7 @@ def train_models(models: dict[Hashable, tuple[Data, TimeSeriesConfig]]) -> dict[
     networks of every model to ``train_ensembles`` together (--auto's candidates, then the
     members), so those of one shape train as one batched network across models too."""
     settings = choose_all({k: (data, cfg, None) for k, (data, cfg) in models.items()})
-    windows = {k: scale_and_window(data, split_series(data, settings[k].cfg), settings[k].cfg)
-               for k, (data, _) in models.items()}
-    trained = train_ensembles({k: forecaster_ensemble(data, windows[k], settings[k], name=str(k))
-                               for k, (data, _) in models.items()})
-    return {k: Outcome(settings[k], windows[k], trained[k]) for k in models}
+    data = {k: with_calendar(data, settings[k].cfg) for k, (data, _) in models.items()}
+    windows = {k: scale_and_window(data[k], split_series(data[k], settings[k].cfg), settings[k].cfg) for k in models}
+    trained = train_ensembles({k: forecaster_ensemble(data[k], windows[k], settings[k], name=str(k)) for k in models})
+    return {k: Outcome(settings[k], data[k], windows[k], trained[k]) for k in models}

@@ -88,7 +88,7 @@ def run_trials(trials: list[tuple[int, dict, dict]], parent_run_id: str, experim
     for (index, point, _), name in zip(trials, cfgs, strict=True):
         cfg, windows, model = outcomes[name].settings.cfg, outcomes[name].windows, outcomes[name].trained
         pipeline = model.pipeline()
-        bt = backtest(series[name], windows, pipeline, cfg.label)
+        bt = backtest(outcomes[name].data, windows, pipeline, cfg.label)
         done.append((index, point, cfg, model, pipeline, bt))
     c, results = client(), []
     seconds = (time.perf_counter() - t0) / len(trials)

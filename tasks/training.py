@@ -107,6 +107,7 @@ class Batches:
     input_size: int
     sizes: tuple[int, int]  # (training windows, validation windows)
     length: int  # time steps of a window as the network reads it (a difference shortens it)
+    future_size: int = 0  # covariates known ahead each window holds for every horizon step
 
 
 def train_forecaster(data: Data, windows: Windows, settings: Settings, checkpoints: Path | None = None) -> Trained:
@@ -142,9 +143,9 @@ class Network:
         """What networks trained as one batched network share: the network itself (cell, sizes,
         head), the device, one optimizer step for all (as many training windows, of one length, in
         batches of one size), the objective, and whether gradients are clipped."""
-        cfg = self.cfg
-        return (astuple(member_config(self.cell, cfg, self.batches.input_size)), self.device, self.batches.length,
-                self.batches.sizes[0], cfg.batch_size, cfg.loss, cfg.quantile_levels, bool(cfg.clip))
+        cfg, b = self.cfg, self.batches
+        return (astuple(member_config(self.cell, cfg, b.input_size, b.future_size)), self.device, b.length,
+                b.sizes[0], cfg.batch_size, cfg.loss, cfg.quantile_levels, bool(cfg.clip))
 
 
 @dataclass
@@ -210,7 +211,7 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
                                      (windows.x_val, windows.f_val, windows.y_val)))
         return Batches(lambda gen: tensor_batches(*train, batch_size=cfg.batch_size, generator=gen),
                        lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
-                       train[0].shape[1])
+                       train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
     panel, split, chain, L, H = Panel.from_series(data.values, data.ids, device=device), windows.split, windows.chain, \
         cfg.lookback, cfg.horizon
     train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
@@ -228,6 +229,9 @@ def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:
             "data_sha256": data.sha256}
     if windows.future_scale:
         meta.update(future_covariate_columns=data.future_columns, future_scale=windows.future_scale.to_list()[0])
+    if getattr(data, "calendar_columns", None):  # made from the time column at predict time
+        meta.update(time_column=data.time_column, calendar={"columns": data.calendar_columns,
+                                                            "countries": data.countries})
     if isinstance(data, PanelData):
         meta.update(id_column=data.id_column, time_column=data.time_column, series=len(data))
     return meta
@@ -244,7 +248,8 @@ def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]
         groups.setdefault(net.group_key(), []).append(i)
     for alike in groups.values():
         first = networks[alike[0]]
-        refusal = why_not_grouped(first.cell, first.cfg, first.device, first.batches.input_size)
+        refusal = why_not_grouped(first.cell, first.cfg, first.device, first.batches.input_size,
+                                  first.batches.future_size)
         if refusal:
             if len(alike) > 1:
                 logger.info("%s train one by one: %s", ", ".join(networks[i].name for i in alike), refusal)
@@ -279,11 +284,12 @@ def log_start(net: Network) -> None:
                       *net.batches.sizes)
 
 
-def why_not_grouped(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int) -> str:
+def why_not_grouped(cell: str, cfg: TimeSeriesConfig, device: str, input_size: int, future_size: int = 0) -> str:
     """Why networks of ``cfg`` with ``cell`` cannot train as one batched network here; '' if they can."""
     if device != "cpu":
         return "the grouped operation runs on the CPU"
-    if not groupable_shape(member_config(cell, cfg, input_size)):  # forecasters train in float32 on the CPU
+    # forecasters train in float32 on the CPU
+    if not groupable_shape(member_config(cell, cfg, input_size, future_size)):
         return "not a shape the grouped operation covers (rnn_models.grouped.groupable)"
     if not grouped_available():
         return ("the grouped operation is turned off (RNNFLOW_GROUPED=0)" if grouped_turned_off()
@@ -296,7 +302,8 @@ def fit_together(networks: list[Network]) -> list[tuple[Forecaster, FitResult]] 
     ``why_not_grouped`` must have said yes), each one's result logged. None, said in the log, where
     the checkpoints of an interrupted run stopped at different places."""
     ckpts = [open_checkpoint(net.checkpoints, net.cfg, net.who) for net in networks]
-    models = [new_member(net.cell, net.cfg, net.seed, net.device, net.batches.input_size) for net in networks]
+    models = [new_member(net.cell, net.cfg, net.seed, net.device, net.batches.input_size, net.batches.future_size)
+              for net in networks]
     results = fit_grouped(models, [net.batches.train for net in networks], [net.batches.val for net in networks],
                           forecast_objective(networks[0].cfg),
                           [project(TrainConfig, net.cfg, device=net.device, seed=net.seed) for net in networks], ckpts)
@@ -313,16 +320,19 @@ def log_member(who: str, result: FitResult) -> None:
                       len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
 
 
-def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_size: int) -> Forecaster:
+def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_size: int,
+               future_size: int = 0) -> Forecaster:
     """A network of the config's shape with ``cell``, its weights drawn from ``seed``."""
     with init_lock():
         seed_everything(seed)
-        return Forecaster(member_config(cell, cfg, input_size)).to(device)
+        return Forecaster(member_config(cell, cfg, input_size, future_size)).to(device)
 
 
-def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int) -> ForecasterConfig:
+def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int, future_size: int = 0) -> ForecasterConfig:
+    """The network of ``cfg`` with ``cell`` for windows of ``input_size`` features, ``future_size`` of
+    them known ahead (the data's: --future-covariate-columns and calendar features)."""
     return project(ForecasterConfig, cfg, cell=cell, input_size=input_size, quantiles=cfg.quantile_levels,
-                   future_size=len(cfg.future_covariates))
+                   future_size=future_size)
 
 
 def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
@@ -333,7 +343,7 @@ def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,
                  checkpoint: Checkpoint | None = None) -> tuple[Forecaster, FitResult]:
     """One network of the config's shape with ``cell``, trained on ``batches``."""
-    model = new_member(cell, cfg, seed, device, batches.input_size)
+    model = new_member(cell, cfg, seed, device, batches.input_size, batches.future_size)
     tcfg = project(TrainConfig, cfg, device=device, seed=seed)
     result = fit(model, batches.train, batches.val, forecast_objective(cfg), tcfg, checkpoint=checkpoint)
     return model, result

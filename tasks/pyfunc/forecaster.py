@@ -9,6 +9,10 @@ Output: a DataFrame of ``horizon`` rows with columns ``step`` (1..H) and ``forec
 quantiles one ``q<level>`` column each (``q0.1``, ``q0.5``, ``q0.9``; ``forecast`` is ``q0.5``),
 and with ``--intervals`` a ``lo<level>`` and ``hi<level>`` column each (``lo0.8``, ``hi0.8``).
 
+A model trained with calendar features (``--calendar``, or chosen by ``--auto``) makes them from the
+time column, which the request must then hold; the horizon's times follow the last one at the
+model's frequency (a request that gives rows ahead for other covariates gives their times too).
+
 A global model (trained with ``--id-column ID``) reads many series at once: a long table with
 columns ID and the value column (and optionally the time column, by which each series' rows are
 ordered; otherwise the rows' order is the time order), and answers ``horizon`` rows per series,
@@ -22,6 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from rnn_models.calendar import calendar_frame, times_ahead
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.panel import last_windows
 
@@ -31,10 +36,13 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         self.pipeline = ForecastPipeline.load(context.artifacts["weights"], context.artifacts["config"])
         self.columns = [self.pipeline.meta["value_column"], *self.pipeline.meta["covariate_columns"]]
         self.id_column = self.pipeline.meta.get("id_column")
+        self.calendar = self.pipeline.meta.get("calendar")  # {"columns": [...], "countries": [...]}
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if self.id_column:
             return self._predict_many(model_input)
+        if self.calendar:
+            model_input = self._with_calendar(model_input)
         L = self.pipeline.lookback
         missing = [c for c in self.columns if c not in model_input.columns]
         if missing:
@@ -53,6 +61,27 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
             return self.pipeline.answer(window[None])
         except ValueError as e:  # e.g. a value <= 0 in the history of a log-transformed model
             raise _bad_input(str(e)) from e
+
+    def _with_calendar(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The request with the calendar features the model reads, made from its time column. With no
+        other covariates known ahead, a request of history only gets the H times ahead as empty rows."""
+        meta, H, value = self.pipeline.meta, self.pipeline.horizon, self.columns[0]
+        time_col, freq = meta["time_column"], meta["frequency"]
+        if time_col not in frame.columns:
+            raise _bad_input(f"missing column {time_col!r}: this model makes calendar features from it")
+        frame = frame.reset_index(drop=True)
+        times = pd.to_datetime(frame[time_col], errors="coerce", format="mixed")
+        if times.isna().any():
+            row = int(np.flatnonzero(times.isna().to_numpy())[0])
+            raise _bad_input(f"column {time_col!r} has a value that is not a time, {frame[time_col].iloc[row]!r} "
+                             f"at row {row + 1}")
+        given_ahead = [c for c in self.pipeline.future_columns if c not in self.calendar["columns"]]
+        if not given_ahead and value in frame.columns and pd.notna(frame[value].iloc[-1]):
+            ahead = times_ahead(times.iloc[-1], freq, H)
+            frame = pd.concat([frame, pd.DataFrame({time_col: ahead})], ignore_index=True)
+            times = pd.concat([times, pd.Series(ahead)], ignore_index=True)
+        features = calendar_frame(times, freq, self.calendar["countries"])
+        return pd.concat([frame.drop(columns=features.columns, errors="ignore"), features], axis=1)
 
     def _ahead(self, rows: np.ndarray) -> int:
         """The rows after the history: a model trained with --future-covariate-columns reads its

@@ -1,0 +1,225 @@
+"""The time-series flow's config: data, windows and transforms, the forecaster and its training,
+and the checks a config must pass before any data is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rnn_models import CELL_NAMES
+from tasks import file_name
+from tasks.config.base import (
+    ConfigError,
+    ModelOptions,
+    RegistryOptions,
+    TrainingOptions,
+    check_common,
+    flag,
+    option,
+    override,
+)
+
+TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
+
+
+@dataclass
+class SeriesOptions:
+    title = "data"  # where the series comes from and how its file is read
+    source: str = option("sine", "where the series comes from",
+                         ("sine", "sin-cos", "arithmetic", "trend-season", "file"))
+    data: str = option("", "CSV or Parquet file (with --source file): a path or an fsspec URL, s3://, https://, ...")
+    id_column: str = option("", "long-format --data (id, time, value rows): train one global network on the "
+                            "windows of every series of this column, each window normalised by itself")
+    sha256: str = option("", "expected sha256 of the --data file; the run stops if it differs")
+    time_column: str = option("", "time column; default: the first column that parses as dates")
+    value_column: str = option("", "target column; default: the only numeric column left")
+    covariate_columns: str = option("", "comma-separated past covariates fed beside the target")
+    future_covariate_columns: str = option("", "comma-separated covariates known for the horizon too (price, promo)")
+    calendar: bool | None = option(None, "calendar features made from the time column for history and horizon: "
+                                   "hour of day, day of week, month, ... as the frequency allows; default: --auto "
+                                   "tries with and without when the time column holds dates")
+    holidays: str = option("", "comma-separated country codes (US,DE): a public-holiday flag among the calendar "
+                           "features (implies --calendar)")
+    max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
+    length: int = option(1200, "points in a generated series (sine, sin-cos, arithmetic, trend-season)")
+
+
+@dataclass
+class WindowOptions:
+    title = "windows and transforms"  # how the series is split, transformed and cut into windows
+    lookback: int = option(0, "input window length L; 0 = 24 for one series, 7 seasons with --id-column (a week "
+                           "of hourly data)")
+    horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
+    stride: int = option(1, "step between training windows")
+    val_size: float = option(0.1, "fraction of the series (after train) for validation / early stopping")
+    test_size: float = option(0.2, "fraction of the series at the end for the backtest")
+    season_length: int = option(0, "season for MASE and seasonal naive; 0 = from the data (sine period, frequency)")
+    scaler: str = option("standard", "scikit-learn scaler fitted on the training part only",
+                         ("standard", "minmax", "none"))
+    transform: str = option("none", "target transform, inverted on every forecast (log: positive series only)",
+                            ("none", "log"))
+    difference: str = option("none", "difference the target inputs; each forecast step is then learnt as its "
+                             "change from the last value (first) or from the value one season back (seasonal)",
+                             ("none", "first", "seasonal"))
+    window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
+                              "divide by its own spread, de-normalise the forecast the same way",
+                              ("none", "last", "mean"))
+    baseline: str = option("none", "the network learns the correction to this forecast",
+                           ("none", "naive", "seasonal-naive"))
+    auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
+                        "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
+
+
+def parse_levels(name: str, text: str) -> list[float]:
+    """``--NAME 0.1,0.9``'s numbers, each strictly between 0 and 1."""
+    try:
+        levels = [float(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+    bad = [q for q in levels if not 0 < q < 1]
+    if bad:
+        raise ConfigError(f"--{name} must lie strictly between 0 and 1, got {sorted(bad)}")
+    return levels
+
+
+@dataclass
+class ForecasterOptions(ModelOptions):
+    """The forecaster's own model options: quantiles and ensemble."""
+    bidirectional: bool = option(False, "read the input window both ways")
+    patch: int = option(0, "input steps the network reads per recurrent step: the window in segments of P steps "
+                        "(SegRNN), so a long lookback costs L/P steps; 0 = 1 for one series, the season with "
+                        "--id-column")
+    quantiles: str = option("", "comma-separated quantiles, e.g. 0.1,0.5,0.9: trained with pinball loss, one "
+                            "q<level> column each beside forecast (the median, always included)")
+    intervals: str = option("", "comma-separated levels, e.g. 0.8,0.95: conformal prediction intervals around the "
+                            "forecast, calibrated per horizon step on validation errors; columns lo<level>, "
+                            "hi<level>")
+    ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
+    ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
+
+
+@dataclass
+class ForecasterTraining(TrainingOptions):
+    """The forecaster's own training options: the moving average and the learning-rate plateau."""
+    batch_size: int = override(TrainingOptions, "batch_size", 0,
+                               "windows per gradient step; 0 = 32 for one series, 256 with --id-column")
+    ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
+                        "what is validated and registered (0 = off)")
+    loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
+                       "MASE reward); auto = mse for one series, mae with --id-column; with --quantiles: pinball",
+                       ("auto", "mse", "mae"))
+    lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
+                              "(0 = constant)")
+
+
+@dataclass
+class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, WindowOptions, SeriesOptions):
+    """The time-series flow's config: its bases' fields in reverse order (data, windows, model, training, ...)."""
+
+    def __post_init__(self):
+        if not self.panel:  # one series: the automatic settings need no data
+            self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
+            self.loss = "mse" if self.loss == "auto" else self.loss
+        check_common(self, positive=("horizon", "stride", "length", "ensemble"),
+                     non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience"),
+                     fractions=("val_size", "test_size"), probabilities=("ema",))
+        if self.source == "file" and not self.data:
+            raise ConfigError("--source file needs --data PATH_OR_URL")
+        if (self.data or self.future_covariates) and self.source != "file":
+            raise ConfigError(f"{'--data' if self.data else '--future-covariate-columns'} is only read with --source "
+                              f"file (got --source {self.source})")
+        if self.id_column:
+            self._check_panel()
+        self._check_calendar()
+        chosen = [f for f in TRANSFORM_FIELDS if getattr(self, f) != "none"]
+        if self.auto and chosen:
+            raise ConfigError(f"{flag(chosen[0])} {getattr(self, chosen[0])} is chosen by --auto (the default); "
+                              f"add --no-auto to set it yourself")
+        for cell in self.member_cells:
+            if cell not in CELL_NAMES:
+                raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
+        self.quantile_levels, self.interval_levels  # noqa: B018 - parses, so a bad list stops here
+
+    def _check_panel(self) -> None:
+        """What a global model over many series cannot take."""
+        if self.source != "file":
+            raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
+        if self.covariates or self.future_covariates:
+            raise ConfigError(f"{'--covariate-columns' if self.covariates else '--future-covariate-columns'} cannot "
+                              "be used with --id-column: the global model reads the value column only")
+        if self.calendar or self.holidays:
+            raise ConfigError("--calendar and --holidays cannot be used with --id-column yet: the global model reads "
+                              "the value column only")
+        if not self.auto and self.window_norm == "none":
+            raise ConfigError("--id-column trains series of different scales together: with --no-auto set "
+                              "--window-norm last or mean")
+        if self.transform == "log" or self.difference != "none":
+            raise ConfigError(f"--id-column takes no --transform or --difference (got {self.transform}, "
+                              f"{self.difference}); --window-norm and --baseline make series comparable")
+
+    def _check_calendar(self) -> None:
+        if self.countries:
+            if self.calendar is False:
+                raise ConfigError("--holidays is a calendar feature: drop --no-calendar")
+            self.calendar = True
+            from rnn_models.calendar import check_countries  # the holidays library: only when asked for
+            try:
+                check_countries(self.countries)
+            except ValueError as e:
+                raise ConfigError(f"--holidays: {e}") from None
+        if self.calendar and self.source != "file":
+            raise ConfigError(f"--calendar needs dates: read them with --source file (got --source {self.source})")
+
+    @property
+    def countries(self) -> list[str]:
+        return [c.strip().upper() for c in self.holidays.split(",") if c.strip()]
+
+    def settled(self, season_length: int) -> TimeSeriesConfig:
+        """The config with --id-column's automatic settings (their help says which), once the season is known;
+        the calendar features off unless asked for or left to --auto."""
+        m = season_length if season_length > 1 else 0
+        lookback = self.lookback or (7 * m if m else 24)
+        patch = self.patch or (m if m and lookback % m == 0 else 1)
+        return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
+                       batch_size=self.batch_size or 256,
+                       calendar=self.calendar if self.auto and not self.panel else bool(self.calendar))
+
+    @property
+    def panel(self) -> bool:
+        """One global network over the many series of a long-format file."""
+        return bool(self.id_column)
+
+    @property
+    def member_cells(self) -> list[str]:
+        """The cell of each ensemble member, in turn from --ensemble-cells."""
+        cells = [c.strip() for c in self.ensemble_cells.split(",") if c.strip()] or [self.cell]
+        return [cells[i % len(cells)] for i in range(self.ensemble)]
+
+    @property
+    def label(self) -> str:
+        """The model's name in backtest tables: rnnflow-lstm, rnnflow-lstm+gru for a mixed ensemble."""
+        return "rnnflow-" + "+".join(dict.fromkeys(self.member_cells))
+
+    @property
+    def quantile_levels(self) -> tuple[float, ...]:
+        """Sorted quantile levels with the median added; () for point forecasts."""
+        levels = parse_levels("quantiles", self.quantiles)
+        return tuple(sorted({*levels, 0.5})) if levels else ()
+
+    @property
+    def interval_levels(self) -> tuple[float, ...]:
+        """The conformal intervals' levels, sorted; () for none."""
+        return tuple(sorted(set(parse_levels("intervals", self.intervals))))
+
+    @property
+    def covariates(self) -> list[str]:
+        return [c.strip() for c in self.covariate_columns.split(",") if c.strip()]
+
+    @property
+    def future_covariates(self) -> list[str]:
+        return [c.strip() for c in self.future_covariate_columns.split(",") if c.strip()]
+
+    @property
+    def registered_name(self) -> str:
+        stem = self.source if self.source != "file" else Path(file_name(self.data)).stem or "series"
+        return self.model_name or f"{stem}-forecaster"
