@@ -77,7 +77,9 @@ def report(settings: Settings, reg, bt, champion, trained) -> dict:
     vs = (f"Champion v{champion.version} on the same test data: MASE {champion.score:.4g}.\n\n"
           if champion.score is not None else "")
     auto = f"{selection.markdown()}\n\n" if selection else ""
-    text = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{vs}{registration_note(name, reg)}"
+    budget = (f"{len(trained.fits)} of {cfg.ensemble} ensemble members fitted in --minutes {cfg.minutes:g}.\n\n"
+              if cfg.minutes else "")
+    text = f"{bt.markdown(f'{name} v{reg.version}')}\n\n{auto}{budget}{vs}{registration_note(name, reg)}"
     create_markdown_artifact(text, key=f"{safe_name(name)}-backtest", description=f"{name} v{reg.version} backtest")
     return {"model_name": name, "version": reg.version, "model_uri": reg.model_uri,
             "champion_uri": f"models:/{name}@{CHAMPION}", "promoted": reg.promoted, "reason": reg.reason,

@@ -276,6 +276,13 @@ STEPS: list[Step] = [
          kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "list(_.columns) == ['step', 'forecast', 'lo0.8', 'hi0.8'] and len(_) == 7 "
                        "and _.forecast[2] > _.forecast[1] + 20"}),
+    Step('make run ARGS="--source file --data data/holiday_sales.csv --holidays US --horizon 7 --lookback 28"',
+         checks=(registered("holiday_sales-forecaster"),)),
+    Step('import mlflow, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
+         'model = mlflow.pyfunc.load_model("models:/holiday_sales-forecaster@champion")\n'
+         'model.predict(pd.read_csv("data/holiday_sales.csv").iloc[:182])  # to 30 June 2024: step 4 is 4 July, a '
+         'holiday', kind="python", checks=(has(r"CHECK OK"),),
+         env={"CHECK": "len(_) == 7 and _.forecast[3] < _.forecast[2] - 20"}),
     # -- Many series
     Step(".venv/bin/python -m flows.timeseries --source file --data data/meters.csv --id-column id --horizon 24",
          checks=(registered("meters-forecaster"),)),

@@ -183,7 +183,7 @@ def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict
     fit, pipeline = trained.first_fit, trained.pipeline()
     mlflow.log_params(cfg.to_params())
     mlflow.log_params({"resolved_device": trained.device, "transforms": pipeline.chain.describe(),
-                       "member_cells": ",".join(cfg.member_cells),
+                       "member_cells": ",".join(cfg.member_cells), "members_fitted": len(trained.fits),
                        "quantile_levels": ",".join(map(str, pipeline.quantiles)), **data_params})
     log_history(fit.history)
     mlflow.log_metrics({"train_seconds": trained.train_seconds, "train_samples_per_second": fit.samples_per_second,

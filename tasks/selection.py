@@ -10,6 +10,7 @@ from the end of the training part, and the chosen settings are then trained on t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,11 +114,12 @@ class AutoRound:
 
 
 def auto_round(data: Data, trials: dict[str, TimeSeriesConfig], checkpoints: Path | None = None,
-               name: str = "") -> AutoRound:
+               name: str = "", deadline: float | None = None) -> AutoRound:
     """Candidates ({name: settings}) of one model: each one network (the config's first member) on
     the windows its settings make of ``data`` (with calendar features if they ask for them).
     ``checkpoints``: a folder for each candidate's training checkpoints; ``name``: what the log
-    calls the model they are chosen for (a sweep's trial), if anything."""
+    calls the model they are chosen for (a sweep's trial), if anything; ``deadline``: when their
+    share of a --minutes budget ends."""
     reasons, prepared, candidates, widened = {}, {}, {}, ""
     for candidate, cfg in trials.items():
         trial = replace(cfg, ensemble=1, ensemble_cells=cfg.member_cells[0])
@@ -138,8 +140,8 @@ def auto_round(data: Data, trials: dict[str, TimeSeriesConfig], checkpoints: Pat
         windows = scale_and_window(own_data, split, trial)
         prepared[candidate] = own_data, windows
         # candidates whose networks and windows have one shape train together (tasks.training)
-        candidates[candidate] = forecaster_ensemble(own_data, windows, Settings(trial), folder(checkpoints, candidate),
-                                                    label(name, candidate))
+        candidates[candidate] = forecaster_ensemble(own_data, windows, Settings(trial, deadline=deadline),
+                                                    folder(checkpoints, candidate), label(name, candidate))
     return AutoRound(trials, candidates, prepared, reasons, widened)
 
 
@@ -156,23 +158,28 @@ def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]
     """``choose_settings`` for several models at once ({name: (data, config, checkpoint folder)}):
     the --auto candidates of all of them train together, so those of one shape train as one
     batched network across models too."""
+    start = time.time()  # --minutes: the candidates train in the budget's first third, the members in the rest
     settled = {k: (data, cfg.settled(data.season_length), ckpt) for k, (data, cfg, ckpt) in models.items()}
-    auto = {k: (data, {c: apply(cfg, c) for c in candidates_for(cfg)}, ckpt)
+    ends = {k: (start + cfg.minutes * 20, start + cfg.minutes * 60) if cfg.minutes else (None, None)
+            for k, (_, cfg, _) in settled.items()}
+    auto = {k: (data, {c: apply(cfg, c) for c in candidates_for(cfg)}, ckpt, ends[k][0])
             for k, (data, cfg, ckpt) in settled.items() if cfg.auto}
     first = {k: choose(*tried, settled[k][0].source) for k, tried in train_rounds(auto).items()}
     # a second round where --auto decides the calendar features: the first round's choice with them
-    undecided = {k: (settled[k][0], {f"{s.selection.choice} + calendar": replace(s.cfg, calendar=True)}, settled[k][2])
-                 for k, s in first.items() if s.cfg.calendar is None and has_dates(settled[k][0])}
+    undecided = {k: (settled[k][0], {f"{s.selection.choice} + calendar": replace(s.cfg, calendar=True)}, settled[k][2],
+                     ends[k][0]) for k, s in first.items() if s.cfg.calendar is None and has_dates(settled[k][0])}
     second = train_rounds(undecided)
     chosen = {k: first.get(k, Settings(cfg)) for k, (_, cfg, _) in settled.items()}
-    return {k: with_calendar_round(s, *second[k]) if k in second else
-            replace(s, cfg=replace(s.cfg, calendar=bool(s.cfg.calendar))) for k, s in chosen.items()}
+    chosen = {k: with_calendar_round(s, *second[k]) if k in second else
+              replace(s, cfg=replace(s.cfg, calendar=bool(s.cfg.calendar))) for k, s in chosen.items()}
+    return {k: replace(s, deadline=ends[k][1]) for k, s in chosen.items()}
 
 
-def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig], Path | None]]
+def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig], Path | None, float | None]]
                  ) -> dict[Hashable, tuple[AutoRound, dict[str, Trained], dict[str, float]]]:
-    """Each model's round of candidates trained (all models' together) and scored."""
-    made = {k: auto_round(data, trials, ckpt, str(k)) for k, (data, trials, ckpt) in rounds.items()}
+    """Each model's round of candidates ({name: (data, candidates, checkpoints, deadline)}) trained,
+    all models' together, and scored."""
+    made = {k: auto_round(data, trials, ckpt, str(k), end) for k, (data, trials, ckpt, end) in rounds.items()}
     tried = train_ensembles({(k, c): e for k, rnd in made.items() for c, e in rnd.candidates.items()})
     out = {}
     for k, rnd in made.items():

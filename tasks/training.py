@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class Settings:
 
     cfg: TimeSeriesConfig
     selection: Selection | None = None
+    deadline: float | None = None  # with --minutes: when (time.time()) the model's training must end
 
 
 @functools.cache
@@ -129,10 +131,24 @@ class Network:
     seed: int
     batches: Batches
     checkpoints: Path | None
+    deadline: float | None = None  # --minutes: when the budget it trains in ends
+    optional: bool = False  # an ensemble member after the first: left out once the budget is spent
 
     @property
     def device(self) -> str:
         return resolve_device(self.cfg.device)
+
+    def train_config(self) -> TrainConfig:
+        """How ``fit`` trains it: with --minutes, until early stopping or the time left to its
+        deadline when it starts (at least a twentieth of the budget), whatever --epochs says."""
+        if self.deadline is None:
+            return project(TrainConfig, self.cfg, device=self.device, seed=self.seed, minutes=0.0)
+        left = max((self.deadline - time.time()) / 60, self.cfg.minutes / 20)
+        return project(TrainConfig, self.cfg, device=self.device, seed=self.seed, minutes=left,
+                       epochs=EPOCHS_UNBOUNDED)
+
+    def left_out(self) -> bool:
+        return self.optional and self.deadline is not None and time.time() >= self.deadline
 
     @property
     def who(self) -> str:
@@ -166,9 +182,10 @@ def train_ensembles(models: dict[Hashable, Ensemble]) -> dict[Hashable, Trained]
 
 
 def ensemble(cfg: TimeSeriesConfig, batches: Batches, first: Trained | None, checkpoints: Path | None, name: str,
-             make: Callable[[list[Forecaster], list[FitResult]], Trained]) -> Ensemble:
+             make: Callable[[list[Forecaster], list[FitResult]], Trained], deadline: float | None = None) -> Ensemble:
     """The config's ``--ensemble`` members (seed + i, cells in turn) on ``batches``, ``first``
-    (member 1, trained by --auto) kept; ``make`` builds the model from the members and results."""
+    (member 1, trained by --auto) kept; ``make`` builds the model from the members and results.
+    ``deadline``: the --minutes budget's end, after which members beyond the first are left out."""
     K = cfg.ensemble
     kept = []
     if first is not None:
@@ -176,10 +193,11 @@ def ensemble(cfg: TimeSeriesConfig, batches: Batches, first: Trained | None, che
         run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cfg.member_cells[0])
         kept = [(first.forecaster.members[0], first.first_fit)]
     networks = [Network(label(name, f"member {i + 1}/{K}" if K > 1 else ""), cfg.member_cells[i], cfg, cfg.seed + i,
-                        batches, checkpoints and checkpoints / f"member-{i + 1}") for i in range(len(kept), K)]
+                        batches, checkpoints and checkpoints / f"member-{i + 1}", deadline, optional=i > 0)
+                for i in range(len(kept), K)]
 
-    def finish(results: list[tuple[Forecaster, FitResult]]) -> Trained:
-        done = kept + results
+    def finish(results: list[tuple[Forecaster, FitResult] | None]) -> Trained:
+        done = kept + [r for r in results if r is not None]  # members left out by --minutes dropped
         return make([model.cpu() for model, _ in done], [result for _, result in done])
 
     return Ensemble(networks, finish)
@@ -198,7 +216,8 @@ def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkp
     first = settings.selection and settings.selection.trained
     meta = model_meta(data, cfg, windows)
     return ensemble(cfg, batches(data, windows, cfg, device), first, checkpoints, name,
-                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, meta), fits, device))
+                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, meta), fits, device),
+                    settings.deadline)
 
 
 def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
@@ -237,41 +256,63 @@ def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:
     return meta
 
 
-def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult]]:
-    """Each network trained, in order. On the CPU, for the shapes it covers, through the grouped
-    operation (``rnn_models.grouped``, faster than ``nn.LSTM`` even for one network), those of one
-    shape (``Network.group_key``) together as one batched network, at most ``GROUP_PER_THREAD`` per
-    thread at a time; the rest one after another through ``nn.LSTM`` and autograd."""
-    logger, done = run_logger(), {}
+def train_networks(networks: list[Network]) -> list[tuple[Forecaster, FitResult] | None]:
+    """Each network trained, in order (None: left out, its --minutes budget spent). On the CPU, for
+    the shapes it covers, through the grouped operation (``rnn_models.grouped``, faster than
+    ``nn.LSTM`` even for one network), those of one shape (``Network.group_key``) together as one
+    batched network, at most ``GROUP_PER_THREAD`` per thread at a time; the rest one after another
+    through ``nn.LSTM`` and autograd."""
+    done: dict[int, tuple[Forecaster, FitResult] | None] = {}
     groups: dict[tuple, list[int]] = {}
     for i, net in enumerate(networks):
         groups.setdefault(net.group_key(), []).append(i)
     for alike in groups.values():
-        first = networks[alike[0]]
-        refusal = why_not_grouped(first.cell, first.cfg, first.device, first.batches.input_size,
-                                  first.batches.future_size)
-        if refusal:
-            if len(alike) > 1:
-                logger.info("%s train one by one: %s", ", ".join(networks[i].name for i in alike), refusal)
-            continue
-        cap = GROUP_PER_THREAD * torch.get_num_threads()
-        n = -(-len(alike) // cap)  # groups, as near equal in size as can be
-        for which in (alike[g * len(alike) // n:(g + 1) * len(alike) // n] for g in range(n)):
-            nets = [networks[i] for i in which]
-            if len(nets) > 1:
-                logger.info("%s: training %s together as one batched network on %s: %d train / %d validation "
-                            "windows each", ", ".join(net.name for net in nets), first.cell, first.device,
-                            *first.batches.sizes)
-            else:
-                log_start(nets[0])
-            done.update(zip(which, fit_together(nets) or [], strict=False))
+        for which in batched_groups(networks, alike):
+            train_group(networks, [i for i in which if not skipped(networks, i, done)], done)
     for i, net in enumerate(networks):
-        if i not in done:
+        if i not in done and not skipped(networks, i, done):
             log_start(net)
             done[i] = train_member(net.cell, net.cfg, net.seed, net.device, net.batches,
-                                   checkpoint=open_checkpoint(net.checkpoints, net.cfg, net.who))
+                                   open_checkpoint(net.checkpoints, net.cfg, net.who), net.train_config())
             log_member(net.who, done[i][1])
     return [done[i] for i in range(len(networks))]
+
+
+def batched_groups(networks: list[Network], alike: list[int]) -> list[list[int]]:
+    """``alike`` (networks of one shape, by index) in the groups that train as one batched network,
+    as near equal in size as can be; none where the grouped operation cannot train them."""
+    first = networks[alike[0]]
+    refusal = why_not_grouped(first.cell, first.cfg, first.device, first.batches.input_size,
+                              first.batches.future_size)
+    if refusal:
+        if len(alike) > 1:
+            run_logger().info("%s train one by one: %s", ", ".join(networks[i].name for i in alike), refusal)
+        return []
+    n = -(-len(alike) // (GROUP_PER_THREAD * torch.get_num_threads()))
+    return [alike[g * len(alike) // n:(g + 1) * len(alike) // n] for g in range(n)]
+
+
+def train_group(networks: list[Network], which: list[int], done: dict) -> None:
+    """The networks ``which`` trained together as one batched network, their results put in ``done``."""
+    if not which:
+        return
+    nets = [networks[i] for i in which]
+    if len(nets) > 1:
+        run_logger().info("%s: training %s together as one batched network on %s: %d train / %d validation "
+                          "windows each", ", ".join(net.name for net in nets), nets[0].cell, nets[0].device,
+                          *nets[0].batches.sizes)
+    else:
+        log_start(nets[0])
+    done.update(zip(which, fit_together(nets) or [], strict=False))
+
+
+def skipped(networks: list[Network], i: int, done: dict) -> bool:
+    """Whether network ``i`` is left out (``done[i]`` None): an optional one, its budget spent."""
+    if not networks[i].left_out():
+        return False
+    run_logger().info("%sleft out: the --minutes budget was spent", networks[i].who)
+    done[i] = None
+    return True
 
 
 # more networks per thread in one group gain nothing on this CPU and, on one thread, start to lose
@@ -306,7 +347,7 @@ def fit_together(networks: list[Network]) -> list[tuple[Forecaster, FitResult]] 
               for net in networks]
     results = fit_grouped(models, [net.batches.train for net in networks], [net.batches.val for net in networks],
                           forecast_objective(networks[0].cfg),
-                          [project(TrainConfig, net.cfg, device=net.device, seed=net.seed) for net in networks], ckpts)
+                          [net.train_config() for net in networks], ckpts)
     if results is None:
         run_logger().info("(not as one batched network: their checkpoints stopped at different places; one by one)")
         return None
@@ -341,9 +382,9 @@ def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
 
 
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,
-                 checkpoint: Checkpoint | None = None) -> tuple[Forecaster, FitResult]:
-    """One network of the config's shape with ``cell``, trained on ``batches``."""
+                 checkpoint: Checkpoint | None = None, tcfg: TrainConfig | None = None) -> tuple[Forecaster, FitResult]:
+    """One network of the config's shape with ``cell``, trained on ``batches`` (as ``tcfg`` says, if given)."""
     model = new_member(cell, cfg, seed, device, batches.input_size, batches.future_size)
-    tcfg = project(TrainConfig, cfg, device=device, seed=seed)
+    tcfg = tcfg or project(TrainConfig, cfg, device=device, seed=seed, minutes=0.0)
     result = fit(model, batches.train, batches.val, forecast_objective(cfg), tcfg, checkpoint=checkpoint)
     return model, result

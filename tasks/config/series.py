@@ -108,6 +108,10 @@ class ForecasterTraining(TrainingOptions):
     loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
                        "MASE reward); auto = mse for one series, mae with --id-column; with --quantiles: pinball",
                        ("auto", "mse", "mae"))
+    minutes: float = option(0.0, "a time budget for the whole model: --auto's candidates train in its first third, "
+                            "the --ensemble members in the rest, group after group, each until early stopping or the "
+                            "budget ends it (not --epochs); members that do not fit are left out and the run says how "
+                            "many fitted (0 = by --epochs)")
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
 
@@ -121,7 +125,8 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
             self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
             self.loss = "mse" if self.loss == "auto" else self.loss
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
-                     non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience"),
+                     non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience",
+                                   "minutes"),
                      fractions=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
