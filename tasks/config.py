@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from rnn_models import CELL_NAMES, PRECISIONS
-from tasks import file_name
+from tasks import CORPORA, file_name
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,7 @@ def override(piece, name: str, default, help: str = ""):
 
 
 TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "timemachine.txt"
+BUNDLED_CORPUS = CORPORA / "timemachine.txt"
 MAX_NAME = 200  # characters in a registered model's name
 BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
