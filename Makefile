@@ -2,6 +2,7 @@
 # Each target creates .venv and installs the pinned project on first use.
 
 PY       := .venv/bin/python
+RNNFLOW  := .venv/bin/rnnflow
 STAMP    := .venv/.installed-stamp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_LOGGING_LEVEL ?= INFO
@@ -34,10 +35,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m flows.timeseries $(ARGS)
+	$(RNNFLOW) forecast $(ARGS)
 
 charlm: $(STAMP)
-	$(PY) -m flows.charlm $(ARGS)
+	$(RNNFLOW) charlm $(ARGS)
 
 test: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not journey" $(PYTEST_ARGS)
@@ -81,32 +82,30 @@ server: $(STAMP)
 	PATH=$(CURDIR)/.venv/bin:$$PATH prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 server-stop: $(STAMP)
-	PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(PY) -m flows.server stop
+	PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(RNNFLOW) server stop
 
 # Register and serve the retraining deployments against that server (keep it running)
 deploy: $(STAMP)
-	$(API_URL) $(PY) -m flows.deploy $(ARGS)
+	$(API_URL) $(RNNFLOW) deploy $(ARGS)
 
 # A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root)
 tracking-server: $(STAMP)
-	scripts/tracking-server.sh
+	$(RNNFLOW) tracking-server
 
 models: $(STAMP)
-	$(PY) -m flows.models list
+	$(RNNFLOW) models list
 
 # REST scoring server for NAME@champion: make serve-model NAME=sine-forecaster [PORT=5001] [WORKERS=2]
-# (MLflow's scoring app and request format, uvicorn workers, a 5 MB body limit: python -m flows.serve)
+# (MLflow's scoring app and request format, uvicorn workers, a 5 MB body limit: rnnflow serve --help)
 WORKERS ?= 2
 serve-model: $(STAMP)
 	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001] [WORKERS=2]"; exit 2; }
-	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(PY) -m flows.serve "$(NAME)" --port $(PORT) \
+	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(RNNFLOW) serve "$(NAME)" --port $(PORT) \
 		--workers $(WORKERS)
 
 # The MLflow UI on the project's store, lean enough for a laptop: one worker, no job runners
 ui: $(STAMP)
-	$(VENV_PATH) MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow server \
-		--backend-store-uri "$${MLFLOW_TRACKING_URI:-$(STORE)}" --default-artifact-root "$(CURDIR)/mlruns/artifacts" \
-		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+	$(RNNFLOW) ui --port $(UI_PORT)
 
 clean:
 	rm -rf .venv mlruns/mlflow.db mlruns/artifacts .pytest_cache

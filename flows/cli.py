@@ -23,6 +23,7 @@ from prefect import flow
 from prefect.exceptions import TerminationSignal
 from prefect.states import Failed
 
+from flows.parsing import Parser, command_line
 from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
 from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, flag, parse_value, safe_name
@@ -80,10 +81,9 @@ def config_flow(cls, name: str, description: str):
     return decorate
 
 
-def parser_for(cls, prog: str, description: str) -> argparse.ArgumentParser:
+def parser_for(cls, prog: str, description: str) -> Parser:
     """An argparse parser with one ``--option`` per field of ``cls``, with its help and choices."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints, titles, groups = typing.get_type_hints(cls), _piece_titles(cls), {}
     for f in fields(cls):
         title = titles.get(f.name) or "options"
@@ -183,7 +183,7 @@ def checkpointed(checkpoints: Path, flow: str, cfg, data_sha256: str):
         yield
     except TrackingUnavailable as e:
         raise TrackingUnavailable(f"{e}; the trained model is kept in {checkpoints}: once the server answers, "
-                                  f"`python -m flows.models register {checkpoints}` registers it") from None
+                                  f"`{command_line('flows.models')} register {checkpoints}` registers it") from None
     except USER_ERRORS:
         shutil.rmtree(checkpoints, ignore_errors=True)
         raise

@@ -31,6 +31,7 @@ from prefect.runner import Runner
 
 from flows import exit_process
 from flows.charlm import charlm_flow
+from flows.parsing import Parser
 from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from flows.timeseries import timeseries_flow
 
@@ -282,8 +283,8 @@ def serve(deployments: list, limit: int | None, shutdown: Shutdown) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = Parser(prog="python -m flows.deploy", description=__doc__.split("\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--only", choices=sorted(FLOWS), action="append", help="serve only this flow (repeatable)")
     ap.add_argument("--timeseries-cron", default=FLOWS["timeseries"][2])
     ap.add_argument("--charlm-cron", default=FLOWS["charlm"][2])

@@ -7,11 +7,11 @@ finishes a run whose tracking server went away after training, from the folder i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from flows import exit_process
+from flows.parsing import Parser, command_line
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
 from tasks.registry import RegistryError, champion_version, client, get_version, rollback_champion, set_champion
 from tasks.tracking import CHAMPION
@@ -115,11 +115,12 @@ def cmd_register(args) -> int:
     return run_config(cfg, getattr(module, f"{flow}_flow"), check)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.models", description=__doc__.split("\n")[0])
+def parser() -> Parser:
+    p = Parser(prog="python -m flows.models",
+               description=__doc__.split("\n")[0].replace("python -m flows.models", command_line("flows.models")))
     sub = p.add_subparsers(dest="command", required=True)
 
-    def command(run, help: str, *positionals: str) -> argparse.ArgumentParser:
+    def command(run, help: str, *positionals: str) -> Parser:
         s = sub.add_parser(run.__name__.removeprefix("cmd_"), help=help)
         for name in positionals:
             s.add_argument(name)

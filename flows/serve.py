@@ -8,7 +8,6 @@ The model is downloaded once, before the workers start; each worker loads it fro
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -16,6 +15,8 @@ import sys
 import tempfile
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from flows.parsing import Parser
 
 MODEL_PATH = "RNNFLOW_SERVE_MODEL_PATH"
 MAX_BODY = "RNNFLOW_SERVE_MAX_BODY_BYTES"
@@ -140,7 +141,7 @@ class NoDelayH11Protocol(H11Protocol):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
     ap.add_argument("name", help="registered model name")
     ap.add_argument("--alias", default="champion")
     ap.add_argument("--version", default="", help="a version number instead of the alias")

@@ -31,6 +31,8 @@ from prefect.settings import (
     temporary_settings,
 )
 
+from flows.parsing import Parser, command_line
+
 START_SECONDS = float(os.environ.get("RNNFLOW_PREFECT_START_SECONDS", "180"))
 # How often a flow run tells the server it is alive (Prefect's minimum; its default is 180 s), from
 # the command line too: `flows.deploy`'s zombie automation crashes a flow run silent for three beats.
@@ -114,7 +116,7 @@ def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str]:
     url, started = ensure_server(meanwhile)
     if started:
         print(f"started a local Prefect server at {url.removesuffix('/api')} (its UI); it stays up for later "
-              f"runs: `python -m flows.server stop` stops it", file=sys.stderr)
+              f"runs: `{command_line('flows.server')} stop` stops it", file=sys.stderr)
     env, updates = {"PREFECT_API_URL": url}, {PREFECT_API_URL: url}
     if HEARTBEAT_ENV not in os.environ:
         env[HEARTBEAT_ENV], updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = str(HEARTBEAT_SECONDS), HEARTBEAT_SECONDS
@@ -149,24 +151,25 @@ def stop() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cmd = (argv if argv is not None else sys.argv[1:]) or ["status"]
-    if cmd[0] == "start":
+    ap = Parser(prog="python -m flows.server", description=__doc__.split("\n")[0])
+    ap.add_argument("command", nargs="?", default="status", choices=("status", "start", "stop"),
+                    help="status: whether it answers (exit 1 if not); start: start it in the background unless "
+                         "up; stop: stop the one rnnflow started (default: status)")
+    cmd = ap.parse_args(argv).command
+    if cmd == "start":
         try:
             url, started = ensure_server()
         except PrefectUnavailable as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"{'started' if started else 'already up'}: {url}")
-    elif cmd[0] == "stop":
+    elif cmd == "stop":
         print("stopped" if stop() else "no local server started by rnnflow is running")
-    elif cmd[0] == "status":
+    else:
         url = PREFECT_API_URL.value() or local_url()
         up = answers(url)
         print(f"{url}: {'up' if up else 'down'}")
         return 0 if up else 1
-    else:
-        print(f"error: unknown command {cmd[0]!r}; use status, start or stop", file=sys.stderr)
-        return 2
     return 0
 
 

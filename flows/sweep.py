@@ -31,6 +31,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import exit_process
 from flows.cli import USER_ERRORS, Terminated, registration_note, terminate
+from flows.parsing import Parser
 from flows.server import prefect_api
 from flows.steps import run_trials, scale_and_window, split_by_id, split_series
 from flows.timeseries import evaluate_and_register
@@ -259,9 +260,9 @@ def check_data(base: dict, grid: list[dict], id_column: str) -> None:
             fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__.split("\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> Parser:
+    p = Parser(prog="python -m flows.sweep", description=__doc__.split("\n")[0],
+               epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("sweep")
     g.add_argument("--samples", type=int, default=0, help="random sample of N grid points (0 = the whole grid)")
     g.add_argument("--task-runner", choices=("thread", "dask"), default="thread")

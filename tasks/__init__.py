@@ -5,7 +5,10 @@ tasks (a name, retries on I/O, a cache policy). Every MLflow call lives here too
 import logging
 import re
 import sys
-from pathlib import PurePath
+from pathlib import Path, PurePath
+
+# texts shipped inside the package (a wheel installs them too): the char LM's default corpus
+CORPORA = Path(__file__).resolve().parent / "corpora"
 
 
 def run_logger():

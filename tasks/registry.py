@@ -26,14 +26,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from tasks import run_logger
-from tasks.tracking import CHAMPION, TrackingUnavailable, tracking_uri
+from tasks.tracking import CHAMPION, TrackingUnavailable, sqlite_folder, tracking_uri
 
 # ---------------------------------------------------------------- the store
-
-
-def _sqlite_folder(uri: str) -> Path | None:
-    """The folder of a SQLite store's file, where its artifacts and locks go; None for a server."""
-    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
 def client() -> MlflowClient:
@@ -50,7 +45,7 @@ def _initialise_sqlite_store(uri: str) -> None:
     """Create (or migrate) a SQLite store's tables once, one process at a time: MLflow creates
     them on first use, and runs started at once on a new store raced there (seen: SQLAlchemy's
     CircularDependencyError in one of four runs)."""
-    locks = _sqlite_folder(uri) / ".locks"
+    locks = sqlite_folder(uri) / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / "init.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -61,7 +56,7 @@ def _initialise_sqlite_store(uri: str) -> None:
 def ensure_experiment(name: str) -> str:
     c = client()
     if (exp := c.get_experiment_by_name(name)) is None:
-        folder = _sqlite_folder(tracking_uri())  # a server decides where artifacts go for itself
+        folder = sqlite_folder(tracking_uri())  # a server decides where artifacts go for itself
         try:
             return c.create_experiment(name, artifact_location=f"{(folder / 'artifacts').resolve().as_uri()}/{name}"
                                        if folder else None)
@@ -253,7 +248,7 @@ def champion_lock(name: str, shared: SharedLock | None = None):
     lock (beside a SQLite store, or in the temp dir for a tracking server), and for a tracking
     server also among machines, with the ``shared`` lock when one is given."""
     uri = tracking_uri()
-    store = _sqlite_folder(uri)
+    store = sqlite_folder(uri)
     folder = (store / ".locks" if store else
               Path(tempfile.gettempdir()) / "rnnflow-locks" / hashlib.sha256(uri.encode()).hexdigest()[:16])
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlruns' / 'mlflow.db').resolve()}"
 
 
+def sqlite_folder(uri: str) -> Path | None:
+    """The folder of a SQLite store's file, where its artifacts and locks go; None for a server."""
+    return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
+
+
 class TrackingUnavailable(ConnectionError):
     """The tracking server named by MLFLOW_TRACKING_URI does not answer."""
 

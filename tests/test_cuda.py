@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.cuda,
                                  "is False (scripts/gpu-check.sh runs these on a GPU machine)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "data" / "timemachine.txt"
+CORPUS = ROOT / "tasks" / "corpora" / "timemachine.txt"
 PROMPT = "the time traveller "
 TOLERANCE = 0.05  # bf16 has 8 bits of mantissa: ~0.4 % per rounding, a few percent after a network's worth
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 def test_flow_registers_and_loads_through_a_postgres_tracking_server(monkeypatch, tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_PORT": str(port), "PG_PORT": str(free_port())}
-    proc = subprocess.Popen([str(ROOT / "scripts" / "tracking-server.sh")], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([str(ROOT / "flows" / "tracking-server.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     with until_ready(proc, f"http://127.0.0.1:{port}", "/health", 120) as base:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
