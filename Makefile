@@ -53,7 +53,7 @@ journeys: $(STAMP)
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
-SLOW_TESTS := cli deployments flow_charlm flow_timeseries models_cli reliability serving stores sweep tracking_server ui
+SLOW_TESTS := auth cli deployments flow_charlm flow_timeseries models_cli reliability serving stores sweep tracking_server ui
 .PHONY: test-fast readme-images
 test-fast: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
@@ -88,20 +88,22 @@ server-stop: $(STAMP)
 deploy: $(STAMP)
 	$(API_URL) $(RNNFLOW) deploy $(ARGS)
 
-# A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root)
+# A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root);
+# AUTH=1: with logins (RNNFLOW_ADMIN_PASSWORD is the admin's password); SQLITE=1: no PostgreSQL
 tracking-server: $(STAMP)
-	$(RNNFLOW) tracking-server
+	$(RNNFLOW) tracking-server $(if $(filter 1 yes true,$(AUTH)),--auth) $(if $(filter 1 yes true,$(SQLITE)),--sqlite)
 
 models: $(STAMP)
 	$(RNNFLOW) models list
 
 # REST scoring server for NAME@champion: make serve-model NAME=sine-forecaster [PORT=5001] [WORKERS=2]
-# (MLflow's scoring app and request format, uvicorn workers, a 5 MB body limit: rnnflow serve --help)
+# [TOKEN_ENV=VAR] (MLflow's scoring app and request format, uvicorn workers, a 5 MB body limit, with
+# TOKEN_ENV a bearer token from $VAR on every request but /ping and /health: rnnflow serve --help)
 WORKERS ?= 2
 serve-model: $(STAMP)
-	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001] [WORKERS=2]"; exit 2; }
+	@test -n "$(NAME)" || { echo "usage: make serve-model NAME=<registered model> [PORT=5001] [WORKERS=2] [TOKEN_ENV=VAR]"; exit 2; }
 	$(VENV_PATH) MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(RNNFLOW) serve "$(NAME)" --port $(PORT) \
-		--workers $(WORKERS)
+		--workers $(WORKERS) $(if $(TOKEN_ENV),--token-env $(TOKEN_ENV))
 
 # The MLflow UI on the project's store, lean enough for a laptop: one worker, no job runners
 ui: $(STAMP)

@@ -28,11 +28,12 @@ from flows.server import PrefectUnavailable, prefect_api
 from rnn_models import NonFiniteLossError
 from tasks.config import CharLMFlowConfig, ConfigError, TimeSeriesConfig, flag, parse_value, safe_name
 from tasks.data import DataError
-from tasks.tracking import TrackingUnavailable
+from tasks.tracking import TrackingRefused, TrackingUnavailable
 
 # A user's mistake (a bad file, column, value, URL, checksum, corpus or parameter, training that
-# diverged, an unreachable tracking server): reported as one line naming it, never a traceback.
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable, PrefectUnavailable)
+# diverged, an unreachable tracking server or one that refuses the login or a permission): reported
+# as one line naming it, never a traceback.
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, TrackingUnavailable, TrackingRefused, PrefectUnavailable)
 
 
 class UserErrorsInOneLine(logging.Filter):
@@ -174,16 +175,17 @@ def checkpointed(checkpoints: Path, flow: str, cfg, data_sha256: str):
     """Around a flow's training and registration, the run's checkpoint folder, with what it trains in
     ``RUN_FILE``. Removed once the model is registered or the input proved bad; kept after an
     interrupt, a crash or a bug, for the same command to resume, and when the tracking server stays
-    away, the error then saying how to register it later."""
+    away or refuses the registration, the error then saying how to register it later."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     tmp = checkpoints / f".{RUN_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"flow": flow, "params": cfg.to_params(), "data_sha256": data_sha256}, indent=2))
     os.replace(tmp, checkpoints / RUN_FILE)
     try:
         yield
-    except TrackingUnavailable as e:
-        raise TrackingUnavailable(f"{e}; the trained model is kept in {checkpoints}: once the server answers, "
-                                  f"`{command_line('flows.models')} register {checkpoints}` registers it") from None
+    except (TrackingUnavailable, TrackingRefused) as e:
+        when = "the server answers" if isinstance(e, TrackingUnavailable) else "you have the permission"
+        raise type(e)(f"{e}; the trained model is kept in {checkpoints}: once {when}, "
+                      f"`{command_line('flows.models')} register {checkpoints}` registers it") from None
     except USER_ERRORS:
         shutil.rmtree(checkpoints, ignore_errors=True)
         raise

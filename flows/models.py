@@ -13,8 +13,16 @@ from pathlib import Path
 from flows import exit_process
 from flows.parsing import Parser, command_line
 from tasks.reevaluate import METRIC, evaluation_data, kind_of, score
-from tasks.registry import RegistryError, champion_version, client, get_version, rollback_champion, set_champion
-from tasks.tracking import CHAMPION
+from tasks.registry import (
+    RegistryError,
+    champion_version,
+    client,
+    get_version,
+    refusals_in_one_line,
+    rollback_champion,
+    set_champion,
+)
+from tasks.tracking import CHAMPION, TrackingRefused
 
 KEY_METRIC = {"forecaster": "test_mase", "charlm": "val_bpc"}
 
@@ -145,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is cmd_register:
         return cmd_register(args)
+    verb = args.command.__name__.removeprefix("cmd_")
     try:
-        print(args.command(args))
-    except RegistryError as e:
+        with refusals_in_one_line(f"{verb} model {args.name!r}" if "name" in args else f"{verb} models"):
+            print(args.command(args))
+    except (RegistryError, TrackingRefused) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,13 +1,15 @@
 """A REST scoring server for a registered model: MLflow's scoring protocol, run by uvicorn with
-``--workers`` processes, with a limit on the request body (413 beyond it).
+``--workers`` processes, with a limit on the request body (413 beyond it), and with ``--token-env
+VAR`` a bearer token on every request but /ping and /health (401 without it).
 
-    python -m flows.serve NAME [--alias champion | --version N] [--port 5001] [--workers 2]
+    python -m flows.serve NAME [--alias champion | --version N] [--port 5001] [--workers 2] [--token-env VAR]
 
 The model is downloaded once, before the workers start; each worker loads it from disk.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import socket
@@ -20,6 +22,7 @@ from flows.parsing import Parser
 
 MODEL_PATH = "RNNFLOW_SERVE_MODEL_PATH"
 MAX_BODY = "RNNFLOW_SERVE_MAX_BODY_BYTES"
+TOKEN_ENV = "RNNFLOW_SERVE_TOKEN_ENV"  # the name of the variable holding the token, which the workers inherit
 
 
 def create_app():
@@ -30,7 +33,30 @@ def create_app():
     # one thread per worker: a one-series forecast is too small to split, and two workers each
     # spreading over every core fight for them (p99 under 8 clients: see docs/BENCHMARKS.md)
     torch.set_num_threads(1)
-    return ScoringApp(mlflow.pyfunc.load_model(os.environ[MODEL_PATH]), int(os.environ.get(MAX_BODY, 5 * 2**20)))
+    app = ScoringApp(mlflow.pyfunc.load_model(os.environ[MODEL_PATH]), int(os.environ.get(MAX_BODY, 5 * 2**20)))
+    return BearerToken(app, os.environ[os.environ[TOKEN_ENV]]) if os.environ.get(TOKEN_ENV) else app
+
+
+class BearerToken:
+    """ASGI middleware: an HTTP request needs ``Authorization: Bearer <token>`` (compared in constant
+    time) or is answered 401 with ``WWW-Authenticate: Bearer``; /ping and /health stay open for load
+    balancers and orchestrators."""
+
+    OPEN = ("/ping", "/health")
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.strip().encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.OPEN or self.authorised(scope):
+            return await self.app(scope, receive, send)
+        await _answer(send, 401, b'{"error_code": "UNAUTHENTICATED", "message": "send Authorization: Bearer <token>"}',
+                      headers=[(b"www-authenticate", b'Bearer realm="rnnflow"')])
+
+    def authorised(self, scope) -> bool:
+        scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+        # every request compares as many bytes, whatever its scheme or token
+        return hmac.compare_digest(given.strip(), self.token) & (scheme.lower() == b"bearer")
 
 
 class ScoringApp:
@@ -122,9 +148,11 @@ class _Disconnected(Exception):
     pass
 
 
-async def _answer(send, status: int, content: bytes, mimetype: str = "application/json") -> None:
+async def _answer(send, status: int, content: bytes, mimetype: str = "application/json",
+                  headers: list[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", mimetype.encode()), (b"content-length", str(len(content)).encode())]})
+                "headers": [(b"content-type", mimetype.encode()), (b"content-length", str(len(content)).encode()),
+                            *headers]})
     await send({"type": "http.response.body", "body": content})
 
 
@@ -140,7 +168,7 @@ class NoDelayH11Protocol(H11Protocol):
         super().connection_made(transport)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
     ap = Parser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
     ap.add_argument("name", help="registered model name")
     ap.add_argument("--alias", default="champion")
@@ -149,14 +177,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=5001)
     ap.add_argument("--workers", type=int, default=2, help="worker processes (each holds the model)")
     ap.add_argument("--max-body-mb", type=float, default=5.0, help="largest request body accepted (413 beyond)")
+    ap.add_argument("--token-env", default="", metavar="VAR",
+                    help="require Authorization: Bearer <the value of environment variable VAR> (401 without)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.workers < 1 or args.max_body_mb <= 0:
         ap.error("--workers must be at least 1 and --max-body-mb positive")
+    if args.token_env and not os.environ.get(args.token_env, "").strip():
+        print(f"error: --token-env {args.token_env}: that environment variable is unset or empty; "
+              f"export it with the token clients must send", file=sys.stderr)
+        return 2
 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tasks.registry import client
+    from tasks.registry import client, refusal
 
     client()  # the tracking and registry URIs, as every rnnflow command sets them
     uri = f"models:/{args.name}/{args.version}" if args.version else f"models:/{args.name}@{args.alias}"
@@ -164,11 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = mlflow.artifacts.download_artifacts(uri, dst_path=tmp)
         except (MlflowException, OSError) as e:
-            print(f"error: {uri}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+            print(f"error: {refusal(e, f'read model {args.name!r}') or f'{uri}: {str(e).splitlines()[0][:300]}'}",
+                  file=sys.stderr)
             return 1
-        os.environ.update({MODEL_PATH: path, MAX_BODY: str(int(args.max_body_mb * 2**20))})  # the workers inherit it
-        print(f"serving {uri} on http://{args.host}:{args.port}/invocations with {args.workers} worker(s)",
-              file=sys.stderr)
+        # the workers inherit these
+        os.environ.update({MODEL_PATH: path, MAX_BODY: str(int(args.max_body_mb * 2**20)), TOKEN_ENV: args.token_env})
+        print(f"serving {uri} on http://{args.host}:{args.port}/invocations with {args.workers} worker(s)"
+              + (f", bearer token from ${args.token_env}" if args.token_env else ""), file=sys.stderr)
         import uvicorn
 
         uvicorn.run("flows.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +27,15 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from tasks import run_logger
-from tasks.tracking import CHAMPION, TrackingUnavailable, sqlite_folder, tracking_uri
+from tasks.tracking import (
+    CHAMPION,
+    TrackingRefused,
+    TrackingUnavailable,
+    login,
+    login_refused,
+    sqlite_folder,
+    tracking_uri,
+)
 
 # ---------------------------------------------------------------- the store
 
@@ -64,6 +73,40 @@ def ensure_experiment(name: str) -> str:
             if (exp := c.get_experiment_by_name(name)) is None:
                 raise
     return exp.experiment_id
+
+
+# ---------------------------------------------------------------- a server with logins
+
+REFUSED = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED"}  # HTTP statuses and MLflow's error codes for them
+
+
+def refusal(e: BaseException, on_model: str, on_experiment: str = "") -> TrackingRefused | None:
+    """``e`` in one line if it is the tracking server refusing the login (401) or a permission (403),
+    else None. ``on_model`` says what was being done to a model (``promote model 'x'``) and
+    ``on_experiment`` to an experiment, the request refused telling which it was."""
+    status = getattr(getattr(e, "response", None), "status_code", None)  # an artifact download's HTTPError
+    code = getattr(e, "error_code", None) or REFUSED.get(status)
+    if code == "UNAUTHENTICATED":
+        return login_refused()
+    if code != "PERMISSION_DENIED":
+        return None
+    m = re.search(r"endpoint (\S+)|for url: \w+://[^/\s]+(/[^?\s]+)", str(e))
+    endpoint = (m.group(1) or m.group(2)) if m else "a request"
+    registry = any(part in endpoint for part in ("registered-models", "model-versions"))
+    what = on_experiment if on_experiment and not registry else on_model
+    return TrackingRefused(f"permission denied: {login()} may not {what} (the tracking server {tracking_uri()} "
+                           f"answered 403 to {endpoint}); its admin grants permissions")
+
+
+@contextlib.contextmanager
+def refusals_in_one_line(on_model: str, on_experiment: str = "") -> Iterator[None]:
+    """Around MLflow calls: a refused login or permission becomes ``TrackingRefused`` (see ``refusal``)."""
+    try:
+        yield
+    except Exception as e:  # an MlflowException, or an artifact download's HTTPError
+        if (refused := refusal(e, on_model, on_experiment)) is None:
+            raise
+        raise refused from None
 
 
 # ---------------------------------------------------------------- the registry
@@ -143,22 +186,24 @@ def distinct(a: float, b: float) -> tuple[str, str]:
 @contextlib.contextmanager
 def atomic_run(experiment: str, run_name: str, model_name: str) -> Iterator[dict]:
     """An MLflow run that disappears, with any model version it registered (the body records it in the
-    yielded dict under ``"version"``), if its body fails."""
-    c = client()
-    _clean_up_orphans(c)
-    exp_id = ensure_experiment(experiment)
-    created: dict = {}
-    run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
-    try:
-        yield created
-    except BaseException as e:  # Ctrl-C, SIGTERM (not Exceptions): KILLED, as MLflow's own runs mark them
-        status = "FAILED" if isinstance(e, Exception) else "KILLED"
-        with contextlib.suppress(Exception):  # the run leaves MLflow's stack first, even if the server is away
-            mlflow.end_run(status=status)
-        _ORPHANS.append((run.info.run_id, status, model_name, created.get("version")))
+    yielded dict under ``"version"``), if its body fails. A login the server refuses, or one without
+    the permission on the experiment or the model, is ``TrackingRefused``."""
+    with refusals_in_one_line(f"register model {model_name!r}", f"log runs in experiment {experiment!r}"):
+        c = client()
         _clean_up_orphans(c)
-        raise
-    mlflow.end_run()
+        exp_id = ensure_experiment(experiment)
+        created: dict = {}
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+        try:
+            yield created
+        except BaseException as e:  # Ctrl-C, SIGTERM (not Exceptions): KILLED, as MLflow's own runs mark them
+            status = "FAILED" if isinstance(e, Exception) else "KILLED"
+            with contextlib.suppress(Exception):  # the run leaves MLflow's stack first, even if the server is away
+                mlflow.end_run(status=status)
+            _ORPHANS.append((run.info.run_id, status, model_name, created.get("version")))
+            _clean_up_orphans(c)
+            raise
+        mlflow.end_run()
 
 
 # Runs (and versions) that a failed registration could not remove, the tracking server being
@@ -273,13 +318,17 @@ def get_version(name: str, ref: str):
     c = client()
     try:
         c.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code in REFUSED.values():  # not "no such model": the caller's refusals_in_one_line says which
+            raise
         names = sorted(m.name for m in c.search_registered_models())
         raise RegistryError(f"no registered model {name!r}; there are {names or 'none'}") from None
     ref = str(ref).lstrip("@")
     try:
         return c.get_model_version_by_alias(name, ref) if not ref.isdigit() else c.get_model_version(name, ref)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code in REFUSED.values():
+            raise
         versions = sorted(int(v.version) for v in c.search_model_versions(f"name='{name}'"))
         raise RegistryError(f"{name} has no version or alias {ref!r}; versions are {versions}") from None
 

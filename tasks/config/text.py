@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rnn_models import PRECISIONS
-from tasks import file_name
+from tasks import CORPORA, file_name
 from tasks.config.base import (
     ConfigError,
     ModelOptions,
@@ -17,7 +17,7 @@ from tasks.config.base import (
     override,
 )
 
-BUNDLED_CORPUS = Path(__file__).resolve().parent.parent.parent / "data" / "timemachine.txt"
+BUNDLED_CORPUS = CORPORA / "timemachine.txt"
 
 
 @dataclass
