@@ -21,7 +21,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.timeseries import timeseries_flow
-from tasks.monitoring import DATA_END, MonitorConfig, check_model
+from tasks.monitoring import DATA_END, MonitorConfig, check_model, log_check, report
 
 NAME = "hourly"
 ROWS, NEW = 240, 48  # 10 days of hourly data, then 2 more
@@ -65,6 +65,7 @@ def test_registration_records_where_the_data_ended_and_the_monitor_scores_only_w
     assert 0 < check.live_mase < 1.3 * check.registered_mase and check.registered_mase == float(
         version.tags["test_mase"])
     assert check.parameters["data"] == str(champion) and check.parameters["hidden_size"] == 8
+    log_check(check, "monitoring")
 
     write_series(champion, ROWS + NEW, shift=3.0)  # a level shift after the champion was trained
     check = check_model(NAME, MonitorConfig())
@@ -72,6 +73,12 @@ def test_registration_records_where_the_data_ended_and_the_monitor_scores_only_w
     assert "above --degrade-ratio 1.3" in check.reason and "level shifted by +" in check.reason
     # with a looser ratio the drift test alone still finds the shift
     assert "level shifted" in check_model(NAME, MonitorConfig(degrade_ratio=100)).reason
+
+    history = log_check(check, "monitoring")  # each check one point of the version's curve
+    assert [h["step"] for h in history] == [0, 1] and history[1]["live_mase"] == pytest.approx(check.live_mase)
+    assert history[1]["registered_mase"] == pytest.approx(check.registered_mase)
+    markdown = report(check, history, 1.3)
+    assert "](data:image/png;base64,iVBOR" in markdown and markdown.count(f"| {NEW} |") == 2
 
 
 def test_drift_needs_no_error_growth_and_the_min_new_points_gate_holds(champion):
@@ -102,35 +109,31 @@ def _wait_for_events(api_url: str, n: int, timeout: float = 30) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_command_line_says_ok_or_degraded_in_one_line_each_and_logs_the_curve(champion, mlflow_store):
+def test_the_command_line_says_ok_or_degraded_in_one_line_each_and_logs_the_curve(champion, mlflow_store, tmp_path):
     api_url = f"http://127.0.0.1:{os.environ['PREFECT_SERVER_API_PORT']}/api"  # tests' local server (conftest)
-    nothing = _monitor(None, "--model-name", NAME)
-    assert nothing.returncode == 0, nothing.stderr
-    assert nothing.stdout.strip().splitlines()[-1] == f"{NAME} v1: nothing to check (no new data since " \
-                                                      "2026-01-10 23:00:00 wide enough for its horizon 1)"
+    steady = write_series(tmp_path / "steady.csv", ROWS)
+    timeseries_flow(**{**TINY, "model_name": "steady"}, data=str(steady))
+    write_series(steady, ROWS + NEW)  # the same process goes on
+    write_series(champion, ROWS + NEW, shift=3.0)  # a new regime
     before = len(_events(api_url))
 
-    write_series(champion, ROWS + NEW)
-    ok = _monitor()  # every model with a champion
-    assert ok.returncode == 0, ok.stderr
-    assert LINE.match(last := ok.stdout.strip().splitlines()[-1]) and last.endswith(": ok"), ok.stdout[-2000:]
-
-    write_series(champion, ROWS + NEW, shift=3.0)
-    bad = _monitor(None, "--model-name", NAME)
-    assert bad.returncode == 0, bad.stderr  # degraded is a finding, not a failure
-    assert LINE.match(last := bad.stdout.strip().splitlines()[-1]) and ": degraded (" in last, bad.stdout[-2000:]
+    out = _monitor()  # every model with a champion
+    assert out.returncode == 0, out.stderr  # degraded is a finding, not a failure
+    lines = out.stdout.strip().splitlines()[-2:]
+    assert LINE.match(lines[0]) and ": degraded (" in lines[0], out.stdout[-2000:]
+    assert re.match(rf"^steady v1: live MASE [\d.]+ over {NEW} new points \(registered [\d.]+\): ok$", lines[1])
     events = _wait_for_events(api_url, before + 1)
-    assert len(events) == before + 1  # the ok check emitted nothing
+    assert len(events) == before + 1  # the steady model's check emitted nothing
     event = events[0]
     assert event["resource"]["prefect.resource.id"] == f"rnnflow.model.{NAME}"
     assert event["payload"]["parameters"]["data"] == str(champion) and event["payload"]["parameters"]["sha256"] == ""
     assert event["payload"]["live_mase"] > 1.3 * event["payload"]["registered_mase"]
 
     c = MlflowClient(mlflow_store, mlflow_store)
-    (run,) = c.search_runs([c.get_experiment_by_name("monitoring").experiment_id])
-    curve = c.get_metric_history(run.info.run_id, "live_mase")
-    assert [m.step for m in curve] == [0, 1] and curve[1].value > 1.3 * curve[0].value
-    assert run.data.tags["last_status"] == "degraded"
+    runs = c.search_runs([c.get_experiment_by_name("monitoring").experiment_id])
+    assert {r.data.tags["monitor_of"]: r.data.tags["last_status"] for r in runs} == {
+        "hourly-v1": "degraded", "steady-v1": "ok"}
+    assert [len(c.get_metric_history(r.info.run_id, "live_mase")) for r in runs] == [1, 1]
 
     champion.unlink()  # the source is gone: one line naming it, Failed, exit 1, no event
     gone = _monitor(None, "--model-name", NAME)
