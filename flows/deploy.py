@@ -34,6 +34,7 @@ from prefect.runner import Runner
 from flows import exit_process
 from flows.charlm import charlm_flow
 from flows.monitor import monitor_flow, retrain_trigger
+from flows.pools import register
 from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from flows.timeseries import timeseries_flow
 
@@ -42,11 +43,17 @@ FLOWS = {"timeseries": (timeseries_flow, "nightly-retrain", "0 3 * * *"),
          "monitor": (monitor_flow, "hourly-check", "0 * * * *")}
 
 
-def deployments(args: argparse.Namespace) -> list:
+def deployments(args: argparse.Namespace, module_path: bool = False) -> list:
     """RunnerDeployments for the flows ``--only`` names (all by default), each with its ``--KEY-params``:
     on its ``--KEY-cron``, or every ``--interval`` seconds. The time-series one also runs on each
     degradation event (``--retrain-on drift|both``, at most once per model every ``--cooldown-hours``),
-    and without its cron with ``--retrain-on drift``."""
+    and without its cron with ``--retrain-on drift``. ``module_path``: each flow named by its module
+    path, run in the worker's own folder (``working_dir`` "."), for a work pool's workers: nothing of this
+    machine's disk is stored."""
+    from prefect.deployments.runner import EntrypointType
+
+    entrypoint = EntrypointType.MODULE_PATH if module_path else EntrypointType.FILE_PATH
+    pool_folder = {"working_dir": "."} if module_path else {}
     out = []
     for key in args.only or sorted(FLOWS, reverse=True):
         flow, name, _ = FLOWS[key]
@@ -56,7 +63,8 @@ def deployments(args: argparse.Namespace) -> list:
             triggers = [retrain_trigger(args.cooldown_hours)] if args.retrain_on != "schedule" else []
             schedule = schedule if args.retrain_on != "drift" else {}
         out.append(flow.to_deployment(name=name, parameters=getattr(args, f"{key}_params"), triggers=triggers,
-                                      tags=["rnnflow", "retrain"], description=flow.description, **schedule))
+                                      tags=["rnnflow", "retrain"], description=flow.description,
+                                      entrypoint_type=entrypoint, job_variables=pool_folder, **schedule))
     return out
 
 
@@ -317,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
     ap.add_argument("--monitor-params", type=json.loads, default={},
                     help='JSON defaults for the monitor, e.g. {"degrade_ratio": 1.5}')
+    ap.add_argument("--pool", default="", help="register the deployments to this Prefect process work pool (created "
+                    "if missing) for `make worker POOL=NAME` to run, instead of serving them here")
     args = ap.parse_args(argv)
+    if args.pool:
+        ensure_zombie_automation()
+        for name in register(deployments(args, module_path=True), args.pool):
+            print(f"registered {name} to work pool {args.pool!r}")
+        return 0
     os.environ.setdefault(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))  # the flow runs inherit it
     shutdown = Shutdown()
     shutdown.install()

@@ -30,7 +30,8 @@ def resource(name: str) -> dict[str, str]:
     return {"prefect.resource.id": f"rnnflow.model.{name}", "prefect.resource.name": name}
 
 
-def monitor_body(cfg) -> list[dict]:
+@config_flow(MonitorConfig, name="monitor", description=DESCRIPTION)
+def monitor_flow(cfg: MonitorConfig) -> list[dict]:
     """Check each model (``--model-name``, or every forecaster with a champion) in its own task;
     log, report and announce what was checked. A source that could not be read fails the run
     (after the other models were checked) and emits nothing."""
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to check: no registered forecaster has a champion")
     return 1 if state.is_failed() else 0
 
-
-monitor_flow = config_flow(MonitorConfig, name="monitor", description=DESCRIPTION)(monitor_body)
 
 if __name__ == "__main__":
     exit_process(main())

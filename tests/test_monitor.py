@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from argparse import Namespace
 from pathlib import Path
@@ -97,8 +98,11 @@ def _events(api_url: str) -> list[dict]:
     body = json.dumps({"filter": {"event": {"name": ["rnnflow.model.degraded"]}}, "limit": 50}).encode()
     req = urllib.request.Request(f"{api_url}/events/filter", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())["events"]
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["events"]
+    except urllib.error.URLError:  # the local server is not up yet: the first command line starts it
+        return []
 
 
 def _wait_for_events(api_url: str, n: int, timeout: float = 30) -> list[dict]:
