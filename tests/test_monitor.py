@@ -89,6 +89,35 @@ def test_drift_needs_no_error_growth_and_the_min_new_points_gate_holds(champion)
     assert check.drift and check.drift[0].startswith("level shifted")
 
 
+def write_panel(path: Path, rows: int, shifted: str = "") -> Path:
+    """Three series (ids a, b, c) of different scales in long format; ``shifted`` moves up from row ROWS on."""
+    frames = []
+    for i, sid in enumerate("abc"):
+        t = np.arange(rows)
+        noise = np.random.default_rng(i).normal(0, 0.1, rows)
+        y = (10 + np.sin(2 * np.pi * t / 24) + noise + np.where((t >= ROWS) & (sid == shifted), 3.0, 0)) * 10 ** i
+        frames.append(pd.DataFrame({"id": sid, "time": pd.date_range("2026-01-01", periods=rows, freq="h"),
+                                    "value": y}))
+    pd.concat(frames).to_csv(path, index=False)
+    return path
+
+
+def test_many_series_are_scored_as_a_mean_and_the_shifted_one_is_named(mlflow_store, tmp_path):
+    path = write_panel(tmp_path / "meters.csv", ROWS)
+    timeseries_flow(**{**TINY, "id_column": "id", "window_norm": "mean", "model_name": "meters"}, data=str(path))
+    c = MlflowClient(mlflow_store, mlflow_store)
+    version = c.get_model_version_by_alias("meters", "champion")
+    ends = json.loads(Path(c.download_artifacts(version.run_id, DATA_END, str(tmp_path))).read_text())
+    assert sorted(ends) == ["a", "b", "c"] and {e["rows"] for e in ends.values()} == {ROWS}
+
+    write_panel(path, ROWS + NEW, shifted="b")
+    check = check_model("meters", MonitorConfig())
+    assert check.status == "degraded" and check.new_points == 3 * NEW
+    assert check.worst_series.startswith("b (MASE ")
+    assert {d.split(":")[0] for d in check.drift} == {"series b"}  # a, c unchanged
+    assert "series b: level shifted by +" in check.reason
+
+
 def _monitor(env: dict | None = None, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.monitor", *args], capture_output=True, text=True,
                           timeout=240, env={**os.environ, **(env or {})}, check=False)
