@@ -141,8 +141,9 @@ def champions(model_name: str = "") -> list:
     """The registered forecasters to check: ``model_name``, or every one with a champion (by name)."""
     if model_name:
         return [model_name]
-    return sorted(m.name for m in client().search_registered_models() if champion_version(m.name) is not None
-                  and champion_version(m.name).tags.get("kind") == "forecaster")
+    names = [m.name for m in client().search_registered_models()]
+    return sorted(n for n, v in zip(names, map(champion_version, names), strict=True)
+                  if v is not None and v.tags.get("kind") == "forecaster")
 
 
 def check_model(name: str, cfg: MonitorConfig) -> Check:
@@ -156,7 +157,8 @@ def check_model(name: str, cfg: MonitorConfig) -> Check:
         why = "no champion" if name in known else f"no registered model {name!r}; there are {sorted(known) or 'none'}"
         return Check(name, None, "nothing", why)
     if version.tags.get("kind") != "forecaster":
-        return Check(name, str(version.version), "nothing", "not an rnnflow forecaster: the monitor checks those")
+        kind = version.tags.get("kind") or "model rnnflow did not register"
+        return Check(name, str(version.version), "nothing", f"a {kind}, not a forecaster: the monitor checks those")
     try:
         data = evaluation_data(version, latest=True)
     except DataError as e:
