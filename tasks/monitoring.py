@@ -177,7 +177,7 @@ def judge(version, tcfg, data: Data, cfg: MonitorConfig) -> Check:
         return check
     live = live_part(data, tcfg, ends)
     if live is None:
-        check.reason = f"no new data since {_since(ends)} wide enough for its horizon {tcfg.horizon}"
+        check.reason = f"no new data since {_since(ends)}; a check needs at least its horizon, {tcfg.horizon} steps"
         return check
     data, split, origins, check.new_points = live
     bt = rescore_registered(f"models:/{name}/{v}", data, split, origins, tcfg.horizon)
