@@ -33,6 +33,7 @@ DATA_END = "data_end.json"  # in a forecaster's run: where each series' training
 class MonitorConfig:
     """The monitor's options: its flow's parameters and its command line."""
 
+    title = "monitor"  # the group in --help (no annotation: not a field)
     model_name: str = option("", "the registered model to check; default: every forecaster that has a champion")
     degrade_ratio: float = option(1.3, "degraded when the live MASE exceeds the MASE the champion was registered "
                                   "with (its backtest) by this factor")
