@@ -21,7 +21,7 @@ export PREFECT_SERVER_API_PORT ?= $(PREFECT_PORT)
 # run (flows/server.py starts it on first use, on this port, and leaves it up); `deploy` needs one
 API_URL  := PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
-.PHONY: run charlm test bench gpu-check install clean serve-model ui models server server-stop deploy tracking-server journeys
+.PHONY: run charlm test bench gpu-check install clean serve-model ui models server server-stop deploy worker tracking-server journeys
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -53,7 +53,7 @@ journeys: $(STAMP)
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
-SLOW_TESTS := auth cli deployments flow_charlm flow_timeseries models_cli reliability serving stores sweep tracking_server ui
+SLOW_TESTS := auth budget calendar cli console deployments flow_charlm flow_timeseries models_cli monitor pools reliability serving stores sweep tracking_server ui
 .PHONY: test-fast readme-images
 test-fast: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
@@ -84,9 +84,18 @@ server: $(STAMP)
 server-stop: $(STAMP)
 	PREFECT_SERVER_API_PORT=$(PREFECT_PORT) $(RNNFLOW) server stop
 
-# Register and serve the retraining deployments against that server (keep it running)
+# Register and serve the retraining deployments against that server (keep it running); with
+# POOL=NAME, register them to that Prefect process work pool instead, for `make worker` to run
 deploy: $(STAMP)
-	$(API_URL) $(RNNFLOW) deploy $(ARGS)
+	$(API_URL) $(RNNFLOW) deploy $(if $(POOL),--pool "$(POOL)") $(ARGS)
+
+# A worker of `make deploy POOL=NAME`'s deployments, on any machine with this project installed: it
+# runs each flow run from this checkout, in this folder. Point PREFECT_API_URL and MLFLOW_TRACKING_URI
+# at the shared servers first.
+worker: $(STAMP)
+	@test -n "$(POOL)" || { echo "usage: make worker POOL=<work pool> (PREFECT_API_URL, MLFLOW_TRACKING_URI set)"; exit 2; }
+	$(API_URL) $(VENV_PATH) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30} \
+		prefect worker start --pool "$(POOL)" --type process
 
 # A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root);
 # AUTH=1: with logins (RNNFLOW_ADMIN_PASSWORD is the admin's password); SQLITE=1: no PostgreSQL

@@ -31,6 +31,7 @@ COMMANDS = {
     "models": ("flows.models", "main", "list, show, compare, promote, roll back or register models"),
     "serve": ("flows.serve", "main", "serve a registered model over REST (MLflow's scoring protocol)"),
     "deploy": ("flows.deploy", "main", "serve the scheduled retraining deployments on a Prefect server"),
+    "monitor": ("flows.monitor", "main", "score each champion on the data that came after it; degraded ones retrain"),
     "server": ("flows.server", "main", "the local Prefect server that runs share: start, stop, status"),
     "ui": ("flows.command", "ui", "the MLflow UI on this folder's store (or $MLFLOW_TRACKING_URI)"),
     "tracking-server": ("flows.command", "tracking_server",

@@ -1,7 +1,9 @@
-"""Deployments for scheduled retraining, served by this process:
+"""Deployments for scheduled and event-triggered retraining, served by this process:
 
-    timeseries-forecasting/nightly-retrain   cron "0 3 * * *"  (daily 03:00)
+    timeseries-forecasting/nightly-retrain   cron "0 3 * * *"  (daily 03:00), and on each
+                                             rnnflow.model.degraded event (--retrain-on)
     charlm-training/weekly-retrain           cron "0 4 * * 0"  (Sunday 04:00)
+    monitor/hourly-check                     cron "0 * * * *"  (every hour: flows.monitor)
 
 Start a Prefect server first (``make server``), then ``make deploy`` (this module). Runs are
 triggered by their schedule or by hand, one config field at a time:
@@ -31,23 +33,39 @@ from prefect.runner import Runner
 
 from flows import exit_process
 from flows.charlm import charlm_flow
+from flows.monitor import monitor_flow, retrain_trigger
 from flows.parsing import Parser
+from flows.pools import register
 from flows.server import HEARTBEAT_ENV, HEARTBEAT_SECONDS
 from flows.timeseries import timeseries_flow
 
 FLOWS = {"timeseries": (timeseries_flow, "nightly-retrain", "0 3 * * *"),
-         "charlm": (charlm_flow, "weekly-retrain", "0 4 * * 0")}
+         "charlm": (charlm_flow, "weekly-retrain", "0 4 * * 0"),
+         "monitor": (monitor_flow, "hourly-check", "0 * * * *")}
 
 
-def deployments(args: argparse.Namespace) -> list:
+def deployments(args: argparse.Namespace, module_path: bool = False) -> list:
     """RunnerDeployments for the flows ``--only`` names (all by default), each with its ``--KEY-params``:
-    on its ``--KEY-cron``, or every ``--interval`` seconds."""
+    on its ``--KEY-cron``, or every ``--interval`` seconds. The time-series one also runs on each
+    degradation event (``--retrain-on drift|both``, at most once per model every ``--cooldown-hours``),
+    and without its cron with ``--retrain-on drift``. ``module_path``: each flow named by its module
+    path, run in the worker's own folder (``working_dir`` "."), for a work pool's workers: nothing of this
+    machine's disk is stored."""
+    from prefect.deployments.runner import EntrypointType
+
+    entrypoint = EntrypointType.MODULE_PATH if module_path else EntrypointType.FILE_PATH
+    pool_folder = {"working_dir": "."} if module_path else {}
     out = []
     for key in args.only or sorted(FLOWS, reverse=True):
         flow, name, _ = FLOWS[key]
         schedule = {"interval": args.interval} if args.interval else {"cron": getattr(args, f"{key}_cron")}
-        out.append(flow.to_deployment(name=name, parameters=getattr(args, f"{key}_params"),
-                                      tags=["rnnflow", "retrain"], description=flow.description, **schedule))
+        triggers = []
+        if key == "timeseries":
+            triggers = [retrain_trigger(args.cooldown_hours)] if args.retrain_on != "schedule" else []
+            schedule = schedule if args.retrain_on != "drift" else {}
+        out.append(flow.to_deployment(name=name, parameters=getattr(args, f"{key}_params"), triggers=triggers,
+                                      tags=["rnnflow", "retrain"], description=flow.description,
+                                      entrypoint_type=entrypoint, job_variables=pool_folder, **schedule))
     return out
 
 
@@ -282,19 +300,40 @@ def serve(deployments: list, limit: int | None, shutdown: Shutdown) -> None:
     asyncio.run(runner.start())
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m flows.deploy", description=__doc__.split("\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--only", choices=sorted(FLOWS), action="append", help="serve only this flow (repeatable)")
     ap.add_argument("--timeseries-cron", default=FLOWS["timeseries"][2])
     ap.add_argument("--charlm-cron", default=FLOWS["charlm"][2])
+    ap.add_argument("--monitor-cron", default=FLOWS["monitor"][2])
+    ap.add_argument("--retrain-on", choices=("drift", "schedule", "both"), default="both",
+                    help="retrain forecasters on the monitor's degradation events, on the cron, or both")
+    ap.add_argument("--cooldown-hours", type=_non_negative, default=6.0,
+                    help="at most one event-triggered retrain per model every H hours")
     ap.add_argument("--interval", type=float, default=None,
                     help="run every N seconds instead of the crons (for trying it out)")
     ap.add_argument("--limit", type=int, default=None, help="at most N flow runs at once (default: no limit)")
     ap.add_argument("--timeseries-params", type=json.loads, default={},
                     help="JSON defaults for the forecaster's config")
     ap.add_argument("--charlm-params", type=json.loads, default={}, help="JSON defaults for the char LM's config")
+    ap.add_argument("--monitor-params", type=json.loads, default={},
+                    help='JSON defaults for the monitor, e.g. {"degrade_ratio": 1.5}')
+    ap.add_argument("--pool", default="", help="register the deployments to this Prefect process work pool (created "
+                    "if missing) for `make worker POOL=NAME` to run, instead of serving them here")
     args = ap.parse_args(argv)
+    if args.pool:
+        ensure_zombie_automation()
+        for name in register(deployments(args, module_path=True), args.pool):
+            print(f"registered {name} to work pool {args.pool!r}")
+        return 0
     os.environ.setdefault(HEARTBEAT_ENV, str(HEARTBEAT_SECONDS))  # the flow runs inherit it
     shutdown = Shutdown()
     shutdown.install()

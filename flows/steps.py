@@ -21,7 +21,7 @@ try:
     from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
     from prefect.utilities.hashing import hash_objects
 
-    from tasks import data, evaluation, features, ingest, panel, publish, selection, sweep, text, training
+    from tasks import data, evaluation, features, ingest, monitoring, panel, publish, selection, sweep, text, training
 finally:
     gc.freeze()
     if _collecting:
@@ -81,6 +81,10 @@ plot_backtest = task(name="plot-backtest", cache_policy=NO_CACHE)(evaluation.plo
 score_champion = task(name="score-champion", cache_policy=NO_CACHE)(publish.score_champion)
 register_forecaster = task(name="register-forecaster", cache_policy=NO_CACHE)(publish.register_forecaster)
 register_charlm = task(name="register-charlm", cache_policy=NO_CACHE)(publish.register_charlm)
+
+# --- monitor
+check_model = task(name="check-model", task_run_name="check-{name}", cache_policy=NO_CACHE)(monitoring.check_model)
+log_check = task(name="log-check", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)(monitoring.log_check)
 
 
 @contextlib.contextmanager

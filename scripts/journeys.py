@@ -317,6 +317,15 @@ STEPS: list[Step] = [
          checks=(has(r"Flow run finished successfully in 'Completed'"),), timeout=420),
     Step("prefect deployment run 'charlm-training/weekly-retrain' --param hidden_size=128 --param epochs=3 --watch",
          checks=(has(r"Flow run finished successfully in 'Completed'"),), timeout=420),
+    # -- The monitor: the journey's data did not grow, so each champion has nothing to check yet; the
+    # energy model's local HTTP stand-in may be gone by now (one line, exit 1, as README says)
+    Step("python -m flows.monitor", rc=(0, 1), checks=(has(r"sine-forecaster v\d+: nothing to check"),),
+         timeout=300),
+    Step("python -m flows.monitor --model-name airline-passengers-forecaster",
+         checks=(has(r"airline-passengers-forecaster v\d+: nothing to check \(no new data since"),), timeout=300),
+    Step('make deploy ARGS="--retrain-on drift --cooldown-hours 12"', kind="skip",
+         why="a second serving process beside `make deploy` above; tests/test_monitor.py serves --retrain-on drift "
+             "against a real Prefect server and checks the retrain the trigger starts"),
     # -- Sweeps
     Step(f"{SWEEP} --cell lstm,gru --hidden-size 32,64 --lookback 24,48",
          checks=(has(r"best trial, sine-forecaster v\d+"),), timeout=600),

@@ -37,6 +37,7 @@ class PanelData:
     freq: str | None
     season_length: int
     skipped: dict[str, int] = field(default_factory=dict)  # too-short series: id -> rows
+    times: list[np.ndarray] = field(default_factory=list)  # each series' times (its row numbers without a time column)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,7 +87,7 @@ def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple
 def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,
                cfg: TimeSeriesConfig) -> PanelData:
     """Each id's rows as one regular series (sorted, gaps up to --max-gap interpolated)."""
-    logger, ids, values, freq = run_logger(), [], [], None
+    logger, ids, values, times, freq = run_logger(), [], [], [], None
     table["order"] = pd.factorize(table["id"])[0]  # series in the order they first appear
     if time_col:
         table = table.sort_values(["order", "time"], kind="stable")
@@ -109,8 +110,9 @@ def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, 
         part = _fill_gaps(part.reset_index(drop=True), ["value"], "time", cfg.max_gap, where, logger)
         ids.append(str(sid))
         values.append(part["value"].to_numpy(dtype=np.float64))
+        times.append(part["time"].to_numpy())
     season = cfg.season_length or _season_for(freq)
-    panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season)
+    panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times)
     return keep_long_enough(panel, cfg.settled(season))
 
 
@@ -130,7 +132,7 @@ def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
                              "validation and test parts: %s%s", panel.source, len(skipped), len(panel), L, H,
                              named, more)
     return replace(panel, ids=[panel.ids[i] for i in keep], values=[panel.values[i] for i in keep],
-                   skipped=skipped)
+                   skipped=skipped, times=[panel.times[i] for i in keep])
 
 
 def _train_windows(n: int, cfg: TimeSeriesConfig) -> int:

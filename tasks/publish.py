@@ -27,6 +27,7 @@ from rnn_models.text import save_charlm
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.evaluation import Backtest
 from tasks.features import Data, Windows
+from tasks.monitoring import DATA_END, data_ends
 from tasks.panel import PanelBacktest, PanelData, per_series_csv
 from tasks.reevaluate import backtest_registered
 from tasks.registry import (
@@ -92,6 +93,7 @@ def _register_forecaster(settings: Settings, data: Data, windows: Windows, train
     with atomic_run(cfg.experiment, f"{name}-{cfg.cell}", name) as created, tempfile.TemporaryDirectory() as tmp:
         log_training(cfg, trained, bt.scores, cfg.label, data_params(data))
         log_data(data, bt, cfg.label, name, tmp)
+        mlflow.log_dict(data_ends(data), DATA_END)  # where the monitor's new data will start
         log_intervals(pipeline, bt)
         for p in plots:
             mlflow.log_artifact(p, "plots")

@@ -14,11 +14,11 @@ from rnn_models.text import mean_loss
 from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
 from tasks.data import SERIES_SUFFIXES, Series
-from tasks.evaluation import forecast_with, history_windows
+from tasks.evaluation import Backtest, forecast_with, history_windows
 from tasks.evaluation import score as score_forecasts
 from tasks.features import Data, Origins, origins, split_series
 from tasks.ingest import fetch_data, read_series
-from tasks.panel import PanelSplit, load_panel
+from tasks.panel import PanelBacktest, PanelSplit, load_panel
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus
 
@@ -56,9 +56,12 @@ def kind_of(version) -> str:
     return kind
 
 
-def evaluation_data(version) -> EvalData:
-    """The test series (forecaster) or validation text (char LM) of ``version``'s training run."""
+def evaluation_data(version, latest: bool = False) -> EvalData:
+    """The test series (forecaster) or validation text (char LM) of ``version``'s training run; with
+    ``latest``, its data source as it reads now (a --sha256 pin dropped: the data has grown since)."""
     kind, params = kind_of(version), client().get_run(version.run_id).data.params
+    if latest:
+        params = {**params, "sha256": ""}
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
         if cfg.panel:
@@ -76,11 +79,23 @@ def evaluation_data(version) -> EvalData:
 def backtest_registered(model_uri: str, data: Data, split: Split | PanelSplit, origins: Origins,
                         horizon: int) -> float:
     """Test MASE (of one series, or the mean over many) of a registered forecaster loaded from the
-    registry. An rnnflow forecaster (tasks/pyfunc/forecaster.py) answers a history with its
-    pipeline's forecast from the last ``lookback`` values of each series, so every origin's window
-    goes through that pipeline in one batch (the same numbers, tests/test_flow_timeseries.py; one
-    call per origin through MLflow's predict took seconds); any other model of one series is
-    called as a user calls it, one origin at a time."""
+    registry: what the champion gate compares."""
+    return rescore_registered(model_uri, data, split, origins, horizon).scores[RESCORED]["mase"]
+
+
+RESCORED = "registered"  # the registered model's name in ``rescore_registered``'s scores
+
+
+def rescore_registered(model_uri: str, data: Data, split: Split | PanelSplit, origins: Origins,
+                       horizon: int) -> Backtest | PanelBacktest:
+    """A registered forecaster's rolling-origin scores (MAE, RMSE, sMAPE, MASE; of each of many series
+    too) at ``origins``, MASE scaled by ``split``'s training part: the champion gate's test MASE, and
+    the monitor's live error on the data that arrived after the champion was trained. An rnnflow
+    forecaster (tasks/pyfunc/forecaster.py) answers a history with its pipeline's forecast from the
+    last ``lookback`` values of each series, so every origin's window goes through that pipeline in
+    one batch (the same numbers, tests/test_flow_timeseries.py; one call per origin through MLflow's
+    predict took seconds); any other model of one series is called as a user calls it, one origin
+    at a time."""
     model = load_registered(model_uri)
     pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
     if hasattr(pipeline, "lookback") and hasattr(pipeline, "predict"):  # this rnnflow's class, or the one it saved
@@ -90,7 +105,7 @@ def backtest_registered(model_uri: str, data: Data, split: Split | PanelSplit, o
         forecasts = forecast_with(model.predict, data, origins, horizon)
     else:
         raise RegistryError(f"{model_uri} is not an rnnflow global model: it cannot be scored on many series")
-    return score_forecasts(data, split, origins, horizon, {"m": forecasts}).scores["m"]["mase"]
+    return score_forecasts(data, split, origins, horizon, {RESCORED: forecasts})
 
 
 def score(version, data: EvalData) -> float:
