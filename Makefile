@@ -53,7 +53,7 @@ journeys: $(STAMP)
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.
-SLOW_TESTS := cli deployments flow_charlm flow_timeseries models_cli reliability serving stores sweep tracking_server ui
+SLOW_TESTS := cli console deployments flow_charlm flow_timeseries models_cli reliability serving stores sweep tracking_server ui
 .PHONY: test-fast readme-images
 test-fast: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
