@@ -220,7 +220,7 @@ def tcp_open(port_key: int) -> Callable[[Journey, Path], bool]:
 
 def tracking_server_needs(j: Journey) -> str:
     if os.geteuid() != 0:
-        return "not root: scripts/tracking-server.sh runs initdb as the postgres user through runuser"
+        return "not root: flows/tracking-server.sh runs initdb as the postgres user through runuser"
     missing = [t for t in ("initdb", "pg_ctl", "psql", "runuser") if shutil.which(t) is None]
     return f"PostgreSQL's {', '.join(missing)} not installed" if missing else ""
 
@@ -249,6 +249,18 @@ STEPS: list[Step] = [
          'history = pd.DataFrame({"value": np.sin(2 * np.pi * np.arange(100) / 40)})\nmodel.predict(history)',
          kind="python", checks=(has(r"CHECK OK: list\(_.columns\) == \['step', 'forecast'\]"),),
          env={"CHECK": "list(_.columns) == ['step', 'forecast'] and len(_) == 1"}),
+    # -- Install as a command
+    Step("pipx install .", kind="skip",
+         why="installs for the user, outside this working copy: the journey test "
+             "tests/test_console.py::test_the_wheel_installs_in_a_fresh_venv_and_its_command_trains_lists_and_serves "
+             "installs the wheel in a fresh venv and runs forecast, models list and serve from an empty folder"),
+    Step("pip wheel . --no-deps -w dist", checks=(has(r"rnnflow-0\.1\.0-py3-none-any\.whl"),), timeout=300),
+    Step("pip install dist/rnnflow-*.whl", kind="skip",
+         why="here it would replace the working copy's editable install in the shared .venv; the journey test "
+             "above installs that wheel in a fresh venv"),
+    Step("rnnflow --help", checks=(has(r"\n  forecast ", r"\n  tracking-server "),)),
+    Step("rnnflow forecast --help", checks=(has(r"usage: rnnflow forecast", r"--hidden-size"),)),
+    Step("rnnflow --version", checks=(has(r"^rnnflow 0\.1\.0$"),)),
     # -- The time-series flow
     Step('make run ARGS="--cell gru --horizon 6 --lookback 48 --model-name sine-gru"',
          checks=(registered("sine-gru"),)),
