@@ -239,6 +239,28 @@ CHARLM_CURL = ("""curl -s localhost:5002/invocations -H 'Content-Type: applicati
                """{"columns": ["prefix"], "data": [["time traveller"]]}, "params": {"max_new_chars": 80, """
                """"temperature": 0.7}}'""")
 SWEEP = ".venv/bin/python -m flows.sweep"
+ADMIN = """curl -s -u "admin:$RNNFLOW_ADMIN_PASSWORD" http://127.0.0.1:5050/api/"""
+JSON = """ -H 'Content-Type: application/json' -d """
+CREATE_ALICE = ADMIN + "2.0/mlflow/users/create" + JSON + """'{"username": "alice", "password": "alice-password-1"}'"""
+CREATE_BOB = ADMIN + "2.0/mlflow/users/create" + JSON + """'{"username": "bob", "password": "bob-password-12"}'"""
+GRANT_BOB = (ADMIN + "3.0/mlflow/users/permissions/grant" + JSON + """'{"username": "bob", "resource_type": """
+             """"registered_model", "resource_id": "team-forecaster", "permission": "READ"}'""")
+TOKEN_CURL = """curl -s localhost:5003/invocations -H "Authorization: Bearer $SERVE_TOKEN\"""" + SINE_CURL.split(
+    "/invocations")[1]
+# the server without logins (README's "A shared registry") still holds 5050 when the one with logins starts
+AUTH_PORT = "the server without logins started above still holds port 5050: this one is on another"
+
+
+def on_auth_port(command: str) -> str:
+    return command.replace("5050", "@@port:5055@@")
+
+
+def lacks(*patterns: str) -> Check:
+    """The output matches none of these regular expressions (curl -s exits 0 on an HTTP error)."""
+    def check(out: str, j: Journey) -> str | None:
+        found = [p for p in patterns if re.search(p, out)]
+        return f"output has {found}" if found else None
+    return check
 
 STEPS: list[Step] = [
     # -- Set-up
@@ -379,6 +401,26 @@ STEPS: list[Step] = [
     Step(".venv/bin/python -m flows.models promote sine-forecaster 3 --force",
          checks=(has(r"sine-forecaster@champion -> v3|already champion"),)),
     Step(".venv/bin/python -m flows.models rollback sine-forecaster", checks=(has(r"rolled back from v3"),)),
+    # -- Shared server with logins
+    Step("export RNNFLOW_ADMIN_PASSWORD=choose-a-long-admin-password", kind="export"),
+    Step("make tracking-server AUTH=1", run="make tracking-server AUTH=1 SQLITE=1 MLFLOW_PORT=@@port:5055@@",
+         why=AUTH_PORT + "; and its store in SQLite, so no second PostgreSQL", kind="bg", timeout=180,
+         health=lambda j, log: http_ok(f"http://127.0.0.1:{j.ports[5055]}/health")),
+    Step(CREATE_ALICE, run=on_auth_port(CREATE_ALICE), why=AUTH_PORT, checks=(has(r'"username": ?"alice"'),)),
+    Step(CREATE_BOB, run=on_auth_port(CREATE_BOB), why=AUTH_PORT, checks=(has(r'"username": ?"bob"'),)),
+    Step("export MLFLOW_TRACKING_URI=http://127.0.0.1:5050", run="export MLFLOW_TRACKING_URI=http://127.0.0.1:@@port:5055@@",
+         why=AUTH_PORT, kind="export"),
+    Step("export MLFLOW_TRACKING_USERNAME=alice", kind="export"),
+    Step("export MLFLOW_TRACKING_PASSWORD=alice-password-1", kind="export"),
+    Step('make run ARGS="--model-name team-forecaster"', checks=(registered("team-forecaster"),), timeout=600),
+    Step(GRANT_BOB, run=on_auth_port(GRANT_BOB), why=AUTH_PORT,
+         checks=(lacks(r"error_code", r"Permission denied", r"not authenticated"),)),
+    Step("export SERVE_TOKEN=a-long-random-token", kind="export"),
+    Step("make serve-model NAME=team-forecaster PORT=5003 TOKEN_ENV=SERVE_TOKEN", kind="bg", timeout=150,
+         health=lambda j, log: http_ok(f"http://127.0.0.1:{j.ports[5003]}/ping")),
+    Step(TOKEN_CURL, checks=(json_predictions("step", "forecast"),), timeout=60,
+         after=(Step("", run=SINE_CURL.replace("5001", "@@port:5003@@"), checks=(has(r'"UNAUTHENTICATED"'),),
+                     why="README's comment: without the header, 401"),)),
 ]
 
 
@@ -477,7 +519,7 @@ class Journey:
         self.background: list[tuple[str, subprocess.Popen]] = []
         self.results: list[Result] = []
         self.log_files: dict[str, Path] = {}
-        self.ports = {p: p for p in (4200, 5001, 5002, 5050, 8786, 55432)}
+        self.ports = {p: p for p in (4200, 5001, 5002, 5003, 5050, 5055, 8786, 55432)}
         self.files: dict[str, str] = {}
         self.httpd: http.server.ThreadingHTTPServer | None = None
         self.env = self._environment()

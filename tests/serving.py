@@ -38,12 +38,15 @@ def served(model_uri: str, tracking_uri: str, timeout: float = 120.0):
 
 
 @contextlib.contextmanager
-def rnnflow_served(name: str, tracking_uri: str, workers: int = 2, timeout: float = 120.0):
-    """``python -m flows.serve NAME`` (what ``make serve-model`` runs) on a free port; yields its URL."""
+def rnnflow_served(name: str, tracking_uri: str, workers: int = 2, timeout: float = 120.0, args: tuple = (),
+                   env: dict | None = None):
+    """``python -m flows.serve NAME [args]`` (what ``make serve-model`` runs) on a free port, with ``env``
+    added to the environment; yields its URL."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", name, "--port", str(port), "--workers", str(workers)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+           **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", name, "--port", str(port), "--workers", str(workers),
+                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     yield from _until_ready(proc, f"http://127.0.0.1:{port}", "/ping", timeout)
 
 
