@@ -1,4 +1,4 @@
-"""A shared tracking server with logins (``scripts/tracking-server.sh --auth``, MLflow's basic-auth
+"""A shared tracking server with logins (``rnnflow tracking-server --auth``, MLflow's basic-auth
 app) used by two users through the command lines, and a scoring server behind a bearer token."""
 
 import contextlib
@@ -20,7 +20,7 @@ PASSWORDS = {"alice": "alice-pass-4-tests", "bob": "bob-pass-4-tests"}
 MODEL = "auth-demo"
 TINY = ["--length", "300", "--lookback", "12", "--horizon", "3", "--hidden-size", "4", "--epochs", "1",
         "--ensemble", "1", "--no-auto", "--device", "cpu", "--model-name", MODEL]
-SCRIPT = str(ROOT / "scripts" / "tracking-server.sh")
+SCRIPT = str(ROOT / "flows" / "tracking-server.sh")
 # The script's own PostgreSQL where it can run one (initdb as the postgres user needs root), else its SQLite store
 POSTGRES = bool(shutil.which("initdb") and shutil.which("pg_ctl") and shutil.which("runuser") and os.geteuid() == 0)
 
