@@ -55,7 +55,7 @@ class BearerToken:
 
     def authorised(self, scope) -> bool:
         scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
-        # every request compares as many bytes, whatever its scheme or token
+        # `&`, not `and`: the token is compared whatever the scheme, so the time taken does not tell them apart
         return hmac.compare_digest(given.strip(), self.token) & (scheme.lower() == b"bearer")
 
 
