@@ -94,8 +94,7 @@ deploy: $(STAMP)
 # at the shared servers first.
 worker: $(STAMP)
 	@test -n "$(POOL)" || { echo "usage: make worker POOL=<work pool> (PREFECT_API_URL, MLFLOW_TRACKING_URI set)"; exit 2; }
-	$(API_URL) $(VENV_PATH) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30} \
-		prefect worker start --pool "$(POOL)" --type process
+	$(API_URL) $(RNNFLOW) worker --pool "$(POOL)"
 
 # A shared tracking server on a throwaway PostgreSQL (needs PostgreSQL's initdb/pg_ctl, as root);
 # AUTH=1: with logins (RNNFLOW_ADMIN_PASSWORD is the admin's password); SQLITE=1: no PostgreSQL

@@ -33,6 +33,7 @@ COMMANDS = {
     "deploy": ("flows.deploy", "main", "serve the scheduled retraining deployments on a Prefect server"),
     "monitor": ("flows.monitor", "main", "score each champion on the data that came after it; degraded ones retrain"),
     "server": ("flows.server", "main", "the local Prefect server that runs share: start, stop, status"),
+    "worker": ("flows.command", "worker", "run the flow runs of `rnnflow deploy --pool NAME` from this folder"),
     "ui": ("flows.command", "ui", "the MLflow UI on this folder's store (or $MLFLOW_TRACKING_URI)"),
     "tracking-server": ("flows.command", "tracking_server",
                         "a shared MLflow tracking server on a throwaway PostgreSQL"),
@@ -110,6 +111,18 @@ def tracking_server(argv: list[str]) -> int:
                 return proc.wait()
             except KeyboardInterrupt:  # the script got the terminal's SIGINT too: wait for its clean-up
                 continue
+
+
+def worker(argv: list[str]) -> int:
+    """``prefect worker start`` on a process work pool: this machine runs the pool's flow runs from
+    the current folder (a checkout of the project), against $PREFECT_API_URL and $MLFLOW_TRACKING_URI."""
+    p = Parser(prog="rnnflow worker", description=COMMANDS["worker"][2])
+    p.add_argument("--pool", required=True, help="the work pool `rnnflow deploy --pool` registered to")
+    args = p.parse_args(argv)
+    env = {**with_our_bin(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+                                                                               "30")}
+    os.execve(sys.executable, [sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool, "--type",
+                               "process"], env)
 
 
 def with_our_bin() -> dict[str, str]:

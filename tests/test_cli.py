@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 
+from rnn_models.training import native_bf16_cpu
 from tasks.config import TimeSeriesConfig, flag
 
 
@@ -29,6 +30,15 @@ def test_bad_option_value_exits_2_naming_it():
     assert out.returncode == 2 and "--horizon must be at least 1, got 0" in out.stderr
     out = _cli("--cell", "tcn")
     assert out.returncode == 2 and "invalid choice: 'tcn'" in out.stderr
+
+
+@pytest.mark.skipif(native_bf16_cpu(), reason="this CPU computes bf16: --precision bf16 trains on it")
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "flows.charlm", "--precision", "bf16", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --precision bf16: this CPU has no bf16 "
+                                                                 "arithmetic"), out.stderr
+    assert "Traceback" not in out.stderr
 
 
 DEAD_URL = "http://127.0.0.1:9/x.csv"  # nothing listens on port 9 (discard)

@@ -71,6 +71,7 @@ def test_the_changelog_top_entry_is_the_version_the_command_reports():
     ([str(RNNFLOW), "forcast"], "rnnflow: error: argument COMMAND: invalid choice: 'forcast' (did you mean forecast?)"),
     ([str(RNNFLOW), "--verison"], "rnnflow: error: unrecognized option --verison (did you mean --version?)"),
     ([str(RNNFLOW), "server", "strat"], "rnnflow server: error: argument command: invalid choice: 'strat' (did you mean start?)"),
+    ([str(RNNFLOW), "worker"], "rnnflow worker: error: the following arguments are required: --pool"),
     ([str(RNNFLOW), "serve", "m", "--wokers", "2"],
      "rnnflow serve: error: unrecognized option --wokers (did you mean --workers?)"),
 ])

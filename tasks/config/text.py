@@ -80,6 +80,8 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
         check_common(self, positive=("batch_size", "num_steps", "embedding_dim", "sample_chars"),
                      non_negative=("sample_every", "top_k", "warmup", "temperature", "minutes"),
                      fractions=("val_fraction",), probabilities=("input_dropout",))
+        if self.precision == "bf16":
+            check_bf16(self.device)
         if not self.prompts:
             raise ConfigError("--prefixes holds no prompt; give at least one non-empty prefix")
 
@@ -94,3 +96,13 @@ class CharLMFlowConfig(RegistryOptions, SampleOptions, CharTraining, CharModelOp
     @property
     def registered_name(self) -> str:
         return self.model_name or f"{Path(file_name(self.corpus)).stem or 'corpus'}-charlm"
+
+
+def check_bf16(device: str) -> None:
+    """Refuse --precision bf16 on a CPU without bf16 arithmetic: PyTorch's LSTM cannot run there in bf16
+    (oneDNN finds no kernel), and training would stop with its error deep in the first step."""
+    from rnn_models.training import native_bf16_cpu, resolve_device  # imports torch: only when bf16 is asked for
+
+    if resolve_device(device) == "cpu" and not native_bf16_cpu():
+        raise ConfigError("--precision bf16: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX), where PyTorch's "
+                          "LSTM cannot run in bf16; use --precision auto (float32 here) or a CUDA device")
