@@ -112,7 +112,8 @@ def test_airline_csv_through_source_file(mlflow_store, shared_data):
     assert result["model_name"] == "airline-passengers-forecaster" and result["promoted"]
     model = mlflow.pyfunc.load_model("models:/airline-passengers-forecaster@champion")
     hist = pd.read_csv(shared_data / "airline-passengers.csv")
-    out = model.predict(hist[["Passengers"]].astype(float))
+    # the history with its dates: a model --auto gave calendar features makes them from the Month column
+    out = model.predict(hist.assign(Passengers=hist["Passengers"].astype(float))[["Month", "Passengers"]])
     assert len(out) == 6 and out["forecast"].between(50, 1000).all()
     r = MlflowClient(mlflow_store, mlflow_store).get_run(result["run_id"])
     assert r.data.params["resolved_season_length"] == "12" and r.data.params["frequency"] == "MS"

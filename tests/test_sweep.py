@@ -58,7 +58,7 @@ def test_bad_grids_are_refused(options, message):
 def test_unknown_option_and_unreachable_dask_stop_before_any_trial(mlflow_store, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--cells", "lstm"])
-    assert e.value.code == 2 and "unrecognized arguments: --cells" in capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized option --cells (did you mean --cell?)" in capsys.readouterr().err
     assert main([*TINY, "--task-runner", "dask", "--dask-address", "tcp://127.0.0.1:9"]) == 1
     assert "--dask-address tcp://127.0.0.1:9: cannot reach the Dask scheduler" in capsys.readouterr().err
     assert MlflowClient(mlflow_store, mlflow_store).search_registered_models() == []
