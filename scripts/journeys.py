@@ -300,8 +300,8 @@ STEPS: list[Step] = [
              '--value-column appliances --covariate-columns household_size"',
          why="placeholders: a generated energy.csv (date, appliances, household_size) served on 127.0.0.1, its sha256",
          checks=(registered("energy-forecaster"),)),
-    Step('make run ARGS="--source file --data data/promotions.csv --future-covariate-columns promo,price --horizon 7 '
-         '--lookback 28 --intervals 0.8"', checks=(registered("promotions-forecaster"),)),
+    Step('make run ARGS="--source file --data data/promotions.csv --future-covariate-columns promo,price --no-calendar '
+         '--horizon 7 --lookback 28 --intervals 0.8"', checks=(registered("promotions-forecaster"),)),
     Step('import mlflow, numpy as np, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
          'model = mlflow.pyfunc.load_model("models:/promotions-forecaster@champion")\n'
          'history = pd.read_csv("data/promotions.csv")[["sales", "promo", "price"]]\n'
