@@ -17,6 +17,18 @@ import pandas as pd
 DAY = pd.Timedelta(days=1)
 
 
+QUARTER = r"^\s*(\d{4})\s*[-_ ]?\s*[Qq]([1-4])\s*$"  # 1970 Q1, 1970-Q1, 1970Q1, as fpp3 and spreadsheets write them
+
+
+def to_datetime(s: pd.Series) -> pd.Series:
+    """Text as times (NaT where it is not one): what pandas reads, and quarters (as their first day)."""
+    quarters = s.astype(str).str.extract(QUARTER)
+    if quarters[0].notna().all():
+        months = (quarters[1].astype(int) * 3 - 2).astype(str).str.zfill(2)
+        return pd.to_datetime(quarters[0] + "-" + months + "-01")
+    return pd.to_datetime(s, errors="coerce", format="mixed")
+
+
 def _hour(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
     return (t.hour + t.minute / 60).to_numpy(float), 24
 

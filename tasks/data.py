@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from rnn_models import synthetic
-from rnn_models.calendar import calendar_columns, calendar_frame
+from rnn_models.calendar import calendar_columns, calendar_frame, to_datetime
 from tasks import run_logger
 from tasks.config import TimeSeriesConfig
 
@@ -171,7 +171,7 @@ def _guess_time_column(df: pd.DataFrame) -> str:
         if col.lower() in TIME_NAMES:
             return col
         if not pd.api.types.is_numeric_dtype(df[col]):
-            parsed = _to_datetime(df[col])
+            parsed = to_datetime(df[col])
             if parsed.notna().mean() > 0.9:
                 return col
     return ""
@@ -193,22 +193,10 @@ def _numeric(s: pd.Series, col: str, label: str, ids: pd.Series | None = None) -
     return values.astype(float)
 
 
-QUARTER = r"^\s*(\d{4})\s*[-_ ]?\s*[Qq]([1-4])\s*$"  # 1970 Q1, 1970-Q1, 1970Q1, as fpp3 and spreadsheets write them
-
-
-def _to_datetime(s: pd.Series) -> pd.Series:
-    """Text as times (NaT where it is not one): what pandas reads, and quarters (as their first day)."""
-    quarters = s.astype(str).str.extract(QUARTER)
-    if quarters[0].notna().all():
-        months = (quarters[1].astype(int) * 3 - 2).astype(str).str.zfill(2)
-        return pd.to_datetime(quarters[0] + "-" + months + "-01")
-    return pd.to_datetime(s, errors="coerce", format="mixed")
-
-
 def _times(s: pd.Series, col: str, label: str) -> pd.Series:
     if pd.api.types.is_numeric_dtype(s):
         return s
-    t = _to_datetime(s)
+    t = to_datetime(s)
     if t.isna().any():
         row = int(np.flatnonzero(t.isna().to_numpy())[0])
         raise DataError(f"{label}: column {col!r} has a value that is not a time, {s.iloc[row]!r} at row {row + 1}")

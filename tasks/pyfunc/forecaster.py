@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from rnn_models.calendar import calendar_frame, times_ahead
+from rnn_models.calendar import calendar_frame, times_ahead, to_datetime
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.panel import last_windows
 
@@ -70,7 +70,7 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         if time_col not in frame.columns:
             raise _bad_input(f"missing column {time_col!r}: this model makes calendar features from it")
         frame = frame.reset_index(drop=True)
-        times = pd.to_datetime(frame[time_col], errors="coerce", format="mixed")
+        times = to_datetime(frame[time_col])  # as the training data's times were read
         if times.isna().any():
             row = int(np.flatnonzero(times.isna().to_numpy())[0])
             raise _bad_input(f"column {time_col!r} has a value that is not a time, {frame[time_col].iloc[row]!r} "
