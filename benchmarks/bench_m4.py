@@ -31,7 +31,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-M4 = ROOT.parent / "shared" / "data" / "m4"
+M4 = Path(os.environ.get("RNNFLOW_SHARED_DATA", ROOT.parent / "shared" / "data")) / "m4"
 H, M = 48, 24
 PUBLISHED = {"ES-RNN (Smyl, published)": (9.328, 0.893)}
 

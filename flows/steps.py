@@ -22,6 +22,8 @@ try:
     from prefect.utilities.hashing import hash_objects
 
     from tasks import data, evaluation, features, ingest, monitoring, panel, publish, selection, sweep, text, training
+
+    evaluation.pyplot()  # matplotlib too, which tasks/ imports when it draws
 finally:
     gc.freeze()
     if _collecting:

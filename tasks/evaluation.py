@@ -7,10 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -160,9 +156,22 @@ def forecast_with(predict: Callable[[pd.DataFrame], pd.DataFrame], series: Serie
 # ---------------------------------------------------------------- plots
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on servers and CI), imported when the first
+    plot is drawn: the steps that draw none (a benchmark, a GPU machine without matplotlib) need
+    no matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_forecast(series: Series, bt: Backtest, model_label: str, path: Path) -> Path:
     """Actual test values against each model's one-step-ahead forecasts, plus the last origin's
     full horizon."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     t = series.frame[series.time_column].to_numpy()
     y = series.features[:, 0]
@@ -189,6 +198,7 @@ def plot_forecast(series: Series, bt: Backtest, model_label: str, path: Path) ->
 
 
 def plot_losses(fit: FitResult, path: Path) -> Path:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [s.epoch for s in fit.history]
     ax.plot(epochs, [s.train_loss for s in fit.history], label="train")

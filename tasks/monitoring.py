@@ -305,7 +305,9 @@ def report(check: Check, history: list[dict], ratio: float) -> str:
 
 def plot_live_error(label: str, history: list[dict], ratio: float) -> bytes:
     """Live MASE per check against the registered backtest MASE and the degradation threshold (PNG)."""
-    from tasks.evaluation import plt  # matplotlib, set up for servers there
+    from tasks.evaluation import pyplot
+
+    plt = pyplot()
 
     at = [pd.Timestamp(h["at"], unit="ms") for h in history]
     registered = history[-1]["registered_mase"]

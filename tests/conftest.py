@@ -29,7 +29,7 @@ except ImportError:  # a GPU box with PyTorch alone: its pure-PyTorch tests (tes
 # suite from fighting the Prefect test server for the CPU on a 2-core CI machine.
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("RNNFLOW_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(autouse=True, scope="session")
