@@ -225,6 +225,21 @@ def tracking_server_needs(j: Journey) -> str:
     return f"PostgreSQL's {', '.join(missing)} not installed" if missing else ""
 
 
+BRIEF_EPOCHS = 5
+
+
+def briefly(readme: str, run: str | None = None, why: str = "", **step) -> Step:
+    """A training step run with every flag as README has it and `--epochs 5` added: what it checks
+    (the model trains, registers, answers) does not need a full training, and the full trainings of
+    README's dozen examples took most of CI's time on 2 cores (`make run` as written, the first
+    step, and the examples whose checks read forecasts train in full)."""
+    command = run or readme
+    short = (re.sub(r'ARGS="([^"]*)"', rf'ARGS="\1 --epochs {BRIEF_EPOCHS}"', command) if 'ARGS="' in command
+             else f"{command} --epochs {BRIEF_EPOCHS}")
+    why = "; ".join(filter(None, (why, f"--epochs {BRIEF_EPOCHS} added: a brief training")))
+    return Step(readme, run=short, why=why, **step)
+
+
 def registered(name: str) -> Check:
     return has(rf"registered models:/{re.escape(name)}/\d+")
 
@@ -284,17 +299,17 @@ STEPS: list[Step] = [
     Step("rnnflow forecast --help", checks=(has(r"usage: rnnflow forecast", r"--hidden-size"),)),
     Step("rnnflow --version", checks=(has(r"^rnnflow 0\.1\.0$"),)),
     # -- The time-series flow
-    Step('make run ARGS="--cell gru --horizon 6 --lookback 48 --model-name sine-gru"',
+    briefly('make run ARGS="--cell gru --horizon 6 --lookback 48 --model-name sine-gru"',
          checks=(registered("sine-gru"),)),
-    Step('make run ARGS="--source sin-cos"', checks=(registered("sin-cos-forecaster"),)),
-    Step('make run ARGS="--source arithmetic --lookback 3"', checks=(registered("arithmetic-forecaster"),)),
-    Step('make run ARGS="--source file --data ../shared/data/airline-passengers.csv --horizon 12 --lookback 36"',
+    briefly('make run ARGS="--source sin-cos"', checks=(registered("sin-cos-forecaster"),)),
+    briefly('make run ARGS="--source arithmetic --lookback 3"', checks=(registered("arithmetic-forecaster"),)),
+    briefly('make run ARGS="--source file --data ../shared/data/airline-passengers.csv --horizon 12 --lookback 36"',
          checks=(registered("airline-passengers-forecaster"),)),
-    Step('make run ARGS="--source trend-season --horizon 12 --lookback 48 --quantiles 0.1,0.9 --ensemble 5"',
+    briefly('make run ARGS="--source trend-season --horizon 12 --lookback 48 --quantiles 0.1,0.9 --ensemble 5"',
          checks=(registered("trend-season-forecaster"), has(r"quantile interval covers"))),
-    Step('make run ARGS="--source trend-season --lookback 48 --no-auto --transform log --baseline seasonal-naive '
+    briefly('make run ARGS="--source trend-season --lookback 48 --no-auto --transform log --baseline seasonal-naive '
          '--ensemble-cells lstm,gru"', checks=(registered("trend-season-forecaster"),)),
-    Step('make run ARGS="--source file --data https://example.org/energy.csv --sha256 <hex> --time-column date '
+    briefly('make run ARGS="--source file --data https://example.org/energy.csv --sha256 <hex> --time-column date '
          '--value-column appliances --covariate-columns household_size"',
          run='make run ARGS="--source file --data @@url:energy.csv@@ --sha256 @@sha:energy.csv@@ --time-column date '
              '--value-column appliances --covariate-columns household_size"',
@@ -318,7 +333,7 @@ STEPS: list[Step] = [
          'holiday', kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "len(_) == 7 and _.forecast[3] < _.forecast[2] - 20"}),
     # -- Many series
-    Step(".venv/bin/python -m flows.timeseries --source file --data data/meters.csv --id-column id --horizon 24",
+    briefly(".venv/bin/python -m flows.timeseries --source file --data data/meters.csv --id-column id --horizon 24",
          checks=(registered("meters-forecaster"),)),
     Step('import mlflow, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
          'model = mlflow.pyfunc.load_model("models:/meters-forecaster@champion")\n'
@@ -363,11 +378,11 @@ STEPS: list[Step] = [
          why="a second serving process beside `make deploy` above; tests/test_monitor.py serves --retrain-on drift "
              "against a real Prefect server and checks the retrain the trigger starts"),
     # -- Sweeps
-    Step(f"{SWEEP} --cell lstm,gru --hidden-size 32,64 --lookback 24,48",
+    briefly(f"{SWEEP} --cell lstm,gru --hidden-size 32,64 --lookback 24,48",
          checks=(has(r"best trial, sine-forecaster v\d+"),), timeout=600),
-    Step(f"{SWEEP} --cell lstm,gru --hidden-size 16,32,64 --samples 4 --task-runner dask --workers 2",
+    briefly(f"{SWEEP} --cell lstm,gru --hidden-size 16,32,64 --samples 4 --task-runner dask --workers 2",
          checks=(has(r"best trial, sine-forecaster v\d+"),), timeout=480),
-    Step(f"{SWEEP} ... --task-runner dask --dask-address tcp://scheduler:8786",
+    briefly(f"{SWEEP} ... --task-runner dask --dask-address tcp://scheduler:8786",
          run=f"{SWEEP} --hidden-size 16,32 --task-runner dask --dask-address tcp://127.0.0.1:@@port:8786@@",
          why="`...`: two trials (--hidden-size 16,32); tcp://scheduler:8786: a local `dask scheduler` and "
              "two `dask worker`s (.venv/bin/dask) started for it",
@@ -379,7 +394,7 @@ STEPS: list[Step] = [
                              "--no-dashboard",
                       kind="bg", why="stand-in for the user's workers (they import the copy's tasks/: PYTHONPATH)",
                       health=dask_workers_ready(2), timeout=120, env={"PYTHONPATH": "@@workdir@@"}))),
-    Step(f"{SWEEP} --source file --data sales.csv --id-column store --time-column date --value-column sales "
+    briefly(f"{SWEEP} --source file --data sales.csv --id-column store --time-column date --value-column sales "
          "--model-name sales",
          why="sales.csv: a generated long-format file (store, date, sales), 3 stores x 1 year daily",
          checks=(has(r"sales-north", r"sales-south", r"sales-east"),), timeout=480,
@@ -414,7 +429,7 @@ STEPS: list[Step] = [
          why=AUTH_PORT, kind="export"),
     Step("export MLFLOW_TRACKING_USERNAME=alice", kind="export"),
     Step("export MLFLOW_TRACKING_PASSWORD=alice-password-1", kind="export"),
-    Step('make run ARGS="--model-name team-forecaster"', checks=(registered("team-forecaster"),), timeout=600),
+    briefly('make run ARGS="--model-name team-forecaster"', checks=(registered("team-forecaster"),), timeout=600),
     Step(GRANT_BOB, run=on_auth_port(GRANT_BOB), why=AUTH_PORT,
          checks=(lacks(r"error_code", r"Permission denied", r"not authenticated"),)),
     Step("export SERVE_TOKEN=a-long-random-token", kind="export"),

@@ -78,6 +78,8 @@ def test_serve_refuses_a_token_variable_that_is_unset_or_empty(value):
                                   "empty; export it with the token clients must send")
 
 
+# The tests on it are run by make journeys: a tracking server with logins, a training and a served model
+# (about 2 minutes together).
 @pytest.fixture(scope="module")
 def server():
     """The script's server with logins, on free ports; the admin creates alice and bob."""
@@ -114,6 +116,7 @@ def _champion(base: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.journey
 def test_a_reader_cannot_move_the_champion(server, trained):
     champion, other = trained
     bob = _as(server, "bob")
@@ -129,6 +132,7 @@ def test_a_reader_cannot_move_the_champion(server, trained):
 
 
 @pytest.mark.slow
+@pytest.mark.journey
 def test_a_run_whose_registration_is_refused_is_one_line_and_keeps_the_model(server, trained):
     """bob trains into alice's model (his runs in an experiment of his own): the server refuses the new
     version, the run says so in one line and keeps the trained model for ``flows.models register``."""
@@ -141,6 +145,7 @@ def test_a_run_whose_registration_is_refused_is_one_line_and_keeps_the_model(ser
 
 
 @pytest.mark.slow
+@pytest.mark.journey
 def test_a_wrong_password_or_no_login_is_one_line_before_any_work(server, trained):
     wrong = _as(server, "alice", "not-alices-password")
     for argv in (["flows.models", "list"], ["flows.timeseries", *TINY]):
@@ -153,6 +158,7 @@ def test_a_wrong_password_or_no_login_is_one_line_before_any_work(server, traine
 
 
 @pytest.mark.slow
+@pytest.mark.journey
 def test_a_served_model_answers_only_the_bearer_of_the_token(server, trained):
     frame = {"dataframe_split": {"columns": ["value"], "data": [[i / 10] for i in range(30)]}}
     alice = _as(server, "alice")

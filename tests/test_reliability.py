@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 
 from tests.serving import free_port, tracking_ui
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.journey]  # make journeys: many processes, servers and signals (about 5 minutes)
 
 
 def start(module: str, *args: str, env: dict, out: Path) -> subprocess.Popen:
