@@ -29,11 +29,11 @@ def forecast(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subproce
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, fresh_store):
     """Two models trained by the command line on SALES: ``holidays`` with --holidays US (and --no-auto),
     ``chosen`` with the calendar left to --auto."""
     work = tmp_path_factory.mktemp("calendar")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = fresh_store(work / 'mlflow.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RNNFLOW_CHECKPOINTS": str(work / "checkpoints")}
     for args in (["--holidays", "US", "--no-auto", "--window-norm", "mean", "--model-name", "holidays"],
                  ["--model-name", "chosen"]):

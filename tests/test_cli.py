@@ -114,11 +114,11 @@ def test_a_value_that_is_not_a_boolean_is_refused_not_read_as_false():
     assert config_from_params(TimeSeriesConfig, {"auto": "False", "epochs": "7"}).auto is False  # as MLflow logs it
 
 
-def test_a_successful_run_prints_the_report_and_no_noise(tmp_path):
+def test_a_successful_run_prints_the_report_and_no_noise(tmp_path, fresh_store):
     """As a user runs it, twice (the second scores the champion it finds, loading it from the
     registry): the report and where the model went, no ERROR line, no MLflow schema hint, no
     download progress bars; the same seed and data give the same score, which keeps the champion."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PREFECT_LOGGING_LEVEL": "INFO"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": fresh_store(tmp_path / "mlflow.db"), "PREFECT_LOGGING_LEVEL": "INFO"}
     args = ["--length", "400", "--lookback", "12", "--hidden-size", "8", "--epochs", "2", "--ensemble", "1", "--no-auto"]
     runs = [_run("flows.timeseries", *args, env=env) for _ in range(2)]
     for out in runs:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-from mlflow import MlflowClient
 
 from tests.prefect_server import BIN, _healthy, _start, _stop, _wait_for, api, flow_runs, served_deployments
 from tests.serving import free_port
@@ -30,11 +29,8 @@ DEADLINE = 10.0  # seconds from the signal to the exit: systemd/Docker/Kubernete
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    (tmp_path / "mlruns").mkdir()
-    MlflowClient(uri, uri).search_experiments()
-    return uri
+def store(tmp_path, fresh_store):
+    return fresh_store(tmp_path / "mlruns" / "mlflow.db")  # made before the runs that would race to make it
 
 
 def server_env(tmp: Path, mlflow_uri: str) -> dict:

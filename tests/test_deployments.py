@@ -20,11 +20,8 @@ DEPLOYMENT = "timeseries-forecasting/nightly-retrain"
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    (tmp_path / "mlruns").mkdir()
-    MlflowClient(uri, uri).search_experiments()  # create the store once, before runs race to
-    return uri
+def store(tmp_path, fresh_store):
+    return fresh_store(tmp_path / "mlruns" / "mlflow.db")  # made before the runs that would race to make it
 
 
 @journey

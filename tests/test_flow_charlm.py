@@ -123,11 +123,11 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory, shared_data):
+def guarded(tmp_path_factory, shared_data, fresh_store):
     tmp = tmp_path_factory.mktemp("charlm-guarded")
     corpus = tmp / "timemachine.txt"
     corpus.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         run(corpus, model_name="guarded", epochs=1)

@@ -175,10 +175,10 @@ def test_auto_logs_what_it_chose_and_why(mlflow_store):
 
 
 @pytest.fixture(scope="module")
-def guarded_store(tmp_path_factory):
+def guarded_store(tmp_path_factory, fresh_store):
     """One store with a champion 'guarded' v1, shared by every bad-input case."""
     tmp = tmp_path_factory.mktemp("guarded")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("RNNFLOW_DOWNLOADS", str(tmp / "downloads"))

@@ -29,10 +29,10 @@ def forecast(*args: str, env: dict, cwd: Path, timeout: float = 600) -> subproce
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory):
+def registered(tmp_path_factory, fresh_store):
     """``promos``, trained and registered by the command line with promo and price known ahead."""
     work = tmp_path_factory.mktemp("future")
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = fresh_store(work / 'mlflow.db')
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "RNNFLOW_CHECKPOINTS": str(work / "checkpoints")}
     out = forecast(*QUICK, "--future-covariate-columns", "promo,price", "--intervals", "0.8", "--model-name",
                    "promos", env=env, cwd=work)

@@ -40,10 +40,10 @@ def panel_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(panel_file, tmp_path_factory):
+def trained(panel_file, tmp_path_factory, fresh_store):
     """One global model registered in its own store: (store URI, flow result)."""
     tmp = tmp_path_factory.mktemp("global")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("RNNFLOW_CHECKPOINTS", str(tmp / "checkpoints"))

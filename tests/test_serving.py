@@ -13,9 +13,9 @@ from tests.serving import invoke, post, rnnflow_served, served
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, shared_data):
+def store(tmp_path_factory, shared_data, fresh_store):
     tmp = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = fresh_store(tmp / 'mlflow.db')
     corpus = tmp / "timemachine.txt"
     corpus.write_text((shared_data / "timemachine.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:

@@ -27,7 +27,7 @@ def cli(module: str, *args: str, env: dict, cwd: Path, timeout: float = 300) -> 
 
 
 @pytest.fixture
-def home(tmp_path, mlflow_store):
+def home(tmp_path, store_uri):
     """A user's working folder (the commands run from it), its store and checkpoints."""
     work = tmp_path / "work"
     work.mkdir()
@@ -43,13 +43,13 @@ def home(tmp_path, mlflow_store):
     ("  ", "is blank"),
     ("tab\there", "cannot contain control characters"),
 ])
-def test_a_model_name_mlflow_refuses_is_one_line_before_anything_runs(home, mlflow_store, module, name, problem):
+def test_a_model_name_mlflow_refuses_is_one_line_before_anything_runs(home, store_uri, module, name, problem):
     work, env = home
     out = cli(module, "--model-name", name, env=env, cwd=work, timeout=60)
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: --model-name: {name!r} {problem}"), line
-    assert not any(work.iterdir()) and not Path(mlflow_store.removeprefix("sqlite:///")).exists()
+    assert not any(work.iterdir()) and not Path(store_uri.removeprefix("sqlite:///")).exists()
 
 
 @pytest.mark.journey
@@ -107,7 +107,7 @@ def test_the_default_flow_with_the_grouped_operation_turned_off_trains_through_n
     assert "registered models:/sine-forecaster/1" in out.stdout
 
 
-def test_a_text_too_short_for_any_batch_is_one_line_naming_its_size(home, mlflow_store):
+def test_a_text_too_short_for_any_batch_is_one_line_naming_its_size(home, store_uri):
     work, env = home
     (work / "tiny.txt").write_text("abc defg hij", encoding="utf-8")
     out = cli("flows.charlm", "--data", "tiny.txt", env=env, cwd=work, timeout=60)
@@ -115,7 +115,7 @@ def test_a_text_too_short_for_any_batch_is_one_line_naming_its_size(home, mlflow
     assert out.stderr.strip().splitlines() == [
         "error: tiny.txt: 12 characters is too small to train on: beside its validation part (--val-fraction 0.1) "
         "it fills no batch of even 1 sequence x 8 characters (--batch-size x --num-steps); give a longer text"]
-    assert not Path(mlflow_store.removeprefix("sqlite:///")).exists()
+    assert not Path(store_uri.removeprefix("sqlite:///")).exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
