@@ -59,7 +59,7 @@ test-fast: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not slow and not cuda" \
 		$(SLOW_TESTS:%=--ignore=tests/test_%.py) $(PYTEST_ARGS)
 
-# Refresh the README's MLflow UI screenshots, docs/img/*.png, or ARGS=DIR (needs chromium, chromium-driver)
+# Refresh the README's pictures (both UIs, a forecast with intervals): docs/img/*.png, or ARGS=DIR (needs chromium, chromium-driver)
 readme-images: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) scripts/readme-images.py $(ARGS)
 

@@ -70,7 +70,7 @@ def test_unreachable_tracking_server_stops_before_any_trial(monkeypatch, capsys)
     assert "MLFLOW_TRACKING_URI http://127.0.0.1:9: the tracking server does not answer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("runner", ["thread", "dask"])
+@pytest.mark.parametrize("runner", ["thread", pytest.param("dask", marks=pytest.mark.journey)])  # dask: a cluster
 def test_sweep_logs_nested_trials_and_registers_the_best(runner, mlflow_store, capsys):
     args = [*TINY, "--cell", "lstm,gru", "--hidden-size", "8,16", "--task-runner", runner, "--workers", "2",
             "--model-name", f"swept-{runner}"]

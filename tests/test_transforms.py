@@ -136,8 +136,9 @@ def _test_mase(**options) -> float:
 def test_defaults_forecast_a_trend_that_a_plain_z_scored_model_cannot():
     """Linear trend + season + noise; the test part lies above every training level. Seasonal
     naive scores MASE 1.0 on it and AutoETS 0.189 (benchmarks/bench_accuracy.py); the default
-    settings score about 0.19 there, a network on z-scored levels about 5."""
-    default, plain = _test_mase(), _test_mase(**PLAIN)
+    settings score about 0.19 there, a network on z-scored levels about 5. One member: the network
+    --auto chose, which is what the defaults decide (the ensemble adds seeds of it)."""
+    default, plain = _test_mase(ensemble=1), _test_mase(**PLAIN)
     assert default < 0.4, default
     assert plain > 2.0, plain
 
