@@ -46,7 +46,7 @@ test: $(STAMP)
 # What a user types, end to end (CI runs it after `make test`): the tests marked `journey` (command
 # lines and signals too slow for make test's budget), then the README as a test: every command in
 # its code blocks, run as a user types it in a private copy of the working tree, each checked
-# (scripts/journeys.py). About 25 minutes on 2 cores.
+# (scripts/journeys.py). About 50 minutes on 2 cores: 27 for the tests, 21-23 for the README.
 journeys: $(STAMP)
 	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m journey $(PYTEST_ARGS)
 	$(PY) scripts/journeys.py $(ARGS)
