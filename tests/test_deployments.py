@@ -11,9 +11,6 @@ from mlflow import MlflowClient
 
 from tests.prefect_server import flow_runs, prefect_cli, prefect_server, served_deployments
 
-# make journeys: each of these starts a Prefect server and serves the deployments (about a minute each)
-journey = pytest.mark.journey
-
 TINY = {"length": 600, "lookback": 12, "hidden_size": 16, "epochs": 3, "batch_size": 16, "patience": 0,
         "device": "cpu"}
 DEPLOYMENT = "timeseries-forecasting/nightly-retrain"
@@ -24,7 +21,7 @@ def store(tmp_path, fresh_store):
     return fresh_store(tmp_path / "mlruns" / "mlflow.db")  # made before the runs that would race to make it
 
 
-@journey
+@pytest.mark.journey  # a Prefect server and served deployments of its own (about a minute)
 def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
     with prefect_server(tmp_path, store) as env, \
             served_deployments(env, tmp_path, "--only", "timeseries", "--timeseries-params", json.dumps(TINY)):
@@ -54,7 +51,7 @@ def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
     assert str(c.get_model_version_by_alias("sine-forecaster", "champion").version) == "1"
 
 
-@journey
+@pytest.mark.journey  # a Prefect server and served deployments of its own (about a minute)
 def test_interval_schedule_runs_by_itself(tmp_path, store):
     with prefect_server(tmp_path, store) as env:
         with served_deployments(env, tmp_path, "--only", "timeseries", "--interval", "8", "--limit", "1",
@@ -69,7 +66,7 @@ def test_interval_schedule_runs_by_itself(tmp_path, store):
     assert len(versions) >= 2
 
 
-@journey
+@pytest.mark.journey  # a Prefect server and served deployments of its own (about a minute)
 def test_two_runs_at_once_leave_the_better_champion(tmp_path, store):
     with prefect_server(tmp_path, store) as env, \
             served_deployments(env, tmp_path, "--only", "timeseries", "--timeseries-params", json.dumps(TINY)):
@@ -96,7 +93,7 @@ def ran(env: dict) -> dict:
     return [r for r in flow_runs(env, "weekly-retrain") if r["state_type"] != "SCHEDULED"][0]
 
 
-@journey
+@pytest.mark.journey  # a Prefect server and served deployments of its own (about a minute)
 def test_a_run_whose_serving_process_dies_ends_crashed_and_the_next_run_resumes(tmp_path, store, shared_data):
     """`make deploy` stopped while a scheduled run trains: its flow run stops beating and the
     server's automation marks it Crashed (not Running for ever); once the deployments are served
