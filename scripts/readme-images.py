@@ -1,7 +1,8 @@
 """Refresh the README's pictures (docs/img/): both UIs in headless Chromium and a forecast with
 its intervals. A real Prefect server and MLflow store in a throwaway folder: the deployments are
-served (schedule and degradation trigger), one is run by hand and trains a sine forecaster
-with 80 % and 95 % conformal intervals; then the pictures are taken:
+served (schedule and degradation trigger), one is run by hand twice (two registered versions,
+the champion gate between them) and trains a sine forecaster with 80 % and 95 % conformal
+intervals; then the pictures are taken:
 
     prefect-flow-run.png     the run's page in the Prefect UI, its task graph
     prefect-deployment.png   the nightly-retrain deployment: its schedule and trigger
@@ -17,6 +18,7 @@ Needs Chromium and its driver (Debian: apt-get install chromium chromium-driver)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -43,9 +45,16 @@ def wait_for(driver, *texts, timeout=90, settle=3.0) -> None:
     time.sleep(settle)
 
 
-def shoot(driver, url: str, path: Path, *texts: str) -> None:
+def shoot(driver, url: str, path: Path, *texts: str, height: int = 1000) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.set_window_size(1400, height)
     driver.get(url)
     wait_for(driver, *texts)
+    for side_panel in driver.find_elements(By.XPATH, "//button[@aria-label='Close']"):  # MLflow's assistant
+        with contextlib.suppress(Exception):
+            side_panel.click()
+            time.sleep(1)
     driver.save_screenshot(str(path))
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
@@ -61,13 +70,16 @@ def main(out: Path) -> None:
         store = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"  # throwaway: the project's own store is left alone
         with prefect_server(tmp, store) as env, \
                 served_deployments(env, tmp, "--retrain-on", "both", "--timeseries-params", json.dumps(PARAMS)):
-            ran = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--watch", timeout=900)
-            if ran.returncode != 0:
-                sys.exit(f"readme-images: the deployment run failed:\n{ran.stdout[-3000:]}{ran.stderr[-3000:]}")
-            (run,) = [r for r in flow_runs(env, "nightly-retrain") if r["state_type"] == "COMPLETED"]
+            for seed in (0, 1):  # a second version for the model page's versions and aliases
+                ran = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", f"seed={seed}", "--watch",
+                                  timeout=900)
+                if ran.returncode != 0:
+                    sys.exit(f"readme-images: the deployment run failed:\n{ran.stdout[-3000:]}{ran.stderr[-3000:]}")
+            run = [r for r in flow_runs(env, "nightly-retrain") if r["state_type"] == "COMPLETED"][-1]
             named = {"deployments": {"name": {"any_": ["nightly-retrain"]}}}
             (deployment,) = api(env, "POST", "/deployments/filter", named)
-            (artifact,) = api(env, "POST", "/artifacts/filter", {"artifacts": {"key": {"like_": "backtest"}}})
+            (artifact,) = api(env, "POST", "/artifacts/filter", {"artifacts": {"key": {"like_": "backtest"},
+                                                                           "flow_run_id": {"any_": [run["id"]]}}})
             ui = env["PREFECT_API_URL"].removesuffix("/api")
             driver = chrome(tmp / "chrome")
             try:
@@ -80,11 +92,14 @@ def main(out: Path) -> None:
                     from mlflow import MlflowClient
 
                     client = MlflowClient(store, store)
-                    (version,) = client.search_model_versions("name='sine-forecaster'")
+                    versions = client.search_model_versions("name='sine-forecaster'")
+                    assert len(versions) == 2, f"two runs, {len(versions)} registered versions"
+                    version = max(versions, key=lambda v: int(v.version))
                     mlflow_run = client.get_run(version.run_id)
                     shoot(driver, f"{base}/#/experiments/{mlflow_run.info.experiment_id}/runs/{version.run_id}",
                           out / "mlflow-run.png", "test_mase")
-                    shoot(driver, f"{base}/#/models/sine-forecaster", out / "mlflow-model.png", "@ champion")
+                    shoot(driver, f"{base}/#/models/sine-forecaster", out / "mlflow-model.png", "@ champion",
+                          height=1350)  # each version's row lists its tags: two rows need the height
                     plot = client.download_artifacts(version.run_id, "plots/forecast.png", str(tmp))
                     shutil.copyfile(plot, out / "forecast.png")
                     print(f"wrote {out / 'forecast.png'} ({(out / 'forecast.png').stat().st_size:,} bytes)")
