@@ -40,16 +40,27 @@ run: $(STAMP)
 charlm: $(STAMP)
 	$(RNNFLOW) charlm $(ARGS)
 
+# Tests run in TEST_JOBS processes (pytest-xdist): a test spends much of its time waiting on a
+# server or a subprocess, so two share two cores well (trainings at once share the cores through
+# rnn_models.cores); TEST_JOBS=0 runs them in this one process.
+TEST_JOBS ?= 2
+PYTEST   := PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -n $(TEST_JOBS)
+
 test: $(STAMP)
-	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m "not journey" $(PYTEST_ARGS)
+	$(PYTEST) -m "not journey" $(PYTEST_ARGS)
 
 # What a user types, end to end (CI runs it after `make test`): the tests marked `journey` (command
-# lines and signals too slow for make test's budget), then the README as a test: every command in
-# its code blocks, run as a user types it in a private copy of the working tree, each checked
-# (scripts/journeys.py). About 50 minutes on 2 cores: 27 for the tests, 21-23 for the README.
+# lines and signals too slow for make test's budget) and, beside them, the README as a test: every
+# command in its code blocks, run as a user types it in a private copy of the working tree, each
+# checked (scripts/journeys.py). The tests' lines are prefixed "[journey tests]"; the target fails
+# if either fails.
+journeys: SHELL := /bin/bash
 journeys: $(STAMP)
-	PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -m journey $(PYTEST_ARGS)
-	$(PY) scripts/journeys.py $(ARGS)
+	@(set -o pipefail; $(PYTEST) -m journey -n 0 $(PYTEST_ARGS) 2>&1 | sed -u 's/^/[journey tests] /') & tests=$$!; \
+	$(PY) scripts/journeys.py $(ARGS); readme=$$?; \
+	wait $$tests; tests=$$?; \
+	echo "make journeys: README $$([ $$readme = 0 ] && echo passed || echo FAILED), journey tests $$([ $$tests = 0 ] && echo passed || echo FAILED)"; \
+	[ $$readme = 0 ] && [ $$tests = 0 ]
 
 # The edit-run loop: unit and step tests only, no servers, subprocesses or whole flows (30-45 s
 # on 2 cores, 10-15 s of it the Prefect test harness). `make test` stays the whole suite.

@@ -96,7 +96,7 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
         return checkpoint_dir(cfg, "")
     if cfg.panel:
         panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
-        check_lookback(cfg.settled(panel.season_length), panel.season_length)
+        check_lookback(cfg.settled(panel.season_length, panel.series_read), panel.season_length)
         return checkpoint_dir(cfg, panel.sha256)
     series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
     split_series(with_calendar(series, cfg), cfg)

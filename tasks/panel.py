@@ -43,6 +43,11 @@ class PanelData:
         return len(self.ids)
 
     @property
+    def series_read(self) -> int:
+        """The series of the file, the too-short ones included: what the automatic settings count."""
+        return len(self.ids) + len(self.skipped)
+
+    @property
     def covariate_columns(self) -> list[str]:
         return []  # a global model reads the value column alone
 
@@ -113,7 +118,7 @@ def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, 
         times.append(part["time"].to_numpy())
     season = cfg.season_length or _season_for(freq)
     panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times)
-    return keep_long_enough(panel, cfg.settled(season))
+    return keep_long_enough(panel, cfg.settled(season, len(panel)))
 
 
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:

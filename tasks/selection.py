@@ -159,7 +159,8 @@ def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]
     the --auto candidates of all of them train together, so those of one shape train as one
     batched network across models too."""
     start = time.time()  # --minutes: the candidates train in the budget's first third, the members in the rest
-    settled = {k: (data, cfg.settled(data.season_length), ckpt) for k, (data, cfg, ckpt) in models.items()}
+    settled = {k: (data, cfg.settled(data.season_length, data.series_read if cfg.panel else 1), ckpt)
+               for k, (data, cfg, ckpt) in models.items()}
     ends = {k: (start + cfg.minutes * 20, start + cfg.minutes * 60) if cfg.minutes else (None, None)
             for k, (_, cfg, _) in settled.items()}
     auto = {k: (data, {c: apply(cfg, c) for c in candidates_for(cfg)}, ckpt, ends[k][0])

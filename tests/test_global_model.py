@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import mlflow
 import numpy as np
@@ -19,8 +20,9 @@ from rnn_models import synthetic
 from rnn_models.panel import Panel, PanelWindows, encode, last_windows
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, WindowNorm
-from rnn_models.windows import make_windows, window_origins
+from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
+from tasks.config.series import PANEL_SERIES
 from tasks.data import DataError
 from tasks.panel import load_panel
 from tests.serving import invoke, served
@@ -206,18 +208,31 @@ def test_a_patched_forecaster_reads_its_window_in_segments():
 def test_many_series_default_to_a_week_read_a_day_per_step():
     cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id")
     assert (cfg.lookback, cfg.patch) == (0, 0)
-    assert (cfg.settled(24).lookback, cfg.settled(24).patch, cfg.settled(24).loss) == (168, 24, "mae")
-    assert (cfg.settled(1).lookback, cfg.settled(1).patch) == (24, 1)
+    assert (cfg.settled(24, 12).lookback, cfg.settled(24, 12).patch, cfg.settled(24, 12).loss) == (168, 24, "mae")
+    assert (cfg.settled(1, 12).lookback, cfg.settled(1, 12).patch) == (24, 1)
     one = TimeSeriesConfig()
     assert (one.lookback, one.patch, one.loss, one.batch_size) == (24, 1, "mse", 32)  # one series: as before
-    assert cfg.settled(24).batch_size == 256
+    assert cfg.settled(24, 12).batch_size == 256
 
 
-def test_a_registered_global_model_scores_again_as_it_scored_in_its_run(trained):
+def test_many_series_validate_and_test_on_their_last_horizons_and_a_few_on_fractions():
+    """With PANEL_SERIES series or more each part is one horizon of every series (as M4 scores a
+    model: from the end of its data); fewer series keep one series' fractions, for enough origins;
+    given sizes are kept."""
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id", horizon=48)
+    many, few = cfg.settled(24, PANEL_SERIES), cfg.settled(24, PANEL_SERIES - 1)
+    assert (many.val_size, many.test_size, few.val_size, few.test_size) == (0.0, 0.0, 0.1, 0.2)
+    assert Split.by_fraction(960, many.val_size, many.test_size, 48) == Split(960, 864, 912)
+    given = replace(cfg, val_size=0.05, test_size=0.1).settled(24, PANEL_SERIES)
+    assert (given.val_size, given.test_size) == (0.05, 0.1)
+    assert (TimeSeriesConfig().val_size, TimeSeriesConfig().test_size) == (0.1, 0.2)  # one series: as before
+
+
+def test_a_registered_global_model_scores_again_as_it_scored_in_its_run(trained, monkeypatch):
     from tasks.reevaluate import evaluation_data, score
 
     uri, result = trained
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # what promote and compare read, whatever ran before
     version = MlflowClient(uri, uri).get_model_version("meters-forecaster", result["version"])
     data = evaluation_data(version)  # the series rebuilt from the run's params, as promote and compare do
     assert len(data.forecast_data) == 22

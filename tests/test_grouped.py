@@ -241,7 +241,7 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     cfg = TimeSeriesConfig(source="file", data=str(path), id_column="id", season_length=24, lookback=24, horizon=6,
                            hidden_size=16, epochs=2, batch_size=64, ensemble=1, device="cpu")
     panel = load_panel(cfg.data, "", cfg)
-    cfg = cfg.settled(panel.season_length)
+    cfg = cfg.settled(panel.season_length, len(panel))
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         selection = choose_settings(panel, cfg).selection
     assert "window-norm last, window-norm mean, window-norm last + seasonal baseline: training lstm together" \
