@@ -44,19 +44,19 @@ charlm: $(STAMP)
 # server or a subprocess, so two share two cores well (trainings at once share the cores through
 # rnn_models.cores); TEST_JOBS=0 runs them in this one process.
 TEST_JOBS ?= 2
-PYTEST   := PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -q -n $(TEST_JOBS)
+PYTEST   := PREFECT_LOGGING_LEVEL=WARNING $(PY) -m pytest -n $(TEST_JOBS)
 
 test: $(STAMP)
-	$(PYTEST) -m "not journey" $(PYTEST_ARGS)
+	$(PYTEST) -q -m "not journey" $(PYTEST_ARGS)
 
 # What a user types, end to end (CI runs it after `make test`): the tests marked `journey` (command
 # lines and signals too slow for make test's budget) and, beside them, the README as a test: every
 # command in its code blocks, run as a user types it in a private copy of the working tree, each
-# checked (scripts/journeys.py). The tests' lines are prefixed "[journey tests]"; the target fails
-# if either fails.
+# checked (scripts/journeys.py). The tests print a line each, prefixed "[journey tests]"; the
+# target fails if either fails.
 journeys: SHELL := /bin/bash
 journeys: $(STAMP)
-	@(set -o pipefail; $(PYTEST) -m journey -n 0 $(PYTEST_ARGS) 2>&1 | sed -u 's/^/[journey tests] /') & tests=$$!; \
+	@(set -o pipefail; $(PYTEST) -m journey -n 0 -v $(PYTEST_ARGS) 2>&1 | sed -u 's/^/[journey tests] /') & tests=$$!; \
 	$(PY) scripts/journeys.py $(ARGS); readme=$$?; \
 	wait $$tests; tests=$$?; \
 	echo "make journeys: README $$([ $$readme = 0 ] && echo passed || echo FAILED), journey tests $$([ $$tests = 0 ] && echo passed || echo FAILED)"; \
