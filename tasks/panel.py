@@ -118,7 +118,7 @@ def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, 
         times.append(part["time"].to_numpy())
     season = cfg.season_length or _season_for(freq)
     panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times)
-    return keep_long_enough(panel, cfg.settled(season, len(panel)))
+    return keep_long_enough(panel, cfg.settled(season, panel.series_read))
 
 
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:

@@ -71,9 +71,9 @@ class RegistryOptions:
         return asdict(self)
 
 
-def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=(), zero_fractions=False) -> None:
+def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=(), part_sizes=()) -> None:
     """The checks every flow config shares, with its own fields of each kind; NaN fails every range.
-    ``zero_fractions``: a fraction of 0 is allowed (the least the config's split gives)."""
+    ``part_sizes``: fractions where 0 leaves the size to the config's automatic settings."""
     for f in fields(cfg):
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
@@ -83,8 +83,8 @@ def check_common(cfg, positive=(), non_negative=(), fractions=(), probabilities=
                "must be 0 or more", lambda v: 0 <= v < math.inf),
               (("lr",), "must be a positive number", lambda v: 0 < v < math.inf),
               (("dropout", *probabilities), "must be in [0, 1)", lambda v: 0 <= v < 1),
-              (fractions, f"must be a fraction in {'[' if zero_fractions else '('}0, 0.5)",
-               lambda v: (0 <= v if zero_fractions else 0 < v) and v < 0.5)]
+              (fractions, "must be a fraction in (0, 0.5)", lambda v: 0 < v < 0.5),
+              (part_sizes, "must be 0 (automatic) or a fraction below 0.5", lambda v: 0 <= v < 0.5)]
     for names, must, within in ranges:
         for name in names:
             if not within(getattr(cfg, name)):

@@ -23,6 +23,7 @@ TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 # With this many series or more, a global model's validation and test parts default to one horizon of each series
 # (each part still holds as many forecast origins): the network trains on the most recent data, as M4 scores it
 PANEL_SERIES = 100
+PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
 @dataclass
@@ -55,10 +56,10 @@ class WindowOptions:
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
     stride: int = option(1, "step between training windows")
     val_size: float = option(0.0, "fraction of each series (after train) for validation, early stopping, --auto and "
-                             f"--intervals; 0 = 0.1, or one horizon of each series with --id-column and "
+                             f"--intervals; 0 = {PART_SIZES[0]}, or one horizon of each series with --id-column and "
                              f"{PANEL_SERIES}+ series")
-    test_size: float = option(0.0, "fraction of each series at the end for the backtest; 0 = 0.2, or the last horizon "
-                              f"of each series with --id-column and {PANEL_SERIES}+ series")
+    test_size: float = option(0.0, f"fraction of each series at the end for the backtest; 0 = {PART_SIZES[1]}, or the "
+                              f"last horizon of each series with --id-column and {PANEL_SERIES}+ series")
     season_length: int = option(0, "season for MASE and seasonal naive; 0 = from the data (sine period, frequency)")
     scaler: str = option("standard", "scikit-learn scaler fitted on the training part only",
                          ("standard", "minmax", "none"))
@@ -130,11 +131,11 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         if not self.panel:  # one series: the automatic settings need no data
             self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
             self.loss = "mse" if self.loss == "auto" else self.loss
-            self.val_size, self.test_size = self.val_size or 0.1, self.test_size or 0.2
+            self.val_size, self.test_size = self.parts(few=True)
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
                      non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience",
                                    "minutes"),
-                     fractions=("val_size", "test_size"), probabilities=("ema",), zero_fractions=True)
+                     part_sizes=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
         if (self.data or self.future_covariates) and self.source != "file":
@@ -191,14 +192,17 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         number of series in the file are known; the calendar features off unless asked for or left to --auto.
         With PANEL_SERIES or more series a part of 0 stays 0: Split.by_fraction gives it one horizon."""
         m = season_length if season_length > 1 else 0
-        few = series < PANEL_SERIES
+        val_size, test_size = self.parts(few=series < PANEL_SERIES)
         lookback = self.lookback or (7 * m if m else 24)
         patch = self.patch or (m if m and lookback % m == 0 else 1)
         return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
-                       val_size=self.val_size or (0.1 if few else 0.0),
-                       test_size=self.test_size or (0.2 if few else 0.0),
+                       val_size=val_size, test_size=test_size,
                        batch_size=self.batch_size or 256,
                        calendar=self.calendar if self.auto and not self.panel else bool(self.calendar))
+
+    def parts(self, few: bool) -> tuple[float, float]:
+        """--val-size and --test-size, a 0 resolved: PART_SIZES for one series or a few, else 0 (one horizon each)."""
+        return self.val_size or (PART_SIZES[0] if few else 0.0), self.test_size or (PART_SIZES[1] if few else 0.0)
 
     @property
     def panel(self) -> bool:
