@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))  # runs from a bare checkout on a GPU box, without
 
 from bench_charlm import plain_step  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
-from rnn_models.panel import Panel, PanelObjective, PanelWindows  # noqa: E402
+from rnn_models.forecasting import mse_objective  # noqa: E402
+from rnn_models.panel import Panel, PanelWindows, encode, encoded_batches  # noqa: E402
+from rnn_models.transforms import Chain, WindowNorm  # noqa: E402
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig, Recurrent, RecurrentConfig  # noqa: E402
 from rnn_models.text import LanguageModelLoss, Vocab, sequential_batches, val_batch_size  # noqa: E402
 from rnn_models.training import TrainConfig, autocast, fit, tensor_batches  # noqa: E402
@@ -278,7 +280,9 @@ def global_fit(panel: Panel, L: int, H: int, hidden: int, batch: int, epochs: in
     model = Forecaster(ForecasterConfig(hidden_size=hidden, horizon=H)).to(device)
     cfg = TrainConfig(epochs=epochs, patience=0, ema=0.98, device=device, seed=SEED, progress=False)
     cut = (lambda it: itertools.islice(it, max_steps)) if max_steps else (lambda it: it)
-    result = fit(model, lambda g: cut(train.batches(batch, g)), lambda: val.batches(8192), PanelObjective(), cfg)
+    chain = Chain([WindowNorm("last")])  # each window normalised by itself, as a global model's are
+    result = fit(model, lambda g: cut(encoded_batches(train, chain, batch, g)), lambda: encoded_batches(val, chain, 8192),
+                 mse_objective, cfg)
     return train, val, result
 
 
@@ -293,14 +297,15 @@ def global_row(args, panel: Panel, batch: int, steps: int, L=168, H=48, hidden=1
     lazy = lambda: global_fit(panel, L, H, hidden, batch, 1, args.device, steps)  # noqa: E731
     train, val, _ = lazy()
     # the same windows materialised up front: what the lazy gather must not be slower than
-    x_all, y_all = train.gather(torch.arange(len(train), device=args.device))
-    x_val, y_val = val.gather(torch.arange(len(val), device=args.device))
+    chain = Chain([WindowNorm("last")])
+    x_all, y_all = encode(chain, *train.gather(torch.arange(len(train), device=args.device))[:2])
+    x_val, y_val = encode(chain, *val.gather(torch.arange(len(val), device=args.device))[:2])
 
     def materialised():
         torch.manual_seed(SEED)
         model = Forecaster(ForecasterConfig(hidden_size=hidden, horizon=H)).to(args.device)
         fit(model, lambda g: itertools.islice(tensor_batches(x_all, y_all, batch_size=batch, generator=g), steps),
-            lambda: tensor_batches(x_val, y_val, batch_size=8192), PanelObjective(),
+            lambda: tensor_batches(x_val, y_val, batch_size=8192), mse_objective,
             TrainConfig(epochs=1, patience=0, ema=0.98, device=args.device, seed=SEED, progress=False))
 
     med = interleave({"lazy": lazy, "materialised": materialised}, args.repeats, args.device)

@@ -95,7 +95,7 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
     if cfg.source != "file":
         return checkpoint_dir(cfg, "")
     if cfg.panel:
-        panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
+        panel = with_calendar(load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg), cfg)
         check_lookback(cfg.settled(panel.season_length, panel.series_read), panel.season_length)
         return checkpoint_dir(cfg, panel.sha256)
     series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)

@@ -34,7 +34,7 @@ def _hour(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
 
 
 def _weekday(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
-    return t.dayofweek.to_numpy(float), 7
+    return t.day_of_week.to_numpy(float), 7
 
 
 def _monthday(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
@@ -42,7 +42,7 @@ def _monthday(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
 
 
 def _yearday(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:
-    return (t.dayofyear - 1).to_numpy(float), 366
+    return (t.day_of_year - 1).to_numpy(float), 366
 
 
 def _month(t: pd.DatetimeIndex) -> tuple[np.ndarray, int]:

@@ -20,7 +20,7 @@ from rnn_models.transforms import EPS, Baseline, Chain, Difference, Log, Scale, 
 
 @dataclass
 class Panel:
-    values: torch.Tensor  # (N,) every series end to end
+    values: torch.Tensor  # (N, F) every series end to end: the target, then any covariates
     offsets: torch.Tensor  # (S,) int64: where each series starts in ``values``
     lengths: torch.Tensor  # (S,) int64
     ids: list[str]
@@ -28,10 +28,11 @@ class Panel:
     @classmethod
     def from_series(cls, series: Sequence[np.ndarray], ids: Sequence[str] | None = None,
                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Panel:
+        """``series``: one (T_i,) array of values, or (T_i, F) of features (the target first), per series."""
         lengths = np.array([len(s) for s in series], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        values = (np.concatenate([np.asarray(s, dtype=np.float64) for s in series]) if len(series)
-                  else np.zeros(0))
+        values = (np.concatenate([np.asarray(s, dtype=np.float64).reshape(len(s), -1) for s in series])
+                  if len(series) else np.zeros((0, 1)))
         ids = list(ids) if ids is not None else [str(i) for i in range(len(series))]
         if len(ids) != len(series):
             raise ValueError(f"{len(ids)} ids for {len(series)} series")
@@ -74,16 +75,17 @@ class PanelWindows:
         within = index - (self.ends[series] - self.counts[series])  # k-th window of its series
         return series, self.first[series] + within * self.stride
 
-    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window ids (B,) on the panel's device -> inputs (B, L) and targets (B, H)."""
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window ids (B,) on the panel's device -> inputs (B, L, F), targets (B, H) and the covariates
+        of the horizon's steps (B, H, F - 1)."""
         series, origin = self.locate(index)
         rows = (self.panel.offsets[series] + origin)[:, None] + self.steps[None, :]  # (B, L+H)
-        w = self.panel.values[rows]
-        return w[:, : self.lookback], w[:, self.lookback :]
+        w = self.panel.values[rows]  # (B, L+H, F)
+        return w[:, : self.lookback], w[:, self.lookback :, 0], w[:, self.lookback :, 1:]
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(inputs, targets) batches, shuffled when a generator is given (drawn on the CPU, so
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(inputs, targets, covariates ahead) batches, shuffled when a generator is given (drawn on the CPU, so
         the order is the same on any device, and moved once per pass, not per batch)."""
         dev = self.panel.device
         order = (torch.randperm(self.total, generator=generator).to(dev) if generator is not None
@@ -93,40 +95,47 @@ class PanelWindows:
 
 
 def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "last"):
-    """The torch twin of :class:`rnn_models.transforms.WindowNorm` for one feature: windows
-    x (B, L) centred on their last value (or mean) and divided by their own spread, targets
-    y (B, H) likewise. Returns (x', y' or None, (c, s)), c and s (B, 1), so that y = y' * s + c."""
-    c = x[:, -1:] if center == "last" else x.mean(dim=1, keepdim=True)  # (B, 1)
-    s = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)  # (B, 1)
-    return (x - c) / s, (None if y is None else (y - c) / s), (c, s)
+    """The torch twin of :class:`rnn_models.transforms.WindowNorm`: windows x (B, L, F) each feature
+    centred on its last value (or mean) and divided by its own spread, targets y (B, H) as feature 0.
+    Returns (x', y' or None, (c, s)), c and s (B, 1) of the target, so that y = y' * s + c."""
+    c = x[:, -1:] if center == "last" else x.mean(dim=1, keepdim=True)  # (B, 1, F)
+    s = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)  # (B, 1, F)
+    c0, s0 = c[..., 0], s[..., 0]  # (B, 1)
+    return (x - c) / s, (None if y is None else (y - c0) / s0), (c0, s0)
 
 
 def encode(chain: Chain, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of ``chain.encode`` for windows of one feature, where the windows live
-    (a GPU batch never crosses to the host): raw x (B, L), y (B, H) -> network input (B, L', 1)
-    and targets (B, H). The served model decodes with the numpy chain; a test holds the two equal."""
+    """The torch twin of ``chain.encode``, where the windows live (a GPU batch never crosses to the
+    host): raw x (B, L, F) (the target first), y (B, H) -> network input (B, L', F) and targets (B, H).
+    The served model encodes with the numpy chain; a test holds the two equal."""
     for t in chain.steps:
         if isinstance(t, Log):
-            x, y = x.log(), y.log()
+            x, y = torch.cat([x[..., :1].log(), x[..., 1:]], dim=-1), y.log()
         elif isinstance(t, Baseline):  # and Difference, a Baseline that also differences its inputs
             L, h = x.shape[1], torch.arange(y.shape[1], device=x.device)
-            y = y - x[:, L + h - t.lag * (h // t.lag + 1)]
+            y = y - x[:, L + h - t.lag * (h // t.lag + 1), 0]
             if isinstance(t, Difference):
-                x = x[:, t.lag :] - x[:, : -t.lag]
+                x = torch.cat([x[:, t.lag :, :1] - x[:, : -t.lag, :1], x[:, t.lag :, 1:]], dim=-1)
         elif isinstance(t, WindowNorm):
             x, y, _ = window_norm(x, y, t.center)
         elif isinstance(t, Scale):
-            x, y = (x - float(t.offset[0])) / float(t.scale[0]), (y - float(t.offset[0])) / float(t.scale[0])
+            offset, scale = (torch.as_tensor(a, dtype=x.dtype, device=x.device) for a in (t.offset, t.scale))
+            x, y = (x - offset) / scale, (y - offset[0]) / scale[0]
         else:
             raise ValueError(f"no torch twin for the {t.kind} transform")
-    return x[..., None], y
+    return x, y
 
 
-def encoded_batches(windows: PanelWindows, chain: Chain, batch_size: int, generator: torch.Generator | None = None
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``windows.batches`` through ``encode``: what the training loop's objectives read."""
-    for x, y in windows.batches(batch_size, generator):
-        yield encode(chain, x, y)
+def encoded_batches(windows: PanelWindows, chain: Chain, batch_size: int, generator: torch.Generator | None = None,
+                    ahead: Scale | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``windows.batches`` through ``encode``: what the training loop's objectives read, (x, y), or
+    (x, covariates ahead scaled by ``ahead``, y) for a model that reads the covariates of its horizon."""
+    if ahead is not None:
+        offset, scale = (torch.as_tensor(a, dtype=windows.panel.values.dtype, device=windows.panel.device)
+                         for a in (ahead.offset, ahead.scale))
+    for x, y, future in windows.batches(batch_size, generator):
+        x, y = encode(chain, x, y)
+        yield (x, y) if ahead is None else (x, (future - offset) / scale, y)
 
 
 def last_windows(values: np.ndarray, codes: np.ndarray, lookback: int) -> np.ndarray:

@@ -42,6 +42,12 @@ class Series:
     def features(self) -> np.ndarray:
         return self.frame[[self.value_column, *self.covariate_columns]].to_numpy(dtype=np.float64)  # (T, F)
 
+    def with_calendar(self, columns: list[str], countries: list[str]) -> Series:
+        """The series with these calendar features (``calendar_columns``) of its times, known ahead."""
+        frame = pd.concat([self.frame, calendar_frame(self.frame[self.time_column], self.freq, countries)], axis=1)
+        return replace(self, frame=frame, covariate_columns=[*self.covariate_columns, *columns],
+                       future_columns=[*self.future_columns, *columns], calendar_columns=columns, countries=countries)
+
 
 # ---------------------------------------------------------------- synthetic
 
@@ -94,27 +100,26 @@ def load_series(path: str, sha256: str, cfg: TimeSeriesConfig) -> Series:
                   cfg.season_length or season, cfg.future_covariates)
 
 
-def with_calendar(series: Series, cfg: TimeSeriesConfig) -> Series:
-    """``series`` with calendar features made from its time column (``rnn_models.calendar``) as
-    covariates known ahead, when ``cfg.calendar`` asks for them; as it is otherwise."""
-    if not cfg.calendar or series.calendar_columns:
-        return series
-    times = series.frame[series.time_column]
+def with_calendar(data, cfg: TimeSeriesConfig):
+    """``data`` (one series or a panel) with calendar features made from its time column
+    (``rnn_models.calendar``) as covariates known ahead, when ``cfg.calendar`` asks for them; as it is
+    otherwise."""
+    if not cfg.calendar or data.calendar_columns:
+        return data
     try:
-        if not has_dates(series):
-            raise ValueError(f"calendar features need dates, and column {series.time_column!r} holds step numbers")
-        columns = calendar_columns(series.freq, cfg.countries)
+        if not has_dates(data):
+            raise ValueError(f"calendar features need dates, and column {data.time_column!r} holds step numbers")
+        columns = calendar_columns(data.freq, cfg.countries)
     except ValueError as e:
-        raise DataError(f"{series.source}: --calendar: {e}") from None
-    frame = pd.concat([series.frame, calendar_frame(times, series.freq, cfg.countries)], axis=1)
-    return replace(series, frame=frame, covariate_columns=[*series.covariate_columns, *columns],
-                   future_columns=[*series.future_columns, *columns], calendar_columns=columns,
-                   countries=cfg.countries)
+        raise DataError(f"{data.source}: --calendar: {e}") from None
+    return data.with_calendar(columns, cfg.countries)
 
 
 def has_dates(data) -> bool:
-    """Whether ``data`` is one series whose time column holds dates (calendar features can be made)."""
-    return isinstance(data, Series) and pd.api.types.is_datetime64_any_dtype(data.frame[data.time_column])
+    """Whether the time column of ``data`` (one series or a panel) holds dates (calendar features can be made)."""
+    if isinstance(data, Series):
+        return pd.api.types.is_datetime64_any_dtype(data.frame[data.time_column])
+    return bool(data.time_column) and pd.api.types.is_datetime64_any_dtype(data.times[0])
 
 
 def _read_table(path: str, label: str) -> pd.DataFrame:

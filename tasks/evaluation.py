@@ -78,7 +78,7 @@ def history_windows(data: Data, origins: Origins, lookback: int, ahead: int = 0)
     series in turn); with ``ahead`` (a model reading covariates known ahead), the ``ahead`` steps
     from the origin on too, (N, L + ahead, F), their target not read."""
     if isinstance(data, PanelData):
-        return panel_windows(data, origins, lookback)
+        return panel_windows(data, origins, lookback, ahead)
     steps = origins[:, None] + np.arange(-lookback, ahead)[None, :]
     return data.features[steps]
 

@@ -101,9 +101,10 @@ def split_series(data: Data, cfg: TimeSeriesConfig) -> Split | PanelSplit:
 def scale_and_window(data: Data, split: Split | PanelSplit, cfg: TimeSeriesConfig) -> Windows:
     """Raw windows of the training and validation parts, through the transform chain fitted
     on the training rows only (many series: no fitted transform, each window normalised by itself)."""
-    if isinstance(data, PanelData):
+    if isinstance(data, PanelData):  # the covariates known ahead scaled on every series' training rows
+        rows = np.concatenate([c[:end] for c, end in zip(data.covariates, split.train_end, strict=True)])
         return Windows(split, build_chain(cfg, data.season_length), origins(split, "val", cfg),
-                       origins(split, "test", cfg))
+                       origins(split, "test", cfg), future_scale=Chain([Scale()]).fit(rows) if rows.shape[1] else None)
     L, H, C = cfg.lookback, cfg.horizon, len(data.future_columns)
     features = data.features  # (T, F), target first, the covariates known ahead last
     chain = build_chain(cfg, data.season_length).fit(features[: split.train_end])

@@ -232,8 +232,7 @@ def live_part(data: Data, tcfg, ends: dict[str, dict]):
     if not keep:
         return None
     idx = [i for i, _, _ in keep]
-    data = replace(data, ids=[data.ids[i] for i in idx], values=[data.values[i] for i in idx],
-                   times=[data.times[i] for i in idx])
+    data = data.subset(idx)
     starts = np.array([s for _, s, _ in keep], dtype=np.int64)
     train_end = [Split.by_fraction(was, tcfg.val_size, tcfg.test_size, H).train_end for _, _, was in keep]
     split = PanelSplit(data.lengths, np.array(train_end, dtype=np.int64), starts)

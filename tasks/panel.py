@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from rnn_models import metrics
+from rnn_models.calendar import calendar_frame
 from rnn_models.conformal import coverage_lines
+from rnn_models.statics import StaticEncoding, per_series
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import ConfigError, TimeSeriesConfig
@@ -38,9 +40,37 @@ class PanelData:
     season_length: int
     skipped: dict[str, int] = field(default_factory=dict)  # too-short series: id -> rows
     times: list[np.ndarray] = field(default_factory=list)  # each series' times (its row numbers without a time column)
+    # the covariates known ahead, (T_i, C) per series: --future-covariate-columns, the calendar's, then the
+    # encoded --static-columns (one value per series, repeated on its rows)
+    covariates: list[np.ndarray] = field(default_factory=list)
+    future_columns: list[str] = field(default_factory=list)
+    calendar_columns: list[str] = field(default_factory=list)
+    countries: list[str] = field(default_factory=list)
+    statics: StaticEncoding | None = None  # how --static-columns were encoded (columns ``statics.columns``)
+    attributes: pd.DataFrame | None = None  # --static-columns as read: one row per series id
+
+    def __post_init__(self):
+        if not self.covariates:
+            self.covariates = [np.zeros((len(v), 0)) for v in self.values]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def features(self) -> list[np.ndarray]:
+        """Each series' (T_i, F) rows as a window reads them: the target, then the covariates known ahead."""
+        return [np.column_stack([v, c]) for v, c in zip(self.values, self.covariates, strict=True)]
+
+    def with_calendar(self, columns: list[str], countries: list[str]) -> PanelData:
+        """The panel with these calendar features (``calendar_columns``) of each series' times, known ahead."""
+        made = calendar_frame(np.concatenate(self.times), self.freq, countries).to_numpy()
+        parts = np.split(made, np.cumsum(self.lengths)[:-1])
+        return replace(self, covariates=[np.column_stack([c, p]) for c, p in zip(self.covariates, parts, strict=True)],
+                       future_columns=[*self.future_columns, *columns], calendar_columns=columns, countries=countries)
+
+    def subset(self, keep: list[int]) -> PanelData:
+        """The series at these positions."""
+        return replace(self, ids=[self.ids[i] for i in keep], values=[self.values[i] for i in keep],
+                       times=[self.times[i] for i in keep], covariates=[self.covariates[i] for i in keep])
 
     @property
     def series_read(self) -> int:
@@ -49,7 +79,7 @@ class PanelData:
 
     @property
     def covariate_columns(self) -> list[str]:
-        return []  # a global model reads the value column alone
+        return self.future_columns  # a global model reads no past covariates: every one is known ahead
 
     @property
     def lengths(self) -> np.ndarray:
@@ -64,12 +94,12 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
     a file where none is long enough is refused."""
     label = cfg.data or path
     df = _read_table(path, label)
-    id_col, time_col, value_col = _panel_columns(df, cfg, label)
+    id_col, time_col, value_col, ahead = _panel_columns(df, cfg, label)
     ids = df[id_col]
     if ids.isna().any():
         raise DataError(f"{label}: column {id_col!r} is empty at row {int(np.flatnonzero(ids.isna())[0]) + 1}")
     ids = ids.astype(str)
-    table = pd.DataFrame({"id": ids, "value": _numeric(df[value_col], value_col, label, ids)})
+    table = pd.DataFrame({"id": ids, **{c: _numeric(df[c], c, label, ids) for c in [value_col, *ahead]}})
     if time_col:
         if pd.api.types.is_numeric_dtype(df[time_col]) and not cfg.season_length:
             raise ConfigError(f"{label}: column {time_col!r} holds plain time steps, not dates, so the season is "
@@ -78,21 +108,27 @@ def load_panel(path: str, sha256: str, cfg: TimeSeriesConfig) -> PanelData:
     if table["id"].nunique() == 1:
         raise DataError(f"{label}: column {id_col!r} holds one id ({ids.iloc[0]!r}), one series: "
                         f"drop --id-column to train on it")
-    return _series_of(table, id_col, time_col, value_col, label, sha256, cfg)
+    panel = _series_of(table, (id_col, time_col, value_col, ahead), label, sha256, cfg)
+    return with_statics(panel, df.assign(**{id_col: ids}), cfg.statics) if cfg.statics else panel
 
 
-def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, str]:
-    """(id, time or '', value column): the time and value columns found as for one series, beside the id."""
-    if cfg.id_column not in df.columns:
-        raise DataError(f"{label}: no id column {cfg.id_column!r}; the columns are {list(df.columns)}")
-    time_col, value_col, _ = _pick_columns(df.drop(columns=[cfg.id_column]), cfg, label)
-    return cfg.id_column, time_col, value_col
+def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple[str, str, str, list[str]]:
+    """(id, time or '', value column, covariates known ahead): found as for one series, beside the id
+    and the per-series attributes."""
+    missing = [c for c in [cfg.id_column, *cfg.statics] if c not in df.columns]
+    if missing:
+        what = "id" if missing[0] == cfg.id_column else "static"
+        raise DataError(f"{label}: no {what} column {missing[0]!r}; the columns are {list(df.columns)}")
+    time_col, value_col, ahead = _pick_columns(df.drop(columns=[cfg.id_column, *cfg.statics]), cfg, label)
+    return cfg.id_column, time_col, value_col, ahead
 
 
-def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, label: str, sha256: str,
+def _series_of(table: pd.DataFrame, columns: tuple[str, str, str, list[str]], label: str, sha256: str,
                cfg: TimeSeriesConfig) -> PanelData:
     """Each id's rows as one regular series (sorted, gaps up to --max-gap interpolated)."""
-    logger, ids, values, times, freq = run_logger(), [], [], [], None
+    (id_col, time_col, value_col, ahead), read = columns, ["value", *columns[3]]
+    table = table.rename(columns={value_col: "value"})
+    logger, ids, values, times, covariates, freq = run_logger(), [], [], [], [], None
     table["order"] = pd.factorize(table["id"])[0]  # series in the order they first appear
     if time_col:
         table = table.sort_values(["order", "time"], kind="stable")
@@ -108,17 +144,34 @@ def _series_of(table: pd.DataFrame, id_col: str, time_col: str, value_col: str, 
         if part["value"].isna().all():
             raise DataError(f"{where} holds no values in column {value_col!r}")
         if time_col:
-            part, f = _regularise(part[["time", "value"]], "time", where)
+            part, f = _regularise(part[["time", *read]], "time", where)
             freq = freq or f
         else:
             part = part.assign(time=np.arange(len(part)))  # the rows' order is the time order
-        part = _fill_gaps(part.reset_index(drop=True), ["value"], "time", cfg.max_gap, where, logger)
+        part = _fill_gaps(part.reset_index(drop=True), read, "time", cfg.max_gap, where, logger)
         ids.append(str(sid))
         values.append(part["value"].to_numpy(dtype=np.float64))
+        covariates.append(part[ahead].to_numpy(dtype=np.float64).reshape(len(part), len(ahead)))
         times.append(part["time"].to_numpy())
     season = cfg.season_length or _season_for(freq)
-    panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times)
+    panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times,
+                      covariates=covariates, future_columns=list(ahead))
     return keep_long_enough(panel, cfg.settled(season, panel.series_read))
+
+
+def with_statics(panel: PanelData, df: pd.DataFrame, columns: list[str]) -> PanelData:
+    """``panel`` with the per-series attributes of ``df``'s ``columns`` encoded (``rnn_models.statics``) as
+    covariates known ahead, each series' values repeated on its rows."""
+    try:
+        attributes = per_series(df, panel.id_column, columns)
+    except ValueError as e:
+        raise DataError(f"{panel.source}: {e}") from None
+    encoding = StaticEncoding.fit(attributes.loc[panel.ids])  # the categories of the series trained on
+    encoded, _ = encoding.encode(attributes.loc[panel.ids])
+    covariates = [np.column_stack([c, np.repeat(e[None], len(c), axis=0)])
+                  for c, e in zip(panel.covariates, encoded, strict=True)]
+    return replace(panel, covariates=covariates, future_columns=[*panel.future_columns, *encoding.columns],
+                   statics=encoding, attributes=attributes)
 
 
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
@@ -136,8 +189,7 @@ def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
         run_logger().warning("%s: skipped %d of %d series, too short for --lookback %d + --horizon %d + the "
                              "validation and test parts: %s%s", panel.source, len(skipped), len(panel), L, H,
                              named, more)
-    return replace(panel, ids=[panel.ids[i] for i in keep], values=[panel.values[i] for i in keep],
-                   skipped=skipped, times=[panel.times[i] for i in keep])
+    return replace(panel.subset(keep), skipped=skipped)
 
 
 def _train_windows(n: int, cfg: TimeSeriesConfig) -> int:
@@ -210,10 +262,11 @@ class PanelBacktest:
 METRICS = ("mae", "rmse", "smape", "mase")
 
 
-def panel_windows(panel: PanelData, origins: list[np.ndarray], lookback: int) -> np.ndarray:
-    """Raw input windows (N, L, 1) ending before each origin of each series, series after series."""
-    return np.concatenate([v[o[:, None] + np.arange(-lookback, 0)[None, :]]
-                           for v, o in zip(panel.values, origins, strict=True)])[..., None]
+def panel_windows(panel: PanelData, origins: list[np.ndarray], lookback: int, ahead: int = 0) -> np.ndarray:
+    """Raw input windows (N, L + ahead, F) ending before each origin of each series (with the ``ahead``
+    steps from it on, for the covariates known ahead), series after series."""
+    steps = np.arange(-lookback, ahead)[None, :]
+    return np.concatenate([f[o[:, None] + steps] for f, o in zip(panel.features(), origins, strict=True)])
 
 
 def score_panel(panel: PanelData, split: PanelSplit, origins: list[np.ndarray], horizon: int,

@@ -28,7 +28,7 @@ from tasks.config import CharLMFlowConfig, TimeSeriesConfig
 from tasks.evaluation import Backtest
 from tasks.features import Data, Windows
 from tasks.monitoring import DATA_END, data_ends
-from tasks.panel import PanelBacktest, PanelData, per_series_csv
+from tasks.panel import PanelBacktest, PanelData, panel_windows, per_series_csv
 from tasks.reevaluate import backtest_registered
 from tasks.registry import (
     ChampionScore,
@@ -159,11 +159,7 @@ def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame,
     last ones), its answer, and the columns it reads when sent (a global model's time column)."""
     L = pipeline.lookback
     if isinstance(data, PanelData):
-        ids = data.ids[:2]
-        tails = np.stack([v[-L:] for v in data.values[:2]])  # (2, L)
-        example = pd.DataFrame({data.id_column: np.repeat(ids, L), data.value_column: tails.ravel()})
-        output = pipeline.answer(tails[..., None], ids=pd.Index(ids, name=data.id_column))
-        return example, output, (data.time_column,) if data.time_column else ()
+        return panel_example(data, pipeline)
     cols, ahead = [data.value_column, *data.covariate_columns], pipeline.ahead
     window = data.frame[cols].iloc[: L + ahead].astype("float64").reset_index(drop=True)
     window.loc[L:, data.value_column] = np.nan  # the steps ahead: covariates known, the value to forecast
@@ -176,6 +172,31 @@ def model_example(data: Data, pipeline: ForecastPipeline) -> tuple[pd.DataFrame,
     example = window.drop(columns=data.calendar_columns).iloc[: L + ahead if given_ahead else L]
     example.insert(0, data.time_column, data.frame[data.time_column].iloc[: len(example)].astype(str).to_numpy())
     return example, output, ()
+
+
+def panel_example(data: PanelData, pipeline: ForecastPipeline) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
+    """``model_example`` of a global model: two series' last ``lookback`` rows (and the rows ahead, when
+    it reads covariates given ahead) with the columns a request holds: the calendar's and the encoded
+    attributes' are made from the time column and the attribute columns."""
+    L, ahead, two = pipeline.lookback, pipeline.ahead, data.subset([0, 1])
+    ends = [np.array([len(v) - ahead]) for v in two.values]
+    windows = panel_windows(two, ends, L, ahead)  # (2, L + ahead, F)
+    output = pipeline.answer(windows, ids=pd.Index(two.ids, name=data.id_column))
+    made = [*data.calendar_columns, *(data.statics.columns if data.statics else [])]
+    given = [c for c in data.future_columns if c not in made]
+    rows = L + ahead if given or not data.calendar_columns else L
+    columns = [data.value_column, *data.future_columns]
+    example = pd.concat([pd.DataFrame(w[:rows], columns=columns).assign(**{data.id_column: sid}) for sid, w in
+                         zip(two.ids, windows, strict=True)], ignore_index=True)
+    example.loc[example.groupby(data.id_column).cumcount() >= L, data.value_column] = np.nan  # the steps ahead
+    timed = bool(data.calendar_columns)  # a time column the model needs; else one it reads when sent
+    if timed:
+        example[data.time_column] = np.concatenate([t[len(t) - ahead - L:][:rows].astype(str) for t in two.times])
+    if data.statics:
+        example = example.drop(columns=data.statics.columns).join(data.attributes, on=data.id_column)
+    example = example[[data.id_column, *([data.time_column] if timed else []), data.value_column, *given,
+                       *(data.statics.order if data.statics else [])]]
+    return example, output, (data.time_column,) if data.time_column and not timed else ()
 
 
 def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict[str, float]], label: str,

@@ -13,7 +13,7 @@ import torch
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
-from tasks.data import SERIES_SUFFIXES, Series
+from tasks.data import SERIES_SUFFIXES, Series, with_calendar
 from tasks.evaluation import Backtest, forecast_with, history_windows
 from tasks.evaluation import score as score_forecasts
 from tasks.features import Data, Origins, origins, split_series
@@ -65,10 +65,10 @@ def evaluation_data(version, latest: bool = False) -> EvalData:
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
         if cfg.panel:
-            panel = load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+            panel = with_calendar(load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg), cfg)
             return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} "
                             f"(v{version.version}'s data)", cfg, forecast_data=panel)
-        series = read_series(cfg)
+        series = with_calendar(read_series(cfg), cfg)
         return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, forecast_data=series)
     cfg = config_from_params(CharLMFlowConfig, params)
     corpus = load_corpus(*fetch_data(cfg.corpus, cfg.sha256), cfg)
@@ -99,13 +99,24 @@ def rescore_registered(model_uri: str, data: Data, split: Split | PanelSplit, or
     model = load_registered(model_uri)
     pipeline = getattr(model.unwrap_python_model(), "pipeline", None)
     if hasattr(pipeline, "lookback") and hasattr(pipeline, "predict"):  # this rnnflow's class, or the one it saved
-        forecasts = pipeline.point(pipeline.predict(history_windows(data, origins, pipeline.lookback,
-                                                                           getattr(pipeline, "ahead", 0))))[:, :horizon]
+        windows = history_windows(data, origins, pipeline.lookback, getattr(pipeline, "ahead", 0))
+        forecasts = pipeline.point(pipeline.predict(windows[..., read_by(pipeline.meta, data, model_uri)]))[:, :horizon]
     elif isinstance(data, Series):
         forecasts = forecast_with(model.predict, data, origins, horizon)
     else:
         raise RegistryError(f"{model_uri} is not an rnnflow global model: it cannot be scored on many series")
     return score_forecasts(data, split, origins, horizon, {RESCORED: forecasts})
+
+
+def read_by(meta: dict, data: Data, model_uri: str) -> list[int]:
+    """The positions in ``data``'s windows of the columns a registered model reads, in its order: a
+    champion scored on a challenger's data may read fewer covariates, or the same in another order."""
+    have = [data.value_column, *data.covariate_columns]
+    wants = meta.get("covariate_columns", [])
+    missing = [c for c in wants if c not in have]
+    if missing:
+        raise RegistryError(f"{model_uri} reads {missing}, which this data lacks (it has {have[1:]})")
+    return [0, *(have.index(c) for c in wants)]
 
 
 def score(version, data: EvalData) -> float:

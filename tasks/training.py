@@ -231,14 +231,15 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
         return Batches(lambda gen: tensor_batches(*train, batch_size=cfg.batch_size, generator=gen),
                        lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
                        train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
-    panel, split, chain, L, H = Panel.from_series(data.values, data.ids, device=device), windows.split, windows.chain, \
-        cfg.lookback, cfg.horizon
+    panel, split, chain, L, H = Panel.from_series(data.features(), data.ids, device=device), windows.split, \
+        windows.chain, cfg.lookback, cfg.horizon
     train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
     val = PanelWindows(panel, L, H, *split.part("val"))
-    first = next(encoded_batches(train, chain, 1), None)  # a window as the network reads it
-    return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen),
-                   lambda: encoded_batches(val, chain, 4096), 1, (len(train), len(val)),
-                   L if first is None else first[0].shape[1])
+    ahead = windows.future_scale and windows.future_scale.steps[0]  # covariates known ahead, scaled
+    first = next(encoded_batches(train, chain, 1, ahead=ahead), None)  # a window as the network reads it
+    return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen, ahead),
+                   lambda: encoded_batches(val, chain, 4096, ahead=ahead), panel.values.shape[1],
+                   (len(train), len(val)), L if first is None else first[0].shape[1], len(data.future_columns))
 
 
 def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:
@@ -248,11 +249,13 @@ def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:
             "data_sha256": data.sha256}
     if windows.future_scale:
         meta.update(future_covariate_columns=data.future_columns, future_scale=windows.future_scale.to_list()[0])
-    if getattr(data, "calendar_columns", None):  # made from the time column at predict time
+    if data.calendar_columns:  # made from the time column at predict time
         meta.update(time_column=data.time_column, calendar={"columns": data.calendar_columns,
                                                             "countries": data.countries})
     if isinstance(data, PanelData):
         meta.update(id_column=data.id_column, time_column=data.time_column, series=len(data))
+        if data.statics:  # encoded from a request's attribute columns at predict time
+            meta.update(statics=data.statics.to_dict())
     return meta
 
 

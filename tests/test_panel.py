@@ -25,9 +25,9 @@ def test_windows_are_each_series_own_windows_in_order():
     for s, lo, hi in zip(series, start, end, strict=True):
         o = window_origins(lo, hi, L, H, stride=2)
         x, y = make_windows(s[:, None], s, o, L, H)
-        expected_x.append(x[..., 0])
+        expected_x.append(x)
         expected_y.append(y)
-    x, y = windows.gather(torch.arange(len(windows)))
+    x, y, _ = windows.gather(torch.arange(len(windows)))
     np.testing.assert_array_equal(x.numpy(), np.concatenate(expected_x))
     np.testing.assert_array_equal(y.numpy(), np.concatenate(expected_y))
     assert len(windows) == sum(len(e) for e in expected_y) and windows.counts[1] == 0  # series b: too short
@@ -38,10 +38,10 @@ def test_windows_are_each_series_own_windows_in_order():
 def test_shuffled_batches_cover_every_window_once_and_repeat_by_seed():
     windows = PanelWindows(Panel.from_series(_series()), 5, 2, np.zeros(4, int), np.array([40, 8, 25, 60]))
     def targets(seed):
-        return torch.cat([y for _, y in windows.batches(7, torch.Generator().manual_seed(seed))])
+        return torch.cat([y for _, y, _ in windows.batches(7, torch.Generator().manual_seed(seed))])
     a, b, c = targets(1), targets(1), targets(2)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    _, every = windows.gather(torch.arange(len(windows)))
+    _, every, _ = windows.gather(torch.arange(len(windows)))
     assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, every.tolist()))
 
 
@@ -55,10 +55,10 @@ def test_only_the_series_values_are_stored():
 @pytest.mark.parametrize("center", ["last", "mean"])
 def test_window_norm_is_the_twin_of_the_numpy_transform(center):
     rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(32, 12)) * 50 + 7, rng.normal(size=(32, 4))
-    want_x, want_y, (c, s) = WindowNorm(center).forward(x[..., None], y)
+    x, y = rng.normal(size=(32, 12, 3)) * 50 + 7, rng.normal(size=(32, 4))  # the target and two covariates
+    want_x, want_y, (c, s) = WindowNorm(center).forward(x, y)
     got_x, got_y, (tc, ts) = window_norm(torch.from_numpy(x), torch.from_numpy(y), center)
-    np.testing.assert_allclose(got_x.numpy(), want_x[..., 0], rtol=1e-10)
+    np.testing.assert_allclose(got_x.numpy(), want_x, rtol=1e-10)
     np.testing.assert_allclose(got_y.numpy(), want_y, rtol=1e-10)
     np.testing.assert_allclose((got_y * ts + tc).numpy(), y, rtol=1e-10)  # and it inverts
 

@@ -42,6 +42,8 @@ class SeriesOptions:
     calendar: bool | None = option(None, "calendar features made from the time column for history and horizon: "
                                    "hour of day, day of week, month, ... as the frequency allows; default: --auto "
                                    "tries with and without when the time column holds dates")
+    static_columns: str = option("", "comma-separated per-series attributes with --id-column (store type, region, "
+                                 "size), one value per series: text one-hot (a learnt embedding), numbers scaled")
     holidays: str = option("", "comma-separated country codes (US,DE): a public-holiday flag among the calendar "
                            "features (implies --calendar)")
     max_gap: int = option(3, "longest run of missing time steps to interpolate; longer gaps are refused")
@@ -143,6 +145,8 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
                               f"file (got --source {self.source})")
         if self.id_column:
             self._check_panel()
+        elif self.statics:
+            raise ConfigError("--static-columns needs --id-column: attributes tell the series of a global model apart")
         self._check_calendar()
         chosen = [f for f in TRANSFORM_FIELDS if getattr(self, f) != "none"]
         if self.auto and chosen:
@@ -157,12 +161,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         """What a global model over many series cannot take."""
         if self.source != "file":
             raise ConfigError("--id-column needs --source file --data LONG_FORMAT_FILE")
-        if self.covariates or self.future_covariates:
-            raise ConfigError(f"{'--covariate-columns' if self.covariates else '--future-covariate-columns'} cannot "
-                              "be used with --id-column: the global model reads the value column only")
-        if self.calendar or self.holidays:
-            raise ConfigError("--calendar and --holidays cannot be used with --id-column yet: the global model reads "
-                              "the value column only")
+        if self.covariates:
+            raise ConfigError("--covariate-columns cannot be used with --id-column: a global model reads covariates "
+                              "known ahead (--future-covariate-columns, --calendar, --static-columns)")
         if not self.auto and self.window_norm == "none":
             raise ConfigError("--id-column trains series of different scales together: with --no-auto set "
                               "--window-norm last or mean")
@@ -198,7 +199,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
                        val_size=val_size, test_size=test_size,
                        batch_size=self.batch_size or 256,
-                       calendar=self.calendar if self.auto and not self.panel else bool(self.calendar))
+                       calendar=self.calendar if self.auto else bool(self.calendar))
 
     def parts(self, few: bool) -> tuple[float, float]:
         """--val-size and --test-size, a 0 resolved: PART_SIZES for one series or a few, else 0 (one horizon each)."""
@@ -234,6 +235,10 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     @property
     def covariates(self) -> list[str]:
         return [c.strip() for c in self.covariate_columns.split(",") if c.strip()]
+
+    @property
+    def statics(self) -> list[str]:
+        return [c.strip() for c in self.static_columns.split(",") if c.strip()]
 
     @property
     def future_covariates(self) -> list[str]:

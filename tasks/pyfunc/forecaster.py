@@ -17,8 +17,13 @@ A global model (trained with ``--id-column ID``) reads many series at once: a lo
 columns ID and the value column (and optionally the time column, by which each series' rows are
 ordered; otherwise the rows' order is the time order), and answers ``horizon`` rows per series,
 ``ID, step, forecast[, q...][, lo..., hi...]``, series in the order they first appear, from one batched forward
-pass. A series it never saw is forecast from its own history.
+pass. A series it never saw is forecast from its own history. The covariates known ahead come as for one
+series, per series: each series' history followed by its ``horizon`` rows ahead (value empty). A model
+trained with ``--static-columns`` reads those columns too, one value per series (a category it never saw
+reads as none, and the server's log says so).
 """
+
+import logging
 
 import mlflow
 import numpy as np
@@ -29,6 +34,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from rnn_models.calendar import calendar_frame, times_ahead, to_datetime
 from rnn_models.forecasting import ForecastPipeline
 from rnn_models.panel import last_windows
+from rnn_models.statics import StaticEncoding, per_series
 
 
 class RecurrentForecaster(mlflow.pyfunc.PythonModel):
@@ -37,6 +43,10 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         self.columns = [self.pipeline.meta["value_column"], *self.pipeline.meta["covariate_columns"]]
         self.id_column = self.pipeline.meta.get("id_column")
         self.calendar = self.pipeline.meta.get("calendar")  # {"columns": [...], "countries": [...]}
+        self.statics = StaticEncoding.from_dict(self.pipeline.meta["statics"]) if "statics" in self.pipeline.meta \
+            else None
+        made = [*(self.calendar["columns"] if self.calendar else []), *(self.statics.columns if self.statics else [])]
+        self.given = [c for c in self.columns[1:] if c not in made]  # the covariates a request holds as they are
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if self.id_column:
@@ -64,7 +74,8 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
 
     def _with_calendar(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The request with the calendar features the model reads, made from its time column. With no
-        other covariates known ahead, a request of history only gets the H times ahead as empty rows."""
+        other covariates known ahead, a series whose history ends the request gets its H times ahead as
+        empty rows."""
         meta, H, value = self.pipeline.meta, self.pipeline.horizon, self.columns[0]
         time_col, freq = meta["time_column"], meta["frequency"]
         if time_col not in frame.columns:
@@ -75,13 +86,24 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
             row = int(np.flatnonzero(times.isna().to_numpy())[0])
             raise _bad_input(f"column {time_col!r} has a value that is not a time, {frame[time_col].iloc[row]!r} "
                              f"at row {row + 1}")
-        given_ahead = [c for c in self.pipeline.future_columns if c not in self.calendar["columns"]]
-        if not given_ahead and value in frame.columns and pd.notna(frame[value].iloc[-1]):
-            ahead = times_ahead(times.iloc[-1], freq, H)
-            frame = pd.concat([frame, pd.DataFrame({time_col: ahead})], ignore_index=True)
-            times = pd.concat([times, pd.Series(ahead)], ignore_index=True)
-        features = calendar_frame(times, freq, self.calendar["countries"])
+        frame = frame.assign(**{time_col: times})
+        given_ahead = [c for c in self.pipeline.future_columns if c in self.given]
+        if not given_ahead and value in frame.columns:
+            frame = pd.concat([frame, *self._times_ahead(frame, time_col, freq, H)], ignore_index=True)
+        features = calendar_frame(frame[time_col], freq, self.calendar["countries"])
         return pd.concat([frame.drop(columns=features.columns, errors="ignore"), features], axis=1)
+
+    def _times_ahead(self, frame: pd.DataFrame, time_col: str, freq: str, H: int) -> list[pd.DataFrame]:
+        """The H times after each series' last row (all of the frame, or each id's), for those whose last
+        value is given: the rows a request of history only is forecast for."""
+        parts = frame.groupby(self.id_column, sort=False) if self.id_column else [(None, frame)]
+        ahead = []
+        for sid, part in parts:
+            last = part.loc[part[time_col].idxmax()]
+            if pd.notna(last[self.columns[0]]):
+                rows = pd.DataFrame({time_col: times_ahead(last[time_col], freq, H)})
+                ahead.append(rows.assign(**{self.id_column: sid}) if self.id_column else rows)
+        return ahead
 
     def _ahead(self, rows: np.ndarray) -> int:
         """The rows after the history: a model trained with --future-covariate-columns reads its
@@ -93,7 +115,8 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
         if not future:
             return 0
         if trailing != H:
-            raise _bad_input(f"this model reads {future} for the {H} steps ahead: give them in {H} rows after the "
+            named = [c for c in future if c in self.given] or future  # not those it makes itself
+            raise _bad_input(f"this model reads {named} for the {H} steps ahead: give them in {H} rows after the "
                              f"history, with {value!r} empty (got {trailing} such rows)")
         for j, col in enumerate(future, start=len(self.columns) - len(future)):
             bad = np.flatnonzero(~np.isfinite(rows[-H:, j]))
@@ -104,36 +127,68 @@ class RecurrentForecaster(mlflow.pyfunc.PythonModel):
 
     def _predict_many(self, model_input: pd.DataFrame) -> pd.DataFrame:
         """Every series of a long table in one batched call (see the module docstring)."""
-        L, id_col, value_col = self.pipeline.lookback, self.id_column, self.columns[0]
-        missing = [c for c in (id_col, value_col) if c not in model_input.columns]
+        id_col, value_col, time_col = self.id_column, self.columns[0], self.pipeline.meta.get("time_column")
+        needed = [id_col, value_col, *self.given, *(self.statics.order if self.statics else [])]
+        missing = [c for c in needed if c not in model_input.columns]
         if missing:
-            raise _bad_input(f"missing column(s) {missing}; the model reads {[id_col, value_col]} "
-                             f"(and optionally {self.pipeline.meta.get('time_column') or 'a time column'})")
+            raise _bad_input(f"missing column(s) {missing}; the model reads {needed} "
+                             f"(and {'' if self.calendar else 'optionally '}{time_col or 'a time column'})")
         if model_input.empty:
             raise _bad_input("the input holds no rows")
-        codes, ids = pd.factorize(model_input[id_col].astype(str))  # series in the order they first appear
-        counts = np.bincount(codes)
-        if counts.min() < L:
-            short = ids[int(np.argmin(counts))]
-            raise _bad_input(f"series {short!r} has {counts.min()} rows; each series needs at least {L} "
-                             f"(the lookback)")
-        try:
-            values = model_input[value_col].to_numpy(dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise _bad_input(f"column {value_col!r} must be numeric: {e}") from e
-        time_col = self.pipeline.meta.get("time_column")
-        if time_col and time_col in model_input.columns:  # each series' rows in time order
+        frame = model_input.assign(**{id_col: model_input[id_col].astype(str)})
+        ids = pd.Index(pd.unique(frame[id_col]), name=id_col)  # series in the order they first appear
+        if self.calendar:
+            frame = self._with_calendar(frame)
+        if time_col and time_col in frame.columns:  # each series' rows in time order
             try:
-                order = np.argsort(model_input[time_col].to_numpy(), kind="stable")
+                frame = frame.sort_values(time_col, kind="stable")
             except TypeError as e:  # e.g. numbers and text mixed
                 raise _bad_input(f"column {time_col!r} cannot be put in order: {e}") from e
-            values, codes = values[order], codes[order]
-        windows = last_windows(values, codes, L)  # (S, L)
-        bad = ~np.isfinite(windows).all(axis=1)
-        if bad.any():
-            raise _bad_input(f"series {ids[int(np.flatnonzero(bad)[0])]!r}: the last {L} values of "
-                             f"{value_col!r} contain a missing or infinite value")
-        return self.pipeline.answer(windows[..., None], ids=pd.Index(ids, name=id_col))
+        if self.statics:
+            frame = self._with_statics(frame)
+        codes = pd.Categorical(frame[id_col], categories=ids).codes
+        try:
+            rows = frame[self.columns].to_numpy(dtype=np.float64)  # (N, F)
+        except (TypeError, ValueError) as e:
+            raise _bad_input(f"columns {self.columns} must be numeric: {e}") from e
+        order = np.argsort(codes, kind="stable")  # each series' rows together, in time order
+        rows, codes = rows[order], codes[order]
+        windows = last_windows(rows, codes, self.pipeline.lookback + self._ahead_of_each(rows, codes, ids))
+        return self.pipeline.answer(windows, ids=ids)
+
+    def _ahead_of_each(self, rows: np.ndarray, codes: np.ndarray, ids: pd.Index) -> int:
+        """The steps ahead each series' window holds (see ``_ahead``), each series checked: long enough,
+        its last ``lookback`` values and the covariates ahead given. ``rows`` grouped by series (``codes``)."""
+        L, value = self.pipeline.lookback, self.columns[0]
+        ends = np.cumsum(np.bincount(codes, minlength=len(ids)))
+        ahead = 0
+        for i in range(len(ids)):  # a request's series, each checked as one series' request is
+            own = rows[(ends[i - 1] if i else 0) : ends[i]]
+            try:
+                ahead = self._ahead(own)
+            except MlflowException as e:
+                raise _bad_input(f"series {ids[i]!r}: {e.message}") from None
+            if len(own) - ahead < L:
+                raise _bad_input(f"series {ids[i]!r} has {len(own) - ahead} rows{' of history' if ahead else ''}; "
+                                 f"each series needs at least {L} (the lookback)")
+            if not np.isfinite(own[len(own) - ahead - L : len(own) - ahead]).all():
+                raise _bad_input(f"series {ids[i]!r}: the last {L} values of {value!r} (and its covariates) contain "
+                                 f"a missing or infinite value")
+        return ahead
+
+    def _with_statics(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The request with its per-series attribute columns encoded as the model was trained on them; a
+        category it never saw reads as none, and is said."""
+        try:
+            attributes = per_series(frame, self.id_column, self.statics.order)
+        except ValueError as e:
+            raise _bad_input(str(e)) from None
+        encoded, unseen = self.statics.encode(attributes)
+        for col, new in unseen.items():
+            logging.getLogger(__name__).warning("%s %s not seen in training: read as no category (column %r)",
+                                                ", ".join(map(repr, new)), "was" if len(new) == 1 else "were", col)
+        table = pd.DataFrame(encoded, index=attributes.index, columns=self.statics.columns)
+        return frame.drop(columns=self.statics.columns, errors="ignore").join(table, on=self.id_column)
 
 
 def _bad_input(message: str) -> MlflowException:
