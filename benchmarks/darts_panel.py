@@ -266,7 +266,7 @@ def stdout_to_stderr():
 
 def quiet() -> None:
     """Turns down darts' and lightning's chatter (it goes to stderr in any case)."""
-    import darts.models  # noqa: F401  (imports lightning, which sets its loggers' levels on import)
+    import pytorch_lightning  # noqa: F401  (it sets its loggers' levels on import: import it first)
 
     warnings.filterwarnings("ignore")
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "darts"):

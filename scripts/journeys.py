@@ -341,6 +341,18 @@ STEPS: list[Step] = [
          kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "list(_.columns) == ['id', 'step', 'forecast'] and len(_) == 48 "
                        "and list(_['id'].unique()) == ['s0', 's7']"}),
+    briefly('make run ARGS="--source file --data data/stores.csv --id-column store --value-column sales '
+            '--future-covariate-columns promo,price --static-columns store_type,size --holidays US --horizon 7"',
+            checks=(registered("stores-forecaster"),)),
+    Step('import mlflow, numpy as np, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
+         'model = mlflow.pyfunc.load_model("models:/stores-forecaster@champion")\n'
+         'stores = pd.read_csv("data/stores.csv")\n'
+         'request = pd.concat([stores[stores["store"] == s].tail(56) for s in ("store00", "store03")])\n'
+         'request.loc[request.groupby("store").cumcount() >= 49, "sales"] = np.nan  # each store\'s last 7 days: '
+         'ahead\nmodel.predict(request)  # columns store, step, forecast: 7 rows for store00, then 7 for store03',
+         kind="python", checks=(has(r"CHECK OK"),),
+         env={"CHECK": "list(_.columns) == ['store', 'step', 'forecast'] and len(_) == 14 "
+                       "and list(_['store'].unique()) == ['store00', 'store03']"}),
     # -- The character language model
     Step("make charlm", run='make charlm ARGS="--epochs 2"',
          why="10 epochs of a 2x512 LSTM take ~10 minutes on 2 cores without bf16 (CI's): 2 epochs",

@@ -134,7 +134,6 @@ def test_a_series_without_dates_or_without_auto_gets_no_calendar(tmp_path, mlflo
 @pytest.mark.parametrize("args, expected", [
     (["--holidays", "XX"], "--holidays: 'XX' is not a country code the holidays library knows"),
     (["--holidays", "US", "--no-calendar"], "--holidays is a calendar feature: drop --no-calendar"),
-    (["--calendar", "--id-column", "id"], "--calendar and --holidays cannot be used with --id-column yet"),
     (["--calendar", "--data", "STEPS"], "--calendar: calendar features need dates, and column 'date' holds step "
                                         "numbers"),
 ])

@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -14,6 +15,9 @@ from tests.prefect_server import flow_runs, prefect_cli, prefect_server, served_
 TINY = {"length": 600, "lookback": 12, "hidden_size": 16, "epochs": 3, "batch_size": 16, "patience": 0,
         "device": "cpu"}
 DEPLOYMENT = "timeseries-forecasting/nightly-retrain"
+STORES = ["source=file", f"data={Path(__file__).resolve().parents[1] / 'data' / 'stores.csv'}", "id_column=store",
+          "value_column=sales", "future_covariate_columns=promo,price", "static_columns=store_type,size",
+          "holidays=US", "horizon=7", "auto=false", "window_norm=last", "ensemble=1", "model_name=stores"]
 
 
 @pytest.fixture
@@ -36,8 +40,12 @@ def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
         escape = prefect_cli(env, "deployment", "run", DEPLOYMENT, "--param", f"model_name=../../{tmp_path.name}-x",
                              "--watch")
         assert escape.returncode == 1
+        # a global model with inputs known ahead, each option a --param of its own
+        stores = prefect_cli(env, "deployment", "run", DEPLOYMENT, *[a for p in STORES for a in ("--param", p)],
+                             "--watch")
+        assert stores.returncode == 0, stores.stdout + stores.stderr
         runs = [r for r in flow_runs(env, "nightly-retrain") if r["state_type"] != "SCHEDULED"]  # cron's future runs
-        assert [r["state_type"] for r in runs] == ["COMPLETED", "FAILED", "FAILED"]
+        assert [r["state_type"] for r in runs] == ["COMPLETED", "FAILED", "FAILED", "COMPLETED"]
         assert "--horizon must be at least 1" in runs[1]["state"]["message"]
         assert "--model-name: '../../" in runs[2]["state"]["message"]
         assert "cannot contain '/' or ':'" in runs[2]["state"]["message"]
@@ -49,6 +57,9 @@ def test_deployment_run_with_one_param_registers_a_version(tmp_path, store):
     assert params["epochs"] == "2" and params["hidden_size"] == "16"  # the param over the deployment's defaults
     assert params["intervals"] == "0.8" and 0 <= run.data.metrics["test_coverage_0.8"] <= 1
     assert str(c.get_model_version_by_alias("sine-forecaster", "champion").version) == "1"
+    stores = c.get_run(c.get_model_version("stores", "1").run_id).data.params
+    assert stores["static_columns"] == "store_type,size" and stores["future_covariate_columns"] == "promo,price"
+    assert stores["holidays"] == "US" and stores["id_column"] == "store"
 
 
 @pytest.mark.journey  # a Prefect server and served deployments of its own (about a minute)

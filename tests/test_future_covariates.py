@@ -113,8 +113,8 @@ def test_over_rest_the_days_ahead_are_rows_with_an_empty_value(registered):
 @pytest.mark.parametrize("args, expected", [
     (["--future-covariate-columns", "discount"], "no future covariate column 'discount'; the columns are"),
     (["--future-covariate-columns", "promo", "--covariate-columns", "promo"], "column 'promo' is named twice"),
-    (["--future-covariate-columns", "promo", "--id-column", "id"],
-     "--future-covariate-columns cannot be used with --id-column"),
+    (["--covariate-columns", "promo", "--id-column", "id"],
+     "--covariate-columns cannot be used with --id-column: a global model reads covariates known ahead"),
 ])
 def test_bad_future_covariates_are_one_line_before_training(tmp_path, mlflow_store, args, expected):
     out = forecast(*QUICK, *args, env={**os.environ}, cwd=tmp_path, timeout=120)
