@@ -175,20 +175,21 @@ def build(name: str, job: dict, work_dir: str):
 
 
 def note(name: str, job: dict) -> str:
-    """In words, what the model read."""
+    """In words, what the model read and how it was trained."""
     future = ", ".join(list(job.get("future", [])) + ([f"a {job['holidays']} public-holiday flag"]
                                                       if job.get("holidays") else []) + ["day-of-week sin/cos"])
     static = ", ".join(job.get("static") or [])
     read = f"target history ({job['lookback']} steps); future covariates: {future}"
+    patience = job.get("patience", 5)
+    tail = "; target and covariates min-max scaled per series on training rows; " + (
+        f"early stopping on val rows (patience {patience}), best epoch restored" if patience else "no early stopping")
     if name == "RNNModel":
-        extra = (f"; static {static} (no static support in RNNModel) as constant future-covariate columns"
+        extra = (f"; static {static} (RNNModel takes no static covariates) as constant future-covariate columns"
                  if static else "")
-        return (read + extra + "; recurrent, autoregressive over the horizon (training_length = lookback + horizon)"
-                "; min-max scaled per series on training rows; early stopping on val rows, best epoch restored")
+        return read + extra + "; autoregressive over the horizon, training_length = lookback + horizon" + tail
     extra = f"; static covariates {static} (one-hot/min-max), fed to the LSTM at every input step" if static else ""
-    return (read + " (over the input window and the output window)" + extra
-            + "; direct multi-output head; min-max scaled per series on training rows"
-            "; early stopping on val rows, best epoch restored")
+    return (read + " (over the input window, and over the output window beside the LSTM's last H outputs)" + extra
+            + "; one-shot H-step output" + tail)
 
 
 def fit(model, data: dict, job: dict) -> float:
@@ -197,8 +198,8 @@ def fit(model, data: dict, job: dict) -> float:
     patience, train_end = job.get("patience", 5), data["train_end"]
     rnn, lookback, horizon = type(model).__name__ == "RNNModel", job["lookback"], job["horizon"]
     back = 1 if rnn else lookback  # RNNModel's targets are its inputs shifted by one step
-    start = max(0, min(train_end - back, data["val_end"] - (lookback + horizon + 1 if rnn else lookback + horizon)))
-    val = [s[start : data["val_end"]] for s in data["series"]]
+    first = max(0, min(train_end - back, data["val_end"] - (lookback + horizon + 1 if rnn else lookback + horizon)))
+    val = [s[first : data["val_end"]] for s in data["series"]]
     val = dict(val_series=val, val_future_covariates=data["covs"]) if patience else {}
     start = time.perf_counter()
     model.fit([s[:train_end] for s in data["series"]], future_covariates=data["covs"], load_best=bool(patience),
@@ -307,7 +308,7 @@ def report(job: dict, result: dict) -> None:
 
 
 def selftest(args: argparse.Namespace) -> dict:
-    """Makes a panel with rnnflow's panel_data.py, runs a short job on it and reports; returns the job."""
+    """A short job on a small panel made (in the temp folder) by rnnflow's panel_data.py."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import panel_data
 
