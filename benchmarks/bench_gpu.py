@@ -49,10 +49,10 @@ from bench_charlm import plain_step  # noqa: E402  (benchmarks/ is on the path w
 
 from rnn_models.forecasting import mse_objective  # noqa: E402
 from rnn_models.panel import Panel, PanelWindows, encode, encoded_batches  # noqa: E402
-from rnn_models.transforms import Chain, WindowNorm  # noqa: E402
 from rnn_models.recurrent import CharLM, CharLMConfig, Forecaster, ForecasterConfig, Recurrent, RecurrentConfig  # noqa: E402
 from rnn_models.text import LanguageModelLoss, Vocab, sequential_batches, val_batch_size  # noqa: E402
 from rnn_models.training import TrainConfig, autocast, fit, tensor_batches  # noqa: E402
+from rnn_models.transforms import Chain, WindowNorm  # noqa: E402
 from rnn_models.windows import make_windows, window_origins  # noqa: E402
 
 DATA = Path(os.environ.get("RNNFLOW_SHARED_DATA", ROOT.parent / "shared" / "data"))
