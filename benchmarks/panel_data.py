@@ -34,8 +34,9 @@ def promotions(days: int, rng: np.random.Generator) -> np.ndarray:
     return promo
 
 
-def stores(n: int = 40, days: int = 730, seed: int = 0, start: str = "2023-01-02") -> pd.DataFrame:
-    """The long table of ``n`` stores over ``days`` days (see the module docstring)."""
+def stores(n: int = 40, days: int = 730, seed: int = 0, start: str = "2023-01-02", mean: bool = False) -> pd.DataFrame:
+    """The long table of ``n`` stores over ``days`` days (see the module docstring); with ``mean``, a column
+    ``mean`` of each day's sales before the noise: the forecast no model can beat on average."""
     import holidays
 
     rng = np.random.default_rng(seed)
@@ -46,12 +47,12 @@ def stores(n: int = 40, days: int = 730, seed: int = 0, start: str = "2023-01-02
         kind, size = "abc"[i % 3], float(round(rng.uniform(50, 400)))
         promo = promotions(days, rng)
         pattern = np.array(WEEKDAY[kind])[dates.day_of_week]
-        sales = size * pattern * np.where(promo > 0, PROMO_UPLIFT, 1.0) * np.where(off, HOLIDAY_FACTOR, 1.0)
-        sales *= np.exp(rng.normal(0, NOISE, days))
+        expected = size * pattern * np.where(promo > 0, PROMO_UPLIFT, 1.0) * np.where(off, HOLIDAY_FACTOR, 1.0)
+        sales = expected * np.exp(rng.normal(0, NOISE, days))
         price = np.round(9.9 * np.where(promo > 0, 0.75, 1.0) + rng.normal(0, 0.1, days), 2)
         frames.append(pd.DataFrame({"store": f"store{i:02d}", "date": dates.strftime("%Y-%m-%d"),
                                     "sales": sales.round(1), "promo": promo.astype(int), "price": price,
-                                    "store_type": kind, "size": size}))
+                                    "store_type": kind, "size": size, **({"mean": expected} if mean else {})}))
     return pd.concat(frames, ignore_index=True)
 
 

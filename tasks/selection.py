@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rnn_models import NonFiniteLossError
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
@@ -181,12 +182,33 @@ def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig],
     """Each model's round of candidates ({name: (data, candidates, checkpoints, deadline)}) trained,
     all models' together, and scored."""
     made = {k: auto_round(data, trials, ckpt, str(k), end) for k, (data, trials, ckpt, end) in rounds.items()}
-    tried = train_ensembles({(k, c): e for k, rnd in made.items() for c, e in rnd.candidates.items()})
+    tried, diverged = train_candidates({(k, c): e for k, rnd in made.items() for c, e in rnd.candidates.items()})
     out = {}
     for k, rnd in made.items():
+        for c in [c for c in rnd.candidates if (k, c) in diverged]:  # dropped with its reason, as one that cannot run
+            rnd.reasons[c] = diverged[k, c]
+            del rnd.candidates[c], rnd.prepared[c]
         trained = {c: tried[k, c] for c in rnd.candidates}
         out[k] = rnd, trained, rnd.score(trained)
     return out
+
+
+def train_candidates(candidates: dict[Hashable, Ensemble]) -> tuple[dict[Hashable, Trained], dict[Hashable, str]]:
+    """Every candidate trained (together, ``train_ensembles``), and those whose training diverged, with why:
+    when one does, each is trained again alone, so that the others are kept."""
+    try:
+        return train_ensembles(candidates), {}
+    except NonFiniteLossError as e:
+        if len(candidates) == 1:
+            return {}, {key: f"training diverged ({e})" for key in candidates}
+        run_logger().warning("--auto: a candidate's training diverged (%s); training each alone", e)
+    trained, diverged = {}, {}
+    for key, candidate in candidates.items():
+        try:
+            trained.update(train_ensembles({key: candidate}))
+        except NonFiniteLossError as e:
+            diverged[key] = f"training diverged ({e})"
+    return trained, diverged
 
 
 def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str) -> Settings:

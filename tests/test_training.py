@@ -268,3 +268,23 @@ def test_each_member_is_clipped_to_its_own_norm_as_clip_grad_norm_clips_it():
             torch.testing.assert_close(p.grad, c.grad)
     gradients.release()
     assert all(p.grad is None for m in members for p in m.parameters())
+
+
+def test_a_diverging_auto_candidate_is_dropped_with_its_reason_and_the_others_kept():
+    from tasks.config import TimeSeriesConfig
+    from tasks.data import generate_series
+    from tasks.features import scale_and_window, split_series
+    from tasks.selection import train_candidates
+    from tasks.training import Settings, forecaster_ensemble
+
+    base = TimeSeriesConfig(length=300, lookback=12, hidden_size=8, epochs=3, patience=0, ensemble=1, device="cpu",
+                            auto=False)
+    series = generate_series(base)
+    candidates = {}
+    for name, lr in (("calm", 1e-3), ("wild", 1e30)):
+        cfg = TimeSeriesConfig(**{**base.__dict__, "lr": lr, "clip": 0.0, "ema": 0.0})
+        windows = scale_and_window(series, split_series(series, cfg), cfg)
+        candidates[name] = forecaster_ensemble(series, windows, Settings(cfg), name=name)
+    trained, diverged = train_candidates(candidates)
+    assert list(trained) == ["calm"] and list(diverged) == ["wild"]
+    assert diverged["wild"].startswith("training diverged (epoch ") and "lower --lr" in diverged["wild"]
