@@ -31,7 +31,8 @@ from tasks.training import Trained
 
 TRIAL_MODEL = "model"  # artifact folder of a trial's run holding its weights and config
 # values that are lists or names themselves, never grid axes
-NOT_SWEPT = ("covariate_columns", "future_covariate_columns", "quantiles", "ensemble_cells", "model_name", "experiment")
+NOT_SWEPT = ("covariate_columns", "future_covariate_columns", "static_columns", "holidays", "quantiles", "intervals",
+             "ensemble_cells", "model_name", "experiment")
 
 
 def build_grid(options: dict[str, str], samples: int = 0, seed: int = 0) -> list[dict]:

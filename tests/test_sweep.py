@@ -21,6 +21,12 @@ def test_grid_is_the_product_and_samples_draw_from_it():
     assert len(sample) == 4 and len({tuple(sorted(p.items())) for p in sample}) == 4
 
 
+def test_options_that_are_lists_themselves_are_not_grid_axes():
+    grid = build_grid({"hidden_size": "16,32", "intervals": "0.8,0.95", "holidays": "US,DE", "source": "file",
+                       "data": "x.csv", "future_covariate_columns": "promo,price"})
+    assert len(grid) == 2 and all(p["intervals"] == "0.8,0.95" and p["holidays"] == "US,DE" for p in grid)
+
+
 def test_trials_that_can_share_a_shape_are_grouped_one_group_per_worker():
     from flows.sweep import packs
     from tasks.sweep import split_grid
