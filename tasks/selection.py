@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,7 @@ class AutoRound:
     prepared: dict[str, tuple[Data, Windows]]  # each candidate's data and windows, on its split (selection_split)
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
+    diverged: dict[str, NonFiniteLossError] = field(default_factory=dict)  # candidate -> how its training diverged
 
     def score(self, trained: dict[str, Trained]) -> dict[str, float]:
         """Each candidate's validation MASE in the trials' order (nan: it could not run)."""
@@ -186,33 +187,38 @@ def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig],
     out = {}
     for k, rnd in made.items():
         for c in [c for c in rnd.candidates if (k, c) in diverged]:  # dropped with its reason, as one that cannot run
-            rnd.reasons[c] = diverged[k, c]
+            rnd.diverged[c] = diverged[k, c]
+            rnd.reasons[c] = f"training diverged ({diverged[k, c]})"
             del rnd.candidates[c], rnd.prepared[c]
         trained = {c: tried[k, c] for c in rnd.candidates}
         out[k] = rnd, trained, rnd.score(trained)
     return out
 
 
-def train_candidates(candidates: dict[Hashable, Ensemble]) -> tuple[dict[Hashable, Trained], dict[Hashable, str]]:
-    """Every candidate trained (together, ``train_ensembles``), and those whose training diverged, with why:
-    when one does, each is trained again alone, so that the others are kept."""
+def train_candidates(candidates: dict[Hashable, Ensemble]
+                     ) -> tuple[dict[Hashable, Trained], dict[Hashable, NonFiniteLossError]]:
+    """Every candidate trained (together, ``train_ensembles``), and those whose training diverged, with
+    how: when one does, each is trained again alone, so that the others are kept."""
     try:
         return train_ensembles(candidates), {}
     except NonFiniteLossError as e:
         if len(candidates) == 1:
-            return {}, {key: f"training diverged ({e})" for key in candidates}
+            return {}, dict.fromkeys(candidates, e)
         run_logger().warning("--auto: a candidate's training diverged (%s); training each alone", e)
     trained, diverged = {}, {}
     for key, candidate in candidates.items():
         try:
             trained.update(train_ensembles({key: candidate}))
         except NonFiniteLossError as e:
-            diverged[key] = f"training diverged ({e})"
+            diverged[key] = e
     return trained, diverged
 
 
 def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str) -> Settings:
-    """The settings of the round's candidate with the best validation MASE."""
+    """The settings of the round's candidate with the best validation MASE (every candidate's training
+    diverged: how the first did, with what to change)."""
+    if rnd.diverged and not any(np.isfinite(v) for v in scores.values()):
+        raise next(iter(rnd.diverged.values()))
     choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data")
     return Settings(rnd.trials[choice], Selection(choice, scores, rnd.reasons, None if rnd.widened else trained[choice],
                                                   rnd.widened))
