@@ -126,7 +126,8 @@ def _panel_columns(df: pd.DataFrame, cfg: TimeSeriesConfig, label: str) -> tuple
 def _series_of(table: pd.DataFrame, columns: tuple[str, str, str, list[str]], label: str, sha256: str,
                cfg: TimeSeriesConfig) -> PanelData:
     """Each id's rows as one regular series (sorted, gaps up to --max-gap interpolated)."""
-    (id_col, time_col, value_col, ahead), read = columns, ["value", *columns[3]]
+    id_col, time_col, value_col, ahead = columns
+    read = ["value", *ahead]  # the columns each series' rows keep
     table = table.rename(columns={value_col: "value"})
     logger, ids, values, times, covariates, freq = run_logger(), [], [], [], [], None
     table["order"] = pd.factorize(table["id"])[0]  # series in the order they first appear
@@ -166,8 +167,9 @@ def with_statics(panel: PanelData, df: pd.DataFrame, columns: list[str]) -> Pane
         attributes = per_series(df, panel.id_column, columns)
     except ValueError as e:
         raise DataError(f"{panel.source}: {e}") from None
-    encoding = StaticEncoding.fit(attributes.loc[panel.ids])  # the categories of the series trained on
-    encoded, _ = encoding.encode(attributes.loc[panel.ids])
+    trained_on = attributes.loc[panel.ids]  # the series long enough to train on, and their categories
+    encoding = StaticEncoding.fit(trained_on)
+    encoded, _ = encoding.encode(trained_on)
     covariates = [np.column_stack([c, np.repeat(e[None], len(c), axis=0)])
                   for c, e in zip(panel.covariates, encoded, strict=True)]
     return replace(panel, covariates=covariates, future_columns=[*panel.future_columns, *encoding.columns],

@@ -44,12 +44,12 @@ def registered(tmp_path_factory, fresh_store):
     return uri
 
 
-def champion(store: str):
-    """``promos@champion`` loaded from ``store``, MLflow's process-wide URIs put back after."""
+def champion(store: str, name: str = "promos"):
+    """``name@champion`` loaded from ``store``, MLflow's process-wide URIs put back after."""
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(store), mlflow.set_registry_uri(store)
     try:
-        return mlflow.pyfunc.load_model("models:/promos@champion")
+        return mlflow.pyfunc.load_model(f"models:/{name}@champion")
     finally:
         mlflow.set_tracking_uri(before[0]), mlflow.set_registry_uri(before[1])
 

@@ -17,7 +17,7 @@ from rnn_models.panel import Panel, PanelWindows, encode, encoded_batches
 from rnn_models.statics import StaticEncoding
 from rnn_models.transforms import Baseline, Chain, Scale, WindowNorm
 from tests.serving import invoke, rnnflow_served
-from tests.test_future_covariates import forecast
+from tests.test_future_covariates import champion, forecast
 
 ROOT = Path(__file__).resolve().parents[1]
 STORES = ROOT / "data" / "stores.csv"  # benchmarks/panel_data.py: promotions lift sales 1.6x, US holidays halve them
@@ -45,15 +45,6 @@ def run_of(uri: str, name: str):
     return client.get_run(client.get_model_version(name, "1").run_id).data
 
 
-def champion(uri: str):
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri), mlflow.set_registry_uri(uri)
-    try:
-        return mlflow.pyfunc.load_model("models:/stores@champion")
-    finally:
-        mlflow.set_tracking_uri(before[0]), mlflow.set_registry_uri(before[1])
-
-
 def request(stores=("store00", "store03"), promo_on: int | None = None) -> pd.DataFrame:
     """Each store's last L days, then the H days after them (sales empty; promo only on day ``promo_on``)."""
     frame = pd.read_csv(STORES)
@@ -74,7 +65,7 @@ def test_known_inputs_and_attributes_cut_the_error_and_are_logged(stores):
 
 
 def test_the_registered_model_reads_each_stores_days_ahead_and_a_promotion_lifts_its_day(stores):
-    model = champion(stores)
+    model = champion(stores, "stores")
     schema = [c.name for c in model.metadata.get_input_schema().inputs]
     assert schema == ["store", "date", "sales", "promo", "price", "store_type", "size"]
     plain, promo = model.predict(request()), model.predict(request(promo_on=3))
@@ -87,7 +78,7 @@ def test_the_registered_model_reads_each_stores_days_ahead_and_a_promotion_lifts
 
 
 def test_an_unseen_category_is_read_as_none_and_said(stores, caplog):
-    model = champion(stores)
+    model = champion(stores, "stores")
     new = request(("store01",)).assign(store="new", store_type="z")
     with caplog.at_level(logging.WARNING):
         out = model.predict(new)
@@ -113,7 +104,7 @@ def test_a_bad_request_is_refused_naming_the_series_column_and_step(stores, case
     else:
         body = body.drop(columns="size")
     with pytest.raises(mlflow.exceptions.MlflowException) as e:
-        champion(stores).predict(body)
+        champion(stores, "stores").predict(body)
     assert expected in str(e.value), str(e.value)
 
 
