@@ -96,10 +96,13 @@ class PanelWindows:
 
 def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "last"):
     """The torch twin of :class:`rnn_models.transforms.WindowNorm`: windows x (B, L, F) each feature
-    centred on its last value (or mean) and divided by its own spread, targets y (B, H) as feature 0.
-    Returns (x', y' or None, (c, s)), c and s (B, 1) of the target, so that y = y' * s + c."""
+    centred on its last value (or mean) and divided by its own spread (the target by its level with
+    ``level``), targets y (B, H) as feature 0. Returns (x', y' or None, (c, s)), c and s (B, 1) of
+    the target, so that y = y' * s + c."""
     c = x[:, -1:] if center == "last" else x.mean(dim=1, keepdim=True)  # (B, 1, F)
     s = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)  # (B, 1, F)
+    if center == "level":
+        s = torch.cat([x[..., :1].abs().mean(dim=1, keepdim=True) + EPS, s[..., 1:]], dim=-1)
     c0, s0 = c[..., 0], s[..., 0]  # (B, 1)
     return (x - c) / s, (None if y is None else (y - c0) / s0), (c0, s0)
 

@@ -147,12 +147,18 @@ class Scale(Transform):
 
 @dataclass
 class WindowNorm(Transform):
-    center: str = "last"  # last | mean
+    """Each window centred on its last value or mean and divided by its spread; ``level``: centred on
+    its mean, the target divided by its mean absolute value, so that an error counts as a share of
+    the series' level (as sMAPE and MAPE count it), not of its swings."""
+
+    center: str = "last"  # last | mean | level
     kind = "window-norm"
 
     def forward(self, x, y):
         c = x[:, -1:, :] if self.center == "last" else x.mean(axis=1, keepdims=True)  # (N, 1, F)
         s = np.sqrt(x.var(axis=1, keepdims=True) + EPS)  # (N, 1, F)
+        if self.center == "level":
+            s[..., :1] = np.abs(x[..., :1]).mean(axis=1, keepdims=True) + EPS
         out = (x - c) / s
         ctx = (c[:, :, 0], s[:, :, 0])  # (N, 1) each
         return out, (None if y is None else (y - ctx[0]) / ctx[1]), ctx

@@ -26,6 +26,7 @@ STEPS = {
     "minmax scale": [Scale(method="minmax")],
     "window-norm last": [WindowNorm("last")],
     "window-norm mean": [WindowNorm("mean")],
+    "window-norm level": [WindowNorm("level")],
     "naive baseline": [Baseline(1)],
     "seasonal-naive baseline": [Baseline(12)],
     "all of them": [Log(), Difference(12), Scale(method="standard"), WindowNorm("mean"), Baseline(12)],
@@ -49,6 +50,23 @@ def test_each_transform_round_trips_exactly(name):
     # what is saved as JSON gives the same transform back
     again = Chain.from_list(chain.to_list())
     np.testing.assert_array_equal(again.encode(x, y)[1], ye)
+
+
+def test_window_norm_level_counts_an_error_as_a_share_of_the_level():
+    """With ``level`` one network unit is the window's mean absolute value: the same 1 % error
+    costs the same on a flat series and on one that swings, where ``mean`` divides by the swing."""
+    t = np.arange(24)
+    flat, swinging = 1000 + np.sin(t), 1000 + 900 * np.sin(2 * np.pi * t / 24)
+    x = np.stack([flat, swinging])[:, :, None]
+    y = np.full((2, 1), 1000.0)
+    for center, ratio in (("level", 1.0), ("mean", None)):
+        _, exact, _ = WindowNorm(center).forward(x, y)
+        _, off, _ = WindowNorm(center).forward(x, y * 1.01)
+        err = np.abs(off - exact)[:, 0]  # a 1 % error in network units, flat and swinging
+        if ratio is None:
+            assert err[0] > 100 * err[1]
+        else:
+            np.testing.assert_allclose(err[0] / err[1], ratio, rtol=1e-3)
 
 
 def test_transforms_use_only_the_window_and_the_fitted_numbers():

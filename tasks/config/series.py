@@ -71,8 +71,9 @@ class WindowOptions:
                              "change from the last value (first) or from the value one season back (seasonal)",
                              ("none", "first", "seasonal"))
     window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
-                              "divide by its own spread, de-normalise the forecast the same way",
-                              ("none", "last", "mean"))
+                              "divide by its own spread (level: the target by its mean absolute value, so errors "
+                              "count relative to the level), de-normalise the forecast the same way",
+                              ("none", "last", "mean", "level"))
     baseline: str = option("none", "the network learns the correction to this forecast",
                            ("none", "naive", "seasonal-naive"))
     auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
