@@ -129,15 +129,19 @@ def terminate(signum, frame):
 
 def run_from_command_line(cls, flow_fn, argv: list[str] | None, prog: str, description: str,
                           check: Callable) -> int:
-    """A flow's command line: ``argv`` parsed into ``cls`` (a bad value exits with status 2 and one
-    line naming it, as argparse's own errors do), then ``run_config``."""
+    """A flow's command line: ``argv`` parsed into ``cls``, then ``run_config``."""
+    return run_config(parse_config(cls, argv, prog, description), flow_fn, check)
+
+
+def parse_config(cls, argv: list[str] | None, prog: str, description: str):
+    """``argv`` parsed into ``cls``; a bad value exits with status 2 and one line naming it, as
+    argparse's own errors do."""
     args = vars(parser_for(cls, prog, description).parse_args(argv))
     try:
-        cfg = cls(**args)
+        return cls(**args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    return run_config(cfg, flow_fn, check)
 
 
 def run_config(cfg, flow_fn, check: Callable) -> int:

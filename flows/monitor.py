@@ -14,7 +14,7 @@ from dataclasses import fields
 from datetime import timedelta
 
 from flows import exit_process
-from flows.cli import USER_ERRORS, config_flow, parser_for
+from flows.cli import USER_ERRORS, config_flow, parse_config
 from flows.server import prefect_api
 from tasks.config import TimeSeriesConfig, safe_name
 from tasks.monitoring import MonitorConfig
@@ -78,12 +78,7 @@ def retrain_trigger(cooldown_hours: float):
 
 def main(argv: list[str] | None = None) -> int:
     """One line per model; exit 0 whether it is ok or degraded, 1 when a source could not be read."""
-    args = vars(parser_for(MonitorConfig, "python -m flows.monitor", DESCRIPTION).parse_args(argv))
-    try:
-        cfg = MonitorConfig(**args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(MonitorConfig, argv, "python -m flows.monitor", DESCRIPTION)
     try:
         check_tracking_server()
         with prefect_api(meanwhile=lambda: importlib.import_module("flows.steps")):

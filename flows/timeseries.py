@@ -12,10 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows import exit_process
 from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, safe_name
-from tasks.data import SERIES_SUFFIXES, load_series, with_calendar
+from tasks.data import SERIES_SUFFIXES, with_calendar
 from tasks.features import check_lookback, split_series
-from tasks.ingest import fetch_data
-from tasks.panel import load_panel
+from tasks.ingest import read_series
 from tasks.tracking import CHAMPION, check_tracking_server
 
 if TYPE_CHECKING:
@@ -94,13 +93,12 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
     check_tracking_server()
     if cfg.source != "file":
         return checkpoint_dir(cfg, "")
+    data = with_calendar(read_series(cfg, hand_over=True), cfg)
     if cfg.panel:
-        panel = with_calendar(load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg), cfg)
-        check_lookback(cfg.settled(panel.season_length, panel.series_read), panel.season_length)
-        return checkpoint_dir(cfg, panel.sha256)
-    series = load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES, hand_over=True), cfg)
-    split_series(with_calendar(series, cfg), cfg)
-    return checkpoint_dir(cfg, series.sha256)
+        check_lookback(cfg.settled(data.season_length, data.series_read), data.season_length)
+    else:
+        split_series(data, cfg)
+    return checkpoint_dir(cfg, data.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,10 +18,8 @@ from rnn_models.windows import Split
 from tasks import run_logger
 from tasks.data import Series
 from tasks.features import Data, Origins, Windows
-from tasks.panel import PanelBacktest, PanelData, PanelSplit, panel_windows, score_panel
+from tasks.panel import PanelBacktest, PanelData, PanelSplit, panel_windows, score_panel, score_table
 from tasks.training import Trained
-
-METRICS = ("mae", "rmse", "smape", "mase")
 
 
 @dataclass
@@ -40,13 +38,8 @@ class Backtest:
 
     def markdown(self, title: str = "Backtest") -> str:
         n, h = self.actual.shape
-        lines = [f"### {title}", "",
-                 f"Rolling origin over the test part: {n} origins x {h} steps; MASE scaled by the in-sample "
-                 f"seasonal-naive error (season {self.season_length}).", "",
-                 "| model | " + " | ".join(m.upper() if m != "smape" else "sMAPE %" for m in METRICS) + " |",
-                 "|---|" + "---:|" * len(METRICS)]
-        for name, s in self.scores.items():
-            lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        lines = score_table(title, f"Rolling origin over the test part: {n} origins x {h} steps; MASE scaled by the "
+                            f"in-sample seasonal-naive error (season {self.season_length}).", self.scores)
         for name, s in self.intervals.items():
             lines += ["", f"{name}: the {self.levels[0]:g}-{self.levels[-1]:g} quantile interval covers "
                       f"{100 * s['coverage']:.1f} % of actual values (nominal {100 * s['nominal']:.0f} %); "

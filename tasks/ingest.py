@@ -14,6 +14,7 @@ import fsspec
 from tasks import file_name
 from tasks.config import TimeSeriesConfig
 from tasks.data import SERIES_SUFFIXES, DataError, Series, generate_series, load_series
+from tasks.panel import PanelData, load_panel
 
 
 class TransientDataError(DataError):
@@ -128,9 +129,11 @@ def _check_sha(location: str, actual: str, expected: str) -> None:
         raise DataError(f"{location}: sha256 is {actual}, expected {expected}")
 
 
-def read_series(cfg: TimeSeriesConfig) -> Series:
-    """The config's series, fetched or generated: where a sweep trial runs, or when a registered
-    version's data is rebuilt (a path or URL travels, not the data)."""
+def read_series(cfg: TimeSeriesConfig, hand_over: bool = False) -> Series | PanelData:
+    """The config's series (many with --id-column), fetched or generated: where a sweep trial runs,
+    when a registered version's data is rebuilt (a path or URL travels, not the data), or when the
+    command line checks its input before Prefect starts (``hand_over``: see ``fetch_data``)."""
     if cfg.source == "file":
-        return load_series(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg)
+        return (load_panel if cfg.panel else load_series)(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES,
+                                                                       hand_over), cfg)
     return generate_series(cfg)

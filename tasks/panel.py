@@ -179,8 +179,9 @@ def with_statics(panel: PanelData, df: pd.DataFrame, columns: list[str]) -> Pane
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
     """The series long enough for the split and a training window; the others named in a warning."""
     L, H = cfg.lookback, cfg.horizon
-    keep = [i for i, v in enumerate(panel.values) if _train_windows(len(v), cfg) >= 1]
-    skipped = {panel.ids[i]: len(panel.values[i]) for i in range(len(panel)) if i not in set(keep)}
+    long_enough = [_train_windows(len(v), cfg) >= 1 for v in panel.values]
+    keep = [i for i, ok in enumerate(long_enough) if ok]
+    skipped = {sid: len(v) for sid, v, ok in zip(panel.ids, panel.values, long_enough, strict=True) if not ok}
     if not keep:
         shortest, longest = int(panel.lengths.min()), int(panel.lengths.max())
         raise DataError(f"{panel.source}: no series is long enough for --lookback {L} + --horizon {H} + the "
@@ -250,18 +251,20 @@ class PanelBacktest:
     def markdown(self, title: str = "Backtest") -> str:
         n = self.table["id"].nunique()
         origins = int(self.table.groupby("id")["origins"].first().sum())
-        lines = [f"### {title}", "",
-                 f"Rolling origin over the test part of each of {n} series ({origins} origins in all, {self.horizon} "
-                 f"steps each); each measure is the mean over series; MASE scaled by each series' in-sample "
-                 f"seasonal-naive error (season {self.season_length}).", "",
-                 "| model | MAE | RMSE | sMAPE % | MASE |", "|---|---:|---:|---:|---:|"]
-        for name, s in self.scores.items():
-            lines.append(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |")
+        lines = score_table(title, f"Rolling origin over the test part of each of {n} series ({origins} origins in "
+                            f"all, {self.horizon} steps each); each measure is the mean over series; MASE scaled by "
+                            f"each series' in-sample seasonal-naive error (season {self.season_length}).", self.scores)
         lines += ["", *coverage_lines(self.conformal, self.calibrated_on)] if self.conformal else []
         return "\n".join(lines)
 
 
 METRICS = ("mae", "rmse", "smape", "mase")
+
+
+def score_table(title: str, intro: str, scores: dict[str, dict[str, float]]) -> list[str]:
+    """A backtest's markdown: its title, what was measured, and a row of METRICS per model."""
+    return [f"### {title}", "", intro, "", "| model | MAE | RMSE | sMAPE % | MASE |", "|---|---:|---:|---:|---:|",
+            *(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |" for name, s in scores.items())]
 
 
 def panel_windows(panel: PanelData, origins: list[np.ndarray], lookback: int, ahead: int = 0) -> np.ndarray:

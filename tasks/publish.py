@@ -10,7 +10,6 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -52,20 +51,15 @@ CODE_PATHS = [str(Path(rnn_models.__file__).resolve().parent)]  # the models imp
 def score_champion(name: str, data: Data, windows: Windows, horizon: int, retry_minutes: float = 0.0) -> ChampionScore:
     """Backtest the current champion, as loaded from the registry, on the challenger's test data
     (one series, or the mean over many; retrying for ``retry_minutes`` while the tracking server
-    does not answer)."""
-    return _score_champion(
-        name, lambda uri: backtest_registered(uri, data, windows.split, windows.test_origins, horizon), retry_minutes)
-
-
-def _score_champion(name: str, backtest: Callable[[str], float], retry_minutes: float) -> ChampionScore:
-    """The current champion's score by ``backtest(model URI)``, or why it has none."""
+    does not answer); a champion of another shape (columns, horizon) has none, and the reason."""
     def attempt() -> ChampionScore:
         current = champion_version(name)
         if current is None:
             return ChampionScore(None)
         try:  # by number, not alias: the alias may move while we score
-            return ChampionScore(str(current.version), backtest(f"models:/{name}/{current.version}"))
-        except Exception as e:  # a champion of another shape (columns, horizon) cannot compete here
+            return ChampionScore(str(current.version), backtest_registered(
+                f"models:/{name}/{current.version}", data, windows.split, windows.test_origins, horizon))
+        except Exception as e:
             if unreachable(e):
                 raise
             return ChampionScore(str(current.version), None,

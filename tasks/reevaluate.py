@@ -13,12 +13,12 @@ import torch
 from rnn_models.text import mean_loss
 from rnn_models.windows import Split
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, parse_value
-from tasks.data import SERIES_SUFFIXES, Series, with_calendar
+from tasks.data import Series, with_calendar
 from tasks.evaluation import Backtest, forecast_with, history_windows
 from tasks.evaluation import score as score_forecasts
 from tasks.features import Data, Origins, origins, split_series
 from tasks.ingest import fetch_data, read_series
-from tasks.panel import PanelBacktest, PanelSplit, load_panel
+from tasks.panel import PanelBacktest, PanelSplit
 from tasks.registry import RegistryError, client
 from tasks.text import load_corpus
 
@@ -64,12 +64,9 @@ def evaluation_data(version, latest: bool = False) -> EvalData:
         params = {**params, "sha256": ""}
     if kind == "forecaster":
         cfg = config_from_params(TimeSeriesConfig, params)
-        if cfg.panel:
-            panel = with_calendar(load_panel(*fetch_data(cfg.data, cfg.sha256, SERIES_SUFFIXES), cfg), cfg)
-            return EvalData(kind, f"test parts of the {len(panel)} series of {panel.source} "
-                            f"(v{version.version}'s data)", cfg, forecast_data=panel)
-        series = with_calendar(read_series(cfg), cfg)
-        return EvalData(kind, f"test part of {series.source} (v{version.version}'s data)", cfg, forecast_data=series)
+        data = with_calendar(read_series(cfg), cfg)
+        part = f"test parts of the {len(data)} series" if cfg.panel else "test part"
+        return EvalData(kind, f"{part} of {data.source} (v{version.version}'s data)", cfg, forecast_data=data)
     cfg = config_from_params(CharLMFlowConfig, params)
     corpus = load_corpus(*fetch_data(cfg.corpus, cfg.sha256), cfg)
     return EvalData(kind, f"validation text of {corpus.source} (v{version.version}'s data)", cfg,

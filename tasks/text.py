@@ -50,7 +50,7 @@ class Corpus:
 
 def load_corpus(path: str, sha256: str, cfg: CharLMFlowConfig) -> Corpus:
     label = cfg.corpus
-    raw = open(path, "rb").read()
+    raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -26,6 +26,11 @@ PANEL_SERIES = 100
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated option's items: "a, b," -> ["a", "b"]."""
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 @dataclass
 class SeriesOptions:
     title = "data"  # where the series comes from and how its file is read
@@ -187,7 +192,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
 
     @property
     def countries(self) -> list[str]:
-        return [c.strip().upper() for c in self.holidays.split(",") if c.strip()]
+        return [c.upper() for c in names(self.holidays)]
 
     def settled(self, season_length: int, series: int) -> TimeSeriesConfig:
         """The config with --id-column's automatic settings (their help says which), once the season and the
@@ -214,7 +219,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     @property
     def member_cells(self) -> list[str]:
         """The cell of each ensemble member, in turn from --ensemble-cells."""
-        cells = [c.strip() for c in self.ensemble_cells.split(",") if c.strip()] or [self.cell]
+        cells = names(self.ensemble_cells) or [self.cell]
         return [cells[i % len(cells)] for i in range(self.ensemble)]
 
     @property
@@ -233,17 +238,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         """The conformal intervals' levels, sorted; () for none."""
         return tuple(sorted(set(parse_levels("intervals", self.intervals))))
 
-    @property
-    def covariates(self) -> list[str]:
-        return [c.strip() for c in self.covariate_columns.split(",") if c.strip()]
-
-    @property
-    def statics(self) -> list[str]:
-        return [c.strip() for c in self.static_columns.split(",") if c.strip()]
-
-    @property
-    def future_covariates(self) -> list[str]:
-        return [c.strip() for c in self.future_covariate_columns.split(",") if c.strip()]
+    covariates = property(lambda self: names(self.covariate_columns))
+    statics = property(lambda self: names(self.static_columns))
+    future_covariates = property(lambda self: names(self.future_covariate_columns))
 
     @property
     def registered_name(self) -> str:
