@@ -38,10 +38,12 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 
 
 # a global model over many series (--id-column) has no global scaler: every candidate normalises
-# its windows one by one, and may learn the correction to seasonal naive
+# its windows one by one, and may learn the correction to seasonal naive; "level" weighs each
+# series' errors as a share of its level, not of its swings (docs/BENCHMARKS.md, M4 Hourly)
 PANEL_CANDIDATES = {
     "window-norm last": ("none", "none", "last", "none"),
     "window-norm mean": ("none", "none", "mean", "none"),
+    "window-norm level": ("none", "none", "level", "none"),
     "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
 }
 
