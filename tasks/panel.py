@@ -263,7 +263,8 @@ METRICS = ("mae", "rmse", "smape", "mase")
 
 def score_table(title: str, intro: str, scores: dict[str, dict[str, float]]) -> list[str]:
     """A backtest's markdown: its title, what was measured, and a row of METRICS per model."""
-    return [f"### {title}", "", intro, "", "| model | MAE | RMSE | sMAPE % | MASE |", "|---|---:|---:|---:|---:|",
+    header = " | ".join("sMAPE %" if m == "smape" else m.upper() for m in METRICS)
+    return [f"### {title}", "", intro, "", f"| model | {header} |", "|---|" + "---:|" * len(METRICS),
             *(f"| {name} | " + " | ".join(f"{s[m]:.4g}" for m in METRICS) + " |" for name, s in scores.items())]
 
 
