@@ -1,7 +1,8 @@
 """M4 Hourly: one global rnnflow network over the 414 series against the competition's figures.
 
     .venv/bin/pip install statsforecast           # benchmark-only, for AutoETS and MSTL
-    .venv/bin/python benchmarks/bench_m4.py [--seeds 0] [--option value ...] [--no-stats]
+    .venv/bin/python benchmarks/bench_m4.py [--seeds 0] [--option value ...] [--no-stats] [--save F.npy]
+    .venv/bin/python benchmarks/bench_m4.py --seeds '' --no-stats --mean-of A.npy,B.npy   # their mean forecast
 
 Protocol (``../shared/data/m4/README.md``): train on ``Hourly-train.csv``, forecast the next 48
 values of every series, score each series against ``Hourly-test.csv`` with the competition's
@@ -75,9 +76,10 @@ def long_file(ids: list[str], train: list[np.ndarray], directory: str) -> str:
     return str(path)
 
 
-def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.ndarray, float, str, dict]:
-    """(forecasts (414, 48), training seconds, what --auto chose, --intervals' level -> (lower, upper))
-    of the flow's default global model."""
+def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.ndarray, float, str, dict, list]:
+    """(forecasts (414, 48), training seconds, what ran (--auto's choice, each member's epochs),
+    --intervals' level -> (lower, upper), each ensemble member's forecasts) of the flow's default
+    global model."""
     from tasks.config import TimeSeriesConfig
     from tasks.evaluation import calibrate_intervals
     from tasks.ingest import fetch_data
@@ -93,10 +95,21 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     cfg, selection, pipeline = out.settings.cfg, out.settings.selection, out.trained.pipeline()
     calibrate_intervals(panel, out.windows, out.trained, cfg.interval_levels)  # as the flow does before registering
     windows = np.stack([v[-cfg.lookback :] for v in panel.values])[..., None]
-    raw = pipeline.predict(windows)
+    raw, each = pipeline.predict(windows, members=True)
     order = [list(panel.ids).index(i) for i in ids]
     bounds = {a: (lo[order], hi[order]) for a, (lo, hi) in pipeline.bounds(windows, raw).items()}
-    return pipeline.point(raw)[order], seconds, selection.choice if selection else "--no-auto", bounds
+    tried = ", ".join(f"{k} {v:.4f}" for k, v in selection.scores.items()) if selection else ""
+    ran = (f"--auto: {selection.choice if selection else 'off'} (validation MASE: {tried}); "
+           "each member's best / last epoch: "
+           + ", ".join(f"{f.best_epoch} / {f.history[-1].epoch}" for f in out.trained.fits))
+    return pipeline.point(raw)[order], seconds, ran, bounds, [pipeline.point(f)[order] for f in each]
+
+
+def members_line(train: list[np.ndarray], test: list[np.ndarray], each: list[np.ndarray]) -> str:
+    """Each member's sMAPE / MASE alone, and those of the members' median in place of their mean."""
+    alone = ", ".join("%.3f / %.3f" % competition_scores(train, test, f) for f in each)
+    return (f"each member alone: {alone}; the members' median in place of their mean: "
+            "%.3f / %.3f" % competition_scores(train, test, np.median(each, axis=0)))
 
 
 def statsforecast_models(ids: list[str], train: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,6 +130,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0")
     p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
+    p.add_argument("--save", default="", help="write rnnflow's forecasts (seeds, 414, 48), series in the files' "
+                   "order, to this .npy file; --mean-of adds a row averaging such files")
+    p.add_argument("--mean-of", default="", help="comma-separated .npy files of --save: score their mean forecast")
     args, rest = p.parse_known_args()
     options = parse_options(rest)
     ids, train = read_wide(M4 / "Hourly-train.csv")
@@ -124,19 +140,26 @@ def main() -> None:
     print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
           f"horizon {H}, season {M}; load average {os.getloadavg()[0]:.2f}; torch threads "
           f"{__import__('torch').get_num_threads()}; options {options or 'defaults'}")
-    rows, intervals = [], []
+    rows, intervals, saved = [], [], []
     snaive = np.tile(np.stack([v[-M:] for v in train]), H // M)
     rows.append(("seasonal naive", *competition_scores(train, test, snaive), ""))
     rows.append(("naive", *competition_scores(train, test, np.repeat(np.stack([v[-1:] for v in train]), H, 1)), ""))
     with tempfile.TemporaryDirectory() as tmp:
         path = long_file(ids, train, tmp)
-        for seed in map(int, args.seeds.split(",")):
-            forecast, seconds, choice, bounds = rnnflow(path, ids, seed, options)
+        for seed in [int(s) for s in args.seeds.split(",") if s]:  # --seeds '': only --mean-of's row
+            forecast, seconds, ran, bounds, each = rnnflow(path, ids, seed, options)
             rows.append((f"rnnflow global (seed {seed})", *competition_scores(train, test, forecast),
-                         f"{seconds:.0f} s training, --auto: {choice}; "
-                         f"{halves_and_wins(train, test, forecast, snaive)}"))
+                         f"{seconds:.0f} s training, {ran}; "
+                         f"{halves_and_wins(train, test, forecast, snaive)}; {members_line(train, test, each)}"))
             intervals += [(seed, a, interval_scores(np.stack(test), lo, hi, a, *m4_scales(train)))
                           for a, (lo, hi) in bounds.items()]
+            saved.append(forecast)
+    if args.save:
+        np.save(args.save, np.stack(saved))
+    if args.mean_of:
+        forecast = np.mean([np.load(f)[0] for f in args.mean_of.split(",")], axis=0)
+        rows.append((f"mean of {args.mean_of}", *competition_scores(train, test, forecast),
+                     halves_and_wins(train, test, forecast, snaive)))
     if not args.no_stats:
         start = time.perf_counter()
         for name, f in statsforecast_models(ids, train).items():

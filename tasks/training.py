@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import astuple, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,10 +159,10 @@ class Network:
     def group_key(self) -> tuple:
         """What networks trained as one batched network share: the network itself (cell, sizes,
         head), the device, one optimizer step for all (as many training windows, of one length, in
-        batches of one size), the objective, and whether gradients are clipped."""
+        batches of one size, as many per epoch), the objective, and whether gradients are clipped."""
         cfg, b = self.cfg, self.batches
         return (astuple(member_config(self.cell, cfg, b.input_size, b.future_size)), self.device, b.length,
-                b.sizes[0], cfg.batch_size, cfg.loss, cfg.quantile_levels, bool(cfg.clip))
+                b.sizes[0], cfg.batch_size, cfg.batches_per_epoch, cfg.loss, cfg.quantile_levels, bool(cfg.clip))
 
 
 @dataclass
@@ -223,12 +224,14 @@ def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkp
 def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
     """The windows as the training loop reads them, living on the device: one series' arrays,
     sliced by index; many series end to end, each batch of windows gathered there by index and
-    normalised window by window (``rnn_models.panel``), never materialised all at once."""
+    normalised window by window (``rnn_models.panel``), never materialised all at once. An epoch is the
+    first ``--batches-per-epoch`` batches of a pass in a fresh random order, if that is fewer."""
+    per_epoch = cfg.batches_per_epoch or None
     if isinstance(data, Series):  # (x[, covariates known ahead], y) of each window
         train, val = ([torch.from_numpy(a).to(device) for a in arrays if a is not None]
                       for arrays in ((windows.x_train, windows.f_train, windows.y_train),
                                      (windows.x_val, windows.f_val, windows.y_val)))
-        return Batches(lambda gen: tensor_batches(*train, batch_size=cfg.batch_size, generator=gen),
+        return Batches(lambda gen: islice(tensor_batches(*train, batch_size=cfg.batch_size, generator=gen), per_epoch),
                        lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
                        train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
     panel, split, chain, L, H = Panel.from_series(data.features(), data.ids, device=device), windows.split, \
@@ -237,7 +240,7 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
     val = PanelWindows(panel, L, H, *split.part("val"))
     ahead = windows.future_scale and windows.future_scale.steps[0]  # covariates known ahead, scaled
     first = next(encoded_batches(train, chain, 1, ahead=ahead), None)  # a window as the network reads it
-    return Batches(lambda gen: encoded_batches(train, chain, cfg.batch_size, gen, ahead),
+    return Batches(lambda gen: islice(encoded_batches(train, chain, cfg.batch_size, gen, ahead), per_epoch),
                    lambda: encoded_batches(val, chain, 4096, ahead=ahead), panel.values.shape[1],
                    (len(train), len(val)), L if first is None else first[0].shape[1], len(data.future_columns))
 

@@ -28,6 +28,8 @@ def test_help_lists_every_config_field():
 def test_bad_option_value_exits_2_naming_it():
     out = _cli("--horizon", "0")
     assert out.returncode == 2 and "--horizon must be at least 1, got 0" in out.stderr
+    out = _cli("--batches-per-epoch", "-1")
+    assert out.returncode == 2 and "--batches-per-epoch must be 0 or more, got -1" in out.stderr
     out = _cli("--cell", "tcn")
     assert out.returncode == 2 and "invalid choice: 'tcn'" in out.stderr
 

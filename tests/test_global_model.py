@@ -22,7 +22,7 @@ from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, WindowNorm
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
-from tasks.config.series import PANEL_SERIES
+from tasks.config.series import PANEL_BATCHES, PANEL_SERIES
 from tasks.data import DataError
 from tasks.panel import load_panel
 from tests.serving import invoke, served
@@ -213,6 +213,28 @@ def test_many_series_default_to_a_week_read_a_day_per_step():
     one = TimeSeriesConfig()
     assert (one.lookback, one.patch, one.loss, one.batch_size) == (24, 1, "mse", 32)  # one series: as before
     assert cfg.settled(24, 12).batch_size == 256
+
+
+def test_an_epoch_of_many_series_is_at_most_batches_per_epoch_drawn_afresh_each_time(panel_file):
+    """On 400 series a whole pass is 800 batches: early stopping and the learning-rate plateau would
+    look at validation once per 800 steps. A global model's epoch is at most PANEL_BATCHES batches,
+    the start of a pass in a new random order each epoch; one series keeps its whole pass."""
+    from tasks.features import scale_and_window, split_series
+    from tasks.ingest import fetch_data
+    from tasks.training import batches
+
+    cfg = TimeSeriesConfig(**TINY, data=str(panel_file), auto=False, window_norm="mean")
+    assert (cfg.settled(24, 22).batches_per_epoch, TimeSeriesConfig().batches_per_epoch) == (PANEL_BATCHES, 0)
+    cfg = replace(cfg.settled(24, 22), batches_per_epoch=3)
+    data = load_panel(*fetch_data(str(panel_file)), cfg)
+    windows = scale_and_window(data, split_series(data, cfg), cfg)
+    epochs = batches(data, windows, cfg, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    first, second = list(epochs.train(gen)), list(epochs.train(gen))
+    assert len(first) == len(second) == 3 and all(len(batch[0]) == cfg.batch_size for batch in first)
+    assert not torch.equal(first[0][0], second[0][0])  # a fresh draw, not the same three batches again
+    whole = list(batches(data, windows, replace(cfg, batches_per_epoch=0), "cpu").train(gen))
+    assert len(whole) == -(-epochs.sizes[0] // cfg.batch_size) > 3
 
 
 def test_many_series_validate_and_test_on_their_last_horizons_and_a_few_on_fractions():

@@ -23,6 +23,7 @@ TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 # With this many series or more, a global model's validation and test parts default to one horizon of each series
 # (each part still holds as many forecast origins): the network trains on the most recent data, as M4 scores it
 PANEL_SERIES = 100
+PANEL_BATCHES = 160  # batches per epoch of a global model: early stopping looks often (docs/BENCHMARKS.md, M4)
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
@@ -129,6 +130,10 @@ class ForecasterTraining(TrainingOptions):
                             "many fitted (0 = by --epochs)")
     lr_patience: int = option(3, "epochs without a better validation loss before the learning rate is halved "
                               "(0 = constant)")
+    batches_per_epoch: int = option(0, "training batches per epoch, drawn at random each epoch from a shuffled pass "
+                                    "over the training windows; 0 = a whole pass for one series, at most "
+                                    f"{PANEL_BATCHES} with --id-column, so that early stopping and the learning-rate "
+                                    "plateau look at validation as often on 400 series as on 40")
 
 
 @dataclass
@@ -141,8 +146,8 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
             self.loss = "mse" if self.loss == "auto" else self.loss
             self.val_size, self.test_size = self.parts(few=True)
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
-                     non_negative=("lookback", "patch", "batch_size", "max_gap", "season_length", "lr_patience",
-                                   "minutes"),
+                     non_negative=("lookback", "patch", "batch_size", "batches_per_epoch", "max_gap", "season_length",
+                                   "lr_patience", "minutes"),
                      part_sizes=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
@@ -204,7 +209,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         patch = self.patch or (m if m and lookback % m == 0 else 1)
         return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
                        val_size=val_size, test_size=test_size,
-                       batch_size=self.batch_size or 256,
+                       batch_size=self.batch_size or 256, batches_per_epoch=self.batches_per_epoch or PANEL_BATCHES,
                        calendar=self.calendar if self.auto else bool(self.calendar))
 
     def parts(self, few: bool) -> tuple[float, float]:
