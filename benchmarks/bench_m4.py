@@ -166,6 +166,11 @@ def main() -> None:
             rows.append((name, *competition_scores(train, test, f), ""))
         rows[-1] = (*rows[-1][:3], f"both: {time.perf_counter() - start:.0f} s")
     rows += [(name, s, m, "") for name, (s, m) in PUBLISHED.items()]
+    print_tables(rows, intervals)
+
+
+def print_tables(rows: list[tuple], intervals: list[tuple]) -> None:
+    """The methods' scores, each beside seasonal naive's (the first row), and the intervals'."""
     base = rows[0]
     print("\n| method | sMAPE | MASE | vs seasonal naive (sMAPE / MASE) | note |\n|---|---:|---:|---:|---|")
     for name, s, m, note in rows:
