@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
     p.add_argument("--save", default="", help="write rnnflow's forecasts (seeds, 414, 48), series in the files' "
                    "order, to this .npy file; --mean-of adds a row averaging such files")
-    p.add_argument("--mean-of", default="", help="comma-separated .npy files of --save: score their mean forecast")
+    p.add_argument("--mean-of", default="", help="comma-separated .npy files of --save: score the mean of every "
+                   "forecast they hold")
     args, rest = p.parse_known_args()
     options = parse_options(rest)
     ids, train = read_wide(M4 / "Hourly-train.csv")
@@ -157,7 +158,7 @@ def main() -> None:
     if args.save:
         np.save(args.save, np.stack(saved))
     if args.mean_of:
-        forecast = np.mean([np.load(f)[0] for f in args.mean_of.split(",")], axis=0)
+        forecast = np.concatenate([np.load(f) for f in args.mean_of.split(",")]).mean(0)  # every seed of each
         rows.append((f"mean of {args.mean_of}", *competition_scores(train, test, forecast),
                      halves_and_wins(train, test, forecast, snaive)))
     if not args.no_stats:

@@ -133,7 +133,8 @@ class ForecasterTraining(TrainingOptions):
     batches_per_epoch: int = option(0, "training batches per epoch, drawn at random each epoch from a shuffled pass "
                                     "over the training windows; 0 = a whole pass for one series, at most "
                                     f"{PANEL_BATCHES} with --id-column, so that early stopping and the learning-rate "
-                                    "plateau look at validation as often on 400 series as on 40")
+                                    "plateau look at validation as often on 400 series as on 40 (a number over "
+                                    "a pass's batches: a whole pass)")
 
 
 @dataclass
