@@ -100,7 +100,7 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     bounds = {a: (lo[order], hi[order]) for a, (lo, hi) in pipeline.bounds(windows, raw).items()}
     tried = ", ".join(f"{k} {v:.4f}" for k, v in selection.scores.items()) if selection else ""
     epochs = ", ".join(f"{f.best_epoch} / {f.history[-1].epoch}" for f in out.trained.fits)
-    ran = (f"--auto: {selection.choice} (validation MASE: {tried})" if selection else "--auto: off") + \
+    ran = (f"--auto: {selection.choice} (validation {selection.measure}: {tried})" if selection else "--auto: off") + \
         f"; each member's best / last epoch: {epochs}"
     return pipeline.point(raw)[order], seconds, ran, bounds, [pipeline.point(f)[order] for f in each]
 

@@ -101,8 +101,9 @@ def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "l
     the target, so that y = y' * s + c."""
     c = x[:, -1:] if center == "last" else x.mean(dim=1, keepdim=True)  # (B, 1, F)
     s = torch.sqrt(x.var(dim=1, correction=0, keepdim=True) + EPS)  # (B, 1, F)
-    if center == "level":
-        s = torch.cat([x[..., :1].abs().mean(dim=1, keepdim=True) + EPS, s[..., 1:]], dim=-1)
+    if center in ("level", "log-level"):
+        level = x[..., :1].abs().mean(dim=1, keepdim=True) + EPS if center == "level" else torch.ones_like(s[..., :1])
+        s = torch.cat([level, s[..., 1:]], dim=-1)
     c0, s0 = c[..., 0], s[..., 0]  # (B, 1)
     return (x - c) / s, (None if y is None else (y - c0) / s0), (c0, s0)
 

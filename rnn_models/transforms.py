@@ -149,9 +149,10 @@ class Scale(Transform):
 class WindowNorm(Transform):
     """Each window centred on its last value or mean and divided by its spread; ``level``: centred on
     its mean, the target divided by its mean absolute value, so that an error counts as a share of
-    the series' level (as sMAPE and MAPE count it), not of its swings."""
+    the series' level (as sMAPE and MAPE count it), not of its swings; ``log-level``, the same for a
+    log target: centred on its mean log and not divided, a difference of logs being a share already."""
 
-    center: str = "last"  # last | mean | level
+    center: str = "last"  # last | mean | level | log-level
     kind = "window-norm"
 
     def forward(self, x, y):
@@ -159,6 +160,8 @@ class WindowNorm(Transform):
         s = np.sqrt(x.var(axis=1, keepdims=True) + EPS)  # (N, 1, F)
         if self.center == "level":
             s[..., :1] = np.abs(x[..., :1]).mean(axis=1, keepdims=True) + EPS
+        elif self.center == "log-level":
+            s[..., :1] = 1.0
         out = (x - c) / s
         ctx = (c[:, :, 0], s[:, :, 0])  # (N, 1) each
         return out, (None if y is None else (y - ctx[0]) / ctx[1]), ctx

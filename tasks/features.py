@@ -47,22 +47,28 @@ def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
         steps.append(Difference(1 if cfg.difference == "first" else m))
     if not cfg.panel:
         steps.append(Scale(method=cfg.scaler))
-    if cfg.window_norm != "none":
-        steps.append(WindowNorm(cfg.window_norm))
+    if cfg.window_norm != "none":  # the level of a log target: its mean log (a difference of logs is a share)
+        steps.append(WindowNorm("log-level" if cfg.window_norm == "level" and cfg.transform == "log"
+                                else cfg.window_norm))
     if cfg.baseline != "none":
         steps.append(Baseline(1 if cfg.baseline == "naive" else m))
     return Chain(steps)
 
 
-def check_transforms(series: Series, cfg: TimeSeriesConfig) -> None:
-    """Refuse, before training, what the transforms cannot do with this series."""
+def check_transforms(data: Data, cfg: TimeSeriesConfig) -> None:
+    """Refuse, before training, what the transforms cannot do with this series (or these series)."""
     if cfg.transform == "log":
-        y = series.features[:, 0]
-        bad = np.flatnonzero(y <= 0)
-        if len(bad):
-            raise DataError(f"{series.source}: --transform log needs a positive series, but column "
-                            f"{series.value_column!r} holds {y[bad[0]]:g} at row {bad[0]} ({len(bad)} such rows)")
-    check_lookback(cfg, series.season_length)
+        named = (zip(data.ids, data.values, strict=True) if isinstance(data, PanelData)
+                 else [("", data.features[:, 0])])
+        for sid, y in named:
+            bad = np.flatnonzero(y <= 0)
+            if len(bad):
+                value, column = f"{y[bad[0]]:g}", repr(data.value_column)
+                which = (f"series {sid!r} (column {data.id_column!r}) holds {value} in column {column}" if sid
+                         else f"column {column} holds {value}")
+                raise DataError(f"{data.source}: --transform log needs a positive series, but {which} at row "
+                                f"{bad[0]} ({len(bad)} such rows)")
+    check_lookback(cfg, data.season_length)
 
 
 def check_lookback(cfg: TimeSeriesConfig, season_length: int) -> None:
@@ -81,11 +87,10 @@ def split_series(data: Data, cfg: TimeSeriesConfig) -> Split | PanelSplit:
     """Chronological train/validation/test boundaries, refusing a series too short for them
     or one the transforms cannot take. Many series are each split at the same relative point
     (those too short were left out when they were read)."""
+    check_transforms(data, cfg)
     if isinstance(data, PanelData):
-        check_lookback(cfg, data.season_length)
         return split_panel(data, cfg)
     series = data
-    check_transforms(series, cfg)
     n, L, H = len(series.frame), cfg.lookback, cfg.horizon
     split = Split.by_fraction(n, cfg.val_size, cfg.test_size, H)
     train_windows = len(window_origins(0, split.train_end, L, H, cfg.stride))

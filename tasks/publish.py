@@ -211,10 +211,11 @@ def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict
 
 
 def log_selection(selection: Selection | None) -> None:
-    """--auto's choice and each candidate's validation MASE on the active run."""
+    """--auto's choice and each candidate's validation score (MASE, or OWA) on the active run."""
     if selection is not None:
         mlflow.log_param("auto_choice", selection.choice)
-        mlflow.log_metrics({f"auto_val_mase_{k.replace(' + ', '_').replace(' ', '_').replace('-', '_')}": v
+        prefix = f"auto_val_{selection.measure.lower()}_"  # auto_val_owa_log_window_norm_mean
+        mlflow.log_metrics({prefix + k.replace(" + ", "_").replace(" ", "_").replace("-", "_"): v
                             for k, v in selection.scores.items() if math.isfinite(v)})
         mlflow.log_text(selection.markdown(), "auto.md")
 

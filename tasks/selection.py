@@ -1,8 +1,10 @@
 """``--auto``: try a few transform settings on the validation part and keep the best.
 
 Each candidate trains one network (the config's first member) on the training part, early-
-stopped on validation as usual, and is scored by its validation MASE in original units, so
-candidates in different network spaces compare fairly. The test part is never looked at.
+stopped on validation as usual, and is scored on validation in original units, so candidates in
+different network spaces compare fairly: by MASE for one series; for a global model over many
+series by OWA, M4's ranking measure (sMAPE and MASE each as a share of seasonal naive's, averaged),
+as one measure alone would trade the other away. The test part is never looked at.
 A validation part of fewer than ``MIN_ORIGINS`` forecast origins (a short monthly series: 3)
 makes the choice a coin toss, so there the candidates are scored on a longer window carved
 from the end of the training part, and the chosen settings are then trained on the flow's split.
@@ -39,9 +41,10 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 
 # a global model over many series (--id-column) has no global scaler: every candidate normalises
 # its windows one by one, and may learn the correction to seasonal naive; "level" weighs each
-# series' errors as a share of its level, not of its swings (docs/BENCHMARKS.md, M4 Hourly)
+# series' errors as a share of its level, not of its swings; in log space an error is a share of the
+# level and no forecast falls below zero (docs/BENCHMARKS.md, M4 Hourly)
 PANEL_CANDIDATES = {
-    "window-norm last": ("none", "none", "last", "none"),
+    "log + window-norm mean": ("log", "none", "mean", "none"),
     "window-norm mean": ("none", "none", "mean", "none"),
     "window-norm level": ("none", "none", "level", "none"),
     "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
@@ -53,23 +56,44 @@ MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, whe
 @dataclass
 class Selection:
     choice: str
-    scores: dict[str, float]  # candidate -> validation MASE (nan: the candidate could not run)
+    scores: dict[str, float]  # candidate -> its validation ``measure`` (nan: the candidate could not run)
     reasons: dict[str, str]  # candidate -> why it was skipped
     trained: Trained | None = None  # the chosen network, the model's first member (None: trained on another split)
     widened: str = ""  # how the validation part was widened, if it was
+    measure: str = "MASE"  # what the candidates were scored by: MASE, or OWA for a global model (MEASURES)
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
                 + (f"{s:.4g}" if np.isfinite(s) else f"skipped: {self.reasons[name]}") + " |"
                 for name, s in self.scores.items()]
-        lines = [f"--auto chose **{self.choice}**: the lowest validation MASE of the candidates."]
+        lines = [f"--auto chose **{self.choice}**: the lowest validation {self.measure} of the candidates"
+                 f"{MEASURES[self.measure][0]}."]
         if self.widened:
             lines.append(self.widened)
-        return "\n".join([*lines, "", "| candidate | validation MASE |", "|---|---:|", *rows])
+        return "\n".join([*lines, "", f"| candidate | validation {self.measure} |", "|---|---:|", *rows])
 
 
 def candidates_for(cfg: TimeSeriesConfig) -> dict[str, tuple[str, str, str, str]]:
     return PANEL_CANDIDATES if cfg.panel else CANDIDATES
+
+
+def owa(scores: dict[str, dict[str, float]], name: str) -> float:
+    """M4's overall weighted average: ``name``'s sMAPE and MASE each over seasonal naive's, averaged
+    (a measure seasonal naive scores 0 on, so that no share exists, is left out)."""
+    ours, ref = scores[name], scores["seasonal-naive"]
+    shares = [ours[k] / ref[k] for k in ("smape", "mase") if ref[k] > 0]
+    return float(np.mean(shares)) if shares else ours["mase"]
+
+
+MEASURES = {  # how --auto scores a candidate's validation backtest: (what the report says of it, the score)
+    "MASE": ("", lambda scores, name: scores[name]["mase"]),
+    "OWA": (" (M4's ranking: sMAPE and MASE each as a share of seasonal naive's, averaged, so that neither "
+            "is traded away)", owa),
+}
+
+
+def measure_for(cfg: TimeSeriesConfig) -> str:
+    return "OWA" if cfg.panel else "MASE"
 
 
 def selection_split(split: Split | PanelSplit, cfg: TimeSeriesConfig) -> Split | PanelSplit:
@@ -103,17 +127,18 @@ class AutoRound:
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
     diverged: dict[str, NonFiniteLossError] = field(default_factory=dict)  # candidate -> how its training diverged
+    measure: str = "MASE"  # what the candidates are scored by (MEASURES)
 
     def score(self, trained: dict[str, Trained]) -> dict[str, float]:
-        """Each candidate's validation MASE in the trials' order (nan: it could not run)."""
+        """Each candidate's validation ``measure`` in the trials' order (nan: it could not run)."""
         scores = dict.fromkeys(self.trials, float("nan"))
         for name, (data, windows) in self.prepared.items():
             pipeline, cfg = trained[name].pipeline(), self.trials[name]
             forecast = pipeline.point(pipeline.predict(history_windows(data, windows.val_origins, cfg.lookback,
                                                                        pipeline.ahead)))
             bt = score(data, windows.split, windows.val_origins, cfg.horizon, {name: forecast})
-            scores[name] = bt.scores[name]["mase"]
-            run_logger().info("--auto: %s scores validation MASE %.4f", name, scores[name])
+            scores[name] = MEASURES[self.measure][1](bt.scores, name)
+            run_logger().info("--auto: %s scores validation %s %.4f", name, self.measure, scores[name])
         return scores
 
 
@@ -146,14 +171,15 @@ def auto_round(data: Data, trials: dict[str, TimeSeriesConfig], checkpoints: Pat
         # candidates whose networks and windows have one shape train together (tasks.training)
         candidates[candidate] = forecaster_ensemble(own_data, windows, Settings(trial, deadline=deadline),
                                                     folder(checkpoints, candidate), label(name, candidate))
-    return AutoRound(trials, candidates, prepared, reasons, widened)
+    return AutoRound(trials, candidates, prepared, reasons, widened,
+                     measure=measure_for(next(iter(trials.values()))) if trials else "MASE")
 
 
 def choose_settings(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None) -> Settings:
     """The config settled for the data (the automatic settings of a global model, once the
     season is known) and, with --auto, given the transform settings of the candidate with the
-    best validation MASE, then calendar features if they score better still (where --calendar
-    and --no-calendar leave it to --auto). ``checkpoints``: a folder for each candidate's
+    best validation score (MASE, or OWA for a global model), then calendar features if they score
+    better still (where --calendar and --no-calendar leave it to --auto). ``checkpoints``: a folder for each candidate's
     training checkpoints. The data the model then trains on is ``with_calendar(data, cfg)``."""
     return choose_all({"": (data, cfg, checkpoints)})[""]
 
@@ -217,20 +243,20 @@ def train_candidates(candidates: dict[Hashable, Ensemble]
 
 
 def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str) -> Settings:
-    """The settings of the round's candidate with the best validation MASE (every candidate's training
+    """The settings of the round's candidate with the best validation score (every candidate's training
     diverged: how the first did, with what to change)."""
     if rnd.diverged and not any(np.isfinite(v) for v in scores.values()):
         raise next(iter(rnd.diverged.values()))
-    choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data")
+    choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data", rnd.measure)
     return Settings(rnd.trials[choice], Selection(choice, scores, rnd.reasons, None if rnd.widened else trained[choice],
-                                                  rnd.widened))
+                                                  rnd.widened, rnd.measure))
 
 
 def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trained],
                         scores: dict[str, float]) -> Settings:
-    """``first``'s choice, or its calendar candidate if that scored a lower validation MASE."""
-    (name, mase), sel = next(iter(scores.items())), first.selection
-    better = bool(np.isfinite(mase) and mase < sel.scores[sel.choice])
+    """``first``'s choice, or its calendar candidate if that scored lower still."""
+    (name, score_), sel = next(iter(scores.items())), first.selection
+    better = bool(np.isfinite(score_) and score_ < sel.scores[sel.choice])
     run_logger().info("--auto: calendar features %s", "kept" if better else "left out")
     selection = replace(sel, scores={**sel.scores, **scores}, reasons={**sel.reasons, **rnd.reasons})
     if not better:
@@ -242,13 +268,13 @@ def folder(checkpoints: Path | None, candidate: str) -> Path | None:
     return checkpoints and checkpoints / candidate.replace(" ", "-")
 
 
-def best(scores: dict[str, float], reasons: dict[str, str], none_ran: str) -> str:
-    """The candidate with the lowest validation MASE; ``none_ran`` (with the reasons) if none ran."""
+def best(scores: dict[str, float], reasons: dict[str, str], none_ran: str, measure: str = "MASE") -> str:
+    """The candidate with the lowest validation score; ``none_ran`` (with the reasons) if none ran."""
     finite = {k: v for k, v in scores.items() if np.isfinite(v)}
     if not finite:
         raise DataError(f"{none_ran}: {reasons}")
     choice = min(finite, key=finite.get)
-    run_logger().info("--auto chose %s (validation MASE %.4f)", choice, finite[choice])
+    run_logger().info("--auto chose %s (validation %s %.4f)", choice, measure, finite[choice])
     return choice
 
 

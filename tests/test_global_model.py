@@ -107,7 +107,12 @@ def test_the_rest_server_answers_a_many_series_request(trained, panel_file):
 def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store):
     result = timeseries_flow(**{**TINY, "epochs": 2, "ensemble": 2, "quantiles": "0.1,0.9"}, data=str(panel_file),
                              model_name="meters-q")
-    assert "auto_choice" in MlflowClient().get_run(result["run_id"]).data.params  # --auto ran on the panel
+    run = MlflowClient().get_run(result["run_id"])
+    assert "auto_choice" in run.data.params  # --auto ran on the panel, scoring by OWA, the log candidate too
+    auto = mlflow.artifacts.load_text(f"runs:/{result['run_id']}/auto.md")
+    assert "the lowest validation OWA of the candidates (M4's ranking" in auto, auto
+    assert "| candidate | validation OWA |" in auto and "| log + window-norm mean" in auto, auto
+    assert 0 < run.data.metrics["auto_val_owa_log_window_norm_mean"] < 2
     model = mlflow.pyfunc.load_model("models:/meters-q@champion")
     df = pd.read_csv(panel_file)
     out = model.predict(df[df["id"].isin(["s0", "s1"])])
@@ -186,13 +191,20 @@ def test_integer_time_steps_need_a_season_and_options_that_fit_many_series(tmp_p
         TimeSeriesConfig(id_column="id")
 
 
-def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path):
-    data = _csv(tmp_path, "id,t,value\n" + _rows("ab") + "a,5,1\n")
+@pytest.mark.parametrize("rows, options, message", [
+    (_rows("ab") + "a,5,1\n", [], "series 'a' (column 'id') has two rows at t 5"),
+    (_rows("ab") + "".join(f"c,{t},{t % 2}\n" for t in range(300)), ["--no-auto", "--transform", "log",
+                                                                      "--window-norm", "level"],
+     "--transform log needs a positive series, but series 'c' (column 'id') holds 0 in column 'value' at row 0 "
+     "(150 such rows)"),
+])
+def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path, rows, options, message):
+    data = _csv(tmp_path, "id,t,value\n" + rows)
     out = subprocess.run([sys.executable, "-m", "flows.timeseries", "--source", "file", "--data", data,
-                          "--id-column", "id", "--season-length", "24"], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
+                          "--id-column", "id", "--season-length", "24", *options], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
     assert out.returncode == 1, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"error: {data}: series 'a' (column 'id') has two rows at t 5"
+    assert out.stderr.strip().splitlines()[-1] == f"error: {data}: {message}"
     assert "Traceback" not in out.stderr and not (tmp_path / "m.db").exists()
 
 

@@ -244,7 +244,7 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     cfg = cfg.settled(panel.season_length, len(panel))
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         selection = choose_settings(panel, cfg).selection
-    assert ("window-norm last, window-norm mean, window-norm level, window-norm last + seasonal baseline: "
+    assert ("log + window-norm mean, window-norm mean, window-norm level, window-norm last + seasonal baseline: "
             "training lstm together") in caplog.text
     chosen = replace(apply(cfg, selection.choice), ensemble=1)
     alone = train_forecaster(panel, scale_and_window(panel, split_series(panel, chosen), chosen), Settings(chosen))

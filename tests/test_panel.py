@@ -52,7 +52,7 @@ def test_only_the_series_values_are_stored():
     assert len(windows) * (96 + 24) > 100 * stored  # the windows would be 100x the data
 
 
-@pytest.mark.parametrize("center", ["last", "mean", "level"])
+@pytest.mark.parametrize("center", ["last", "mean", "level", "log-level"])
 def test_window_norm_is_the_twin_of_the_numpy_transform(center):
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(32, 12, 3)) * 50 + 7, rng.normal(size=(32, 4))  # the target and two covariates

@@ -15,7 +15,7 @@ import torch
 
 from rnn_models.panel import Panel, PanelWindows, encode, encoded_batches
 from rnn_models.statics import StaticEncoding
-from rnn_models.transforms import Baseline, Chain, Scale, WindowNorm
+from rnn_models.transforms import Baseline, Chain, Log, Scale, WindowNorm
 from tests.serving import invoke, rnnflow_served
 from tests.test_future_covariates import champion, forecast
 
@@ -164,7 +164,8 @@ def test_lazy_windows_with_covariates_equal_the_numpy_chain_and_scale():
     x, y, future = windows.gather(torch.arange(len(windows)))
     assert x.shape[1:] == (12, 3) and future.shape[1:] == (4, 2)
     ahead = Scale(np.array([0.5, 1.0]), np.array([0.5, 2.0]))
-    for steps in ([WindowNorm("last")], [WindowNorm("mean"), Baseline(3)], [WindowNorm("level")], [Scale(np.ones(3), np.full(3, 2.0))]):
+    for steps in ([WindowNorm("last")], [WindowNorm("mean"), Baseline(3)], [WindowNorm("level")],
+                  [Log(), WindowNorm("log-level")], [Scale(np.ones(3), np.full(3, 2.0))]):
         chain = Chain(steps)
         want_x, want_y, _ = chain.encode(x.numpy(), y.numpy())
         got = next(encoded_batches(windows, chain, len(windows), ahead=ahead))

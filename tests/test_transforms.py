@@ -27,6 +27,7 @@ STEPS = {
     "window-norm last": [WindowNorm("last")],
     "window-norm mean": [WindowNorm("mean")],
     "window-norm level": [WindowNorm("level")],
+    "log, then its level": [Log(), WindowNorm("log-level")],
     "naive baseline": [Baseline(1)],
     "seasonal-naive baseline": [Baseline(12)],
     "all of them": [Log(), Difference(12), Scale(method="standard"), WindowNorm("mean"), Baseline(12)],
@@ -68,6 +69,19 @@ def test_window_norm_level_counts_an_error_as_a_share_of_the_level():
     np.testing.assert_allclose(on_flat / on_swings, 1.0, rtol=1e-3)
     on_flat, on_swings = one_percent("mean")
     assert on_flat > 100 * on_swings
+
+
+def test_the_level_of_a_log_target_is_its_mean_log_and_an_error_is_a_share_of_it():
+    """``log-level`` centres the log target on its mean log and does not divide it: a 10 % error is
+    log(1.1) network units on any series, at any level or swing, and no forecast can fall below 0."""
+    t = np.arange(24)
+    x = np.stack([1000 + np.sin(t), 1000 + 900 * np.sin(2 * np.pi * t / 24), 0.01 + 0.009 * np.sin(t)])[:, :, None]
+    chain = Chain([Log(), WindowNorm("log-level")])
+    y = x[:, -2:, 0] * 1.3
+    xe, ye, ctx = chain.encode(x, y)
+    np.testing.assert_allclose(xe[..., 0].mean(axis=1), 0.0, atol=1e-12)  # centred on the mean log
+    np.testing.assert_allclose(chain.encode(x, y * 1.1)[1] - ye, np.log(1.1), rtol=1e-12)
+    assert (chain.decode(ye - 50.0, ctx) > 0).all()  # a forecast far below the level stays positive
 
 
 def test_transforms_use_only_the_window_and_the_fitted_numbers():

@@ -78,12 +78,14 @@ class WindowOptions:
                              ("none", "first", "seasonal"))
     window_norm: str = option("none", "RevIN-style: centre each input window on its own last value or mean and "
                               "divide by its own spread (level: the target by its mean absolute value, so errors "
-                              "count relative to the level), de-normalise the forecast the same way",
+                              "count relative to the level; after --transform log: centred on its mean log, not "
+                              "divided), de-normalise the forecast the same way",
                               ("none", "last", "mean", "level"))
     baseline: str = option("none", "the network learns the correction to this forecast",
                            ("none", "naive", "seasonal-naive"))
     auto: bool = option(True, "choose --transform, --difference, --window-norm and --baseline by validation "
-                        "MASE among a few candidates (the run logs what it chose and why); --no-auto to set them")
+                        "MASE (OWA with --id-column) among a few candidates (the run logs what it chose and why); "
+                        "--no-auto to set them")
 
 
 def parse_levels(name: str, text: str) -> list[float]:
@@ -179,9 +181,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         if not self.auto and self.window_norm == "none":
             raise ConfigError("--id-column trains series of different scales together: with --no-auto set "
                               "--window-norm last or mean")
-        if self.transform == "log" or self.difference != "none":
-            raise ConfigError(f"--id-column takes no --transform or --difference (got {self.transform}, "
-                              f"{self.difference}); --window-norm and --baseline make series comparable")
+        if self.difference != "none":
+            raise ConfigError(f"--id-column takes no --difference (got {self.difference}); --window-norm and "
+                              "--baseline make series comparable")
 
     def _check_calendar(self) -> None:
         if self.countries:
