@@ -162,13 +162,15 @@ class ForecastObjective:
     averaged; for a model made of members (``rnn_models.members``), averaged member by member:
     one loss per member (K,), each over its own batch."""
 
-    def __init__(self, elementwise):
-        self.elementwise = elementwise
+    def __init__(self, elementwise, weighted: bool = False):
+        self.elementwise, self.weighted = elementwise, weighted
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        # (x (B, L, F)[, future (B, H, C)], y (B, H)); for K members each with a K dimension first
-        *inputs, y = batch
+        # (x (B, L, F)[, future (B, H, C)], y (B, H)[, weights (B, H) if weighted]); for K members each
+        # with a K dimension first
+        *inputs, y, w = batch if self.weighted else (*batch, None)
         loss = self.elementwise(model(*inputs).float(), y)
+        loss = loss if w is None else loss * w
         if isinstance(model, Members):
             return loss.mean(dim=tuple(range(1, loss.dim()))), y.shape[1]
         return loss.mean(), len(y)
@@ -184,6 +186,7 @@ def _absolute(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 mse_objective = ForecastObjective(_squared)
 mae_objective = ForecastObjective(_absolute)  # learns the median, as sMAPE and MASE reward
+owa_objective = ForecastObjective(_absolute, weighted=True)  # each step weighted as OWA counts it (panel.OwaWeights)
 
 
 class PinballObjective(ForecastObjective):

@@ -108,38 +108,61 @@ def window_norm(x: torch.Tensor, y: torch.Tensor | None = None, center: str = "l
     return (x - c) / s, (None if y is None else (y - c0) / s0), (c0, s0)
 
 
-def encode(chain: Chain, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(chain: Chain, x: torch.Tensor, y: torch.Tensor, slope: bool = False):
     """The torch twin of ``chain.encode``, where the windows live (a GPU batch never crosses to the
     host): raw x (B, L, F) (the target first), y (B, H) -> network input (B, L', F) and targets (B, H).
-    The served model encodes with the numpy chain; a test holds the two equal."""
+    The served model encodes with the numpy chain; a test holds the two equal. With ``slope``, also
+    what one network unit of each target step is worth in original units (B, H): the slope of the
+    chain's decoding there, a product of the steps' own (a log's: the value; a division's: its divisor)."""
+    unit = torch.ones_like(y)
     for t in chain.steps:
         if isinstance(t, Log):
-            x, y = torch.cat([x[..., :1].log(), x[..., 1:]], dim=-1), y.log()
+            x, y, unit = torch.cat([x[..., :1].log(), x[..., 1:]], dim=-1), y.log(), unit * y
         elif isinstance(t, Baseline):  # and Difference, a Baseline that also differences its inputs
             L, h = x.shape[1], torch.arange(y.shape[1], device=x.device)
             y = y - x[:, L + h - t.lag * (h // t.lag + 1), 0]
             if isinstance(t, Difference):
                 x = torch.cat([x[:, t.lag :, :1] - x[:, : -t.lag, :1], x[:, t.lag :, 1:]], dim=-1)
         elif isinstance(t, WindowNorm):
-            x, y, _ = window_norm(x, y, t.center)
+            x, y, (_, s) = window_norm(x, y, t.center)
+            unit = unit * s
         elif isinstance(t, Scale):
             offset, scale = (torch.as_tensor(a, dtype=x.dtype, device=x.device) for a in (t.offset, t.scale))
-            x, y = (x - offset) / scale, (y - offset[0]) / scale[0]
+            x, y, unit = (x - offset) / scale, (y - offset[0]) / scale[0], unit * scale[0]
         else:
             raise ValueError(f"no torch twin for the {t.kind} transform")
-    return x, y
+    return (x, y, unit) if slope else (x, y)
+
+
+@dataclass
+class OwaWeights:
+    """Per-step weights (B, H) that make the absolute error in network units count as M4's OWA counts
+    it: half as a share of the actual value (sMAPE's |y - f| / |y|) over ``smape_ref``, seasonal
+    naive's in-sample sMAPE as a fraction, half over the window's own seasonal-naive error (MASE's
+    scale, from its lookback), seasonal naive's in-sample MASE being 1 by definition."""
+
+    season: int
+    smape_ref: float
+
+    def __call__(self, chain: Chain, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Raw windows x (B, L, F), y (B, H) -> (network input, targets, weights)."""
+        target, m = x[..., 0], self.season if x.shape[1] > self.season else 1
+        scale = (target[:, m:] - target[:, :-m]).abs().mean(dim=1, keepdim=True) + EPS  # (B, 1)
+        x_net, y_net, unit = encode(chain, x, y, slope=True)
+        return x_net, y_net, 0.5 * unit.abs() * (1 / (self.smape_ref * (y.abs() + EPS)) + 1 / scale)
 
 
 def encoded_batches(windows: PanelWindows, chain: Chain, batch_size: int, generator: torch.Generator | None = None,
-                    ahead: Scale | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+                    ahead: Scale | None = None, weigh: OwaWeights | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
     """``windows.batches`` through ``encode``: what the training loop's objectives read, (x, y), or
-    (x, covariates ahead scaled by ``ahead``, y) for a model that reads the covariates of its horizon."""
+    (x, covariates ahead scaled by ``ahead``, y) for a model that reads the covariates of its horizon;
+    with ``weigh``, each step's loss weight after y."""
     if ahead is not None:
         offset, scale = (torch.as_tensor(a, dtype=windows.panel.values.dtype, device=windows.panel.device)
                          for a in (ahead.offset, ahead.scale))
     for x, y, future in windows.batches(batch_size, generator):
-        x, y = encode(chain, x, y)
-        yield (x, y) if ahead is None else (x, (future - offset) / scale, y)
+        x, y, *w = weigh(chain, x, y) if weigh else encode(chain, x, y)
+        yield (x, y, *w) if ahead is None else (x, (future - offset) / scale, y, *w)
 
 
 def last_windows(values: np.ndarray, codes: np.ndarray, lookback: int) -> np.ndarray:

@@ -6,7 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from rnn_models.metrics import smape
+from rnn_models.panel import OwaWeights
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Transform, WindowNorm
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
@@ -34,6 +37,8 @@ class Windows:
     f_train: np.ndarray | None = None  # (N, H, C) the covariates known ahead, scaled (``future_scale``)
     f_val: np.ndarray | None = None
     future_scale: Chain | None = None  # fitted on the training rows of --future-covariate-columns
+    w_train: np.ndarray | None = None  # (N, H) each step's loss weight, with --loss owa (``owa_weights``)
+    w_val: np.ndarray | None = None
 
 
 def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
@@ -114,14 +119,28 @@ def scale_and_window(data: Data, split: Split | PanelSplit, cfg: TimeSeriesConfi
     features = data.features  # (T, F), target first, the covariates known ahead last
     chain = build_chain(cfg, data.season_length).fit(features[: split.train_end])
     ahead = Chain([Scale()]).fit(features[: split.train_end, -C:]) if C else None
-    arrays = []
+    weigh, arrays = owa_weights(data, split, cfg), []
     for part in (window_origins(*split.part("train"), L, H, cfg.stride), origins(split, "val", cfg)):
         x, y = make_windows(features, features[:, 0], part, L, H, dtype=np.float64)
+        w = weigh(chain, torch.from_numpy(x), torch.from_numpy(y))[2].numpy().astype(np.float32) if weigh else None
         x, y, _ = chain.encode(x, y)
         f = ahead.encode(features[part[:, None] + np.arange(H), -C:])[0].astype(np.float32) if C else None
-        arrays += [x.astype(np.float32), y.astype(np.float32), f, part]
-    x_tr, y_tr, f_tr, _, x_va, y_va, f_va, val_o = arrays
-    return Windows(split, chain, val_o, origins(split, "test", cfg), x_tr, y_tr, x_va, y_va, f_tr, f_va, ahead)
+        arrays += [x.astype(np.float32), y.astype(np.float32), f, part, w]
+    x_tr, y_tr, f_tr, _, w_tr, x_va, y_va, f_va, val_o, w_va = arrays
+    return Windows(split, chain, val_o, origins(split, "test", cfg), x_tr, y_tr, x_va, y_va, f_tr, f_va, ahead,
+                   w_tr, w_va)
+
+
+def owa_weights(data: Data, split: Split | PanelSplit, cfg: TimeSeriesConfig) -> OwaWeights | None:
+    """--loss owa's weights (``rnn_models.panel.OwaWeights``), their sMAPE reference the seasonal naive's
+    in-sample sMAPE over the training part (of each series, averaged); None for another loss."""
+    if cfg.loss != "owa":
+        return None
+    m = max(data.season_length, 1)
+    train = ([v[:end] for v, end in zip(data.values, split.train_end, strict=True)] if isinstance(data, PanelData)
+             else [data.features[: split.train_end, 0]])
+    refs = [smape(v[m:], v[:-m]) / 100 for v in train if len(v) > m]
+    return OwaWeights(m, max(float(np.mean(refs)) if refs else 1.0, 1e-3))
 
 
 def origins(split: Split | PanelSplit, part: str, cfg: TimeSeriesConfig) -> Origins:

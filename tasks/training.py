@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rnn_models import forecasting
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballObjective, mae_objective, mse_objective
+from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballObjective
 from rnn_models.grouped import available as grouped_available
 from rnn_models.grouped import fit_grouped, groupable_shape
 from rnn_models.grouped import turned_off as grouped_turned_off
@@ -24,7 +25,7 @@ from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, ten
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
 from tasks.data import Series
-from tasks.features import Data, Windows
+from tasks.features import Data, Windows, owa_weights
 from tasks.panel import PanelData
 
 if TYPE_CHECKING:
@@ -227,10 +228,10 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
     normalised window by window (``rnn_models.panel``), never materialised all at once. An epoch is the
     first ``--batches-per-epoch`` batches of a pass in a fresh random order, if that is fewer."""
     per_epoch = cfg.batches_per_epoch or None
-    if isinstance(data, Series):  # (x[, covariates known ahead], y) of each window
+    if isinstance(data, Series):  # (x[, covariates known ahead], y[, loss weights]) of each window
         train, val = ([torch.from_numpy(a).to(device) for a in arrays if a is not None]
-                      for arrays in ((windows.x_train, windows.f_train, windows.y_train),
-                                     (windows.x_val, windows.f_val, windows.y_val)))
+                      for arrays in ((windows.x_train, windows.f_train, windows.y_train, windows.w_train),
+                                     (windows.x_val, windows.f_val, windows.y_val, windows.w_val)))
         return Batches(lambda gen: islice(tensor_batches(*train, batch_size=cfg.batch_size, generator=gen), per_epoch),
                        lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
                        train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
@@ -239,9 +240,10 @@ def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) ->
     train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
     val = PanelWindows(panel, L, H, *split.part("val"))
     ahead = windows.future_scale and windows.future_scale.steps[0]  # covariates known ahead, scaled
+    weigh = owa_weights(data, split, cfg)
     first = next(encoded_batches(train, chain, 1, ahead=ahead), None)  # a window as the network reads it
-    return Batches(lambda gen: islice(encoded_batches(train, chain, cfg.batch_size, gen, ahead), per_epoch),
-                   lambda: encoded_batches(val, chain, 4096, ahead=ahead), panel.values.shape[1],
+    return Batches(lambda gen: islice(encoded_batches(train, chain, cfg.batch_size, gen, ahead, weigh), per_epoch),
+                   lambda: encoded_batches(val, chain, 4096, ahead=ahead, weigh=weigh), panel.values.shape[1],
                    (len(train), len(val)), L if first is None else first[0].shape[1], len(data.future_columns))
 
 
@@ -384,7 +386,7 @@ def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int, future_size
 
 def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
     return (PinballObjective(cfg.quantile_levels) if cfg.quantile_levels
-            else mae_objective if cfg.loss == "mae" else mse_objective)
+            else getattr(forecasting, f"{cfg.loss}_objective"))  # mse, mae, owa
 
 
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,

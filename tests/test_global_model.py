@@ -23,8 +23,10 @@ from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Windo
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.config.series import PANEL_BATCHES, PANEL_SERIES
-from tasks.data import DataError
+from tasks.data import DataError, generate_series
+from tasks.features import scale_and_window, split_series
 from tasks.panel import load_panel
+from tasks.training import Settings, batches, train_forecaster
 from tests.serving import invoke, served
 
 # 24 series of scales 1 to 10^4, seasons 24 and 12; s3 and s17 cut too short to train on
@@ -120,6 +122,21 @@ def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store
     assert (out["q0.1"] <= out["q0.5"]).all() and (out["q0.5"] <= out["q0.9"]).all()
 
 
+def test_the_owa_loss_trains_a_global_model_and_one_series_on_weighted_windows(panel_file, mlflow_store):
+    """--loss owa: the training loop reads each window's step weights after its targets, for many
+    series and for one, and the model it trains beats seasonal naive."""
+    result = timeseries_flow(**TINY, data=str(panel_file), auto=False, window_norm="mean", transform="log",
+                             loss="owa", model_name="meters-owa")
+    assert result["scores"]["rnnflow-lstm"]["mase"] < 0.9 * result["scores"]["seasonal-naive"]["mase"]
+    assert MlflowClient().get_run(result["run_id"]).data.params["loss"] == "owa"
+    one = TimeSeriesConfig(source="trend-season", length=400, loss="owa", auto=False, window_norm="mean", epochs=8)
+    series = generate_series(one)
+    windows = scale_and_window(series, split_series(series, one), one)
+    x, y, w = next(batches(series, windows, one, "cpu").train(torch.Generator().manual_seed(0)))
+    assert w.shape == y.shape and bool((w > 0).all()) and w.std() > 0
+    assert train_forecaster(series, windows, Settings(one)).val_loss > 0
+
+
 # ---------------------------------------------------------------- the pieces
 
 
@@ -191,20 +208,22 @@ def test_integer_time_steps_need_a_season_and_options_that_fit_many_series(tmp_p
         TimeSeriesConfig(id_column="id")
 
 
-@pytest.mark.parametrize("rows, options, message", [
-    (_rows("ab") + "a,5,1\n", [], "series 'a' (column 'id') has two rows at t 5"),
+@pytest.mark.parametrize("rows, options, message, code", [  # 1: the data is wrong, 2: the options
+    (_rows("ab") + "a,5,1\n", [], "series 'a' (column 'id') has two rows at t 5", 1),
     (_rows("ab") + "".join(f"c,{t},{t % 2}\n" for t in range(300)), ["--no-auto", "--transform", "log",
                                                                       "--window-norm", "level"],
      "--transform log needs a positive series, but series 'c' (column 'id') holds 0 in column 'value' at row 0 "
-     "(150 such rows)"),
+     "(150 such rows)", 1),
+    (_rows("ab"), ["--loss", "owa", "--quantiles", "0.1,0.9"],
+     "--loss owa weighs a point forecast's errors; --quantiles trains the pinball loss: drop one", 2),
 ])
-def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path, rows, options, message):
+def test_the_command_line_names_a_bad_panel_before_prefect_starts(tmp_path, rows, options, message, code):
     data = _csv(tmp_path, "id,t,value\n" + rows)
     out = subprocess.run([sys.executable, "-m", "flows.timeseries", "--source", "file", "--data", data,
                           "--id-column", "id", "--season-length", "24", *options], capture_output=True, text=True,
                          timeout=120, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"})
-    assert out.returncode == 1, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"error: {data}: {message}"
+    assert out.returncode == code, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"error: {data}: {message}" if code == 1 else f"error: {message}")
     assert "Traceback" not in out.stderr and not (tmp_path / "m.db").exists()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from rnn_models import synthetic
 from rnn_models.checkpoint import Checkpoint
-from rnn_models.forecasting import PinballObjective, mae_objective, mse_objective
+from rnn_models.forecasting import PinballObjective, mae_objective, mse_objective, owa_objective
 from rnn_models.grouped import GroupedForecasters, available, fit_grouped, groupable
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit, tensor_batches
@@ -46,6 +46,7 @@ def _members(cfg: ForecasterConfig, seeds=(1, 2, 3)) -> list[Forecaster]:
     (1, 1, (), mse_objective),
     (2, 1, (), mae_objective),
     (1, 4, (0.1, 0.5, 0.9), PinballObjective((0.1, 0.5, 0.9))),
+    (1, 1, (), owa_objective),  # each step's error weighted: (x, y, weights)
 ])
 def test_grouped_pass_equals_each_members_own(layers, patch, quantiles, objective):
     cfg = ForecasterConfig(cell="lstm", input_size=2, hidden_size=32, num_layers=layers, horizon=3, patch=patch,
@@ -56,14 +57,19 @@ def test_grouped_pass_equals_each_members_own(layers, patch, quantiles, objectiv
     out = group(x)
     own = torch.stack([m(x[k]) for k, m in enumerate(members)])
     torch.testing.assert_close(out, own, rtol=1e-5, atol=1e-6)
-    losses, n = objective(group, (x, y))  # one loss per member, through autograd
+    rest = (torch.rand(3, 20, 3),) if objective.weighted else ()
+    losses, n = objective(group, (x, y, *rest))  # one loss per member, through autograd
     assert n == 20
-    torch.testing.assert_close(losses, torch.stack([objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)]))
+
+    def own_loss(k: int, m: Forecaster) -> torch.Tensor:
+        return objective(m, (x[k], y[k], *(r[k] for r in rest)))[0]
+
+    torch.testing.assert_close(losses, torch.stack([own_loss(k, m) for k, m in enumerate(members)]))
     losses.sum().backward()
     grads = [p.grad for p in group.parameters()]
     assert all(g is not None for g in grads)
     group.zero_grad(set_to_none=True)
-    sum(objective(m, (x[k], y[k]))[0] for k, m in enumerate(members)).backward()
+    sum(own_loss(k, m) for k, m in enumerate(members)).backward()
     for g, p in zip(grads, group.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 

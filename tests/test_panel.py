@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from rnn_models.forecasting import mse_objective
-from rnn_models.panel import Panel, PanelWindows, encoded_batches, window_norm
+from rnn_models.panel import OwaWeights, Panel, PanelWindows, encoded_batches, window_norm
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import TrainConfig, fit
-from rnn_models.transforms import Chain, WindowNorm
+from rnn_models.transforms import Baseline, Chain, Log, Scale, WindowNorm
 from rnn_models.windows import make_windows, window_origins
 
 
@@ -61,6 +61,26 @@ def test_window_norm_is_the_twin_of_the_numpy_transform(center):
     np.testing.assert_allclose(got_x.numpy(), want_x, rtol=1e-10)
     np.testing.assert_allclose(got_y.numpy(), want_y, rtol=1e-10)
     np.testing.assert_allclose((got_y * ts + tc).numpy(), y, rtol=1e-10)  # and it inverts
+
+
+@pytest.mark.parametrize("steps", [[Log(), WindowNorm("mean")], [Log(), WindowNorm("level")], [WindowNorm("level")],
+                                   [Scale(np.zeros(1), np.full(1, 3.0)), WindowNorm("last"), Baseline(4)]])
+def test_owa_weights_make_an_error_in_network_units_count_as_owa_counts_it(steps):
+    """--loss owa: a small error of d network units, weighted, is what M4's OWA makes of the error
+    it decodes to in original units: half |y - f| / |y| over seasonal naive's sMAPE, half |y - f| over
+    the window's seasonal-naive error (its lookback's mean absolute change over a season)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(40)
+    x = (rng.uniform(1, 1000, (16, 1, 1)) * (2 + np.sin(2 * np.pi * t / 4))[None, :, None]
+         * rng.uniform(0.9, 1.1, (16, 40, 1)))  # positive series of levels 1 to 1000, season 4
+    y = x[:, -8:, 0] * rng.uniform(0.8, 1.2, (16, 8))
+    chain, weigh, d = Chain(steps), OwaWeights(season=4, smape_ref=0.15), 1e-6
+    _, y_net, w = weigh(chain, torch.from_numpy(x), torch.from_numpy(y))
+    _, _, ctx = chain.encode(x, y)
+    f = chain.decode(y_net.numpy() + d, ctx)  # the forecast a d-unit error decodes to
+    scale = np.abs(x[:, 4:, 0] - x[:, :-4, 0]).mean(axis=1, keepdims=True)
+    owa = 0.5 * (np.abs(y - f) / (0.15 * np.abs(y)) + np.abs(y - f) / scale)
+    np.testing.assert_allclose(w.numpy() * d, owa, rtol=1e-4)
 
 
 def test_a_global_model_learns_series_of_very_different_scales():

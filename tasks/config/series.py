@@ -124,8 +124,10 @@ class ForecasterTraining(TrainingOptions):
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
     loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
-                       "MASE reward); auto = mse for one series, mae with --id-column; with --quantiles: pinball",
-                       ("auto", "mse", "mae"))
+                       "MASE reward), or owa: mae with each step weighted as M4's OWA counts its error (half as a "
+                       "share of the actual value over seasonal naive's in-sample sMAPE, half over the window's "
+                       "seasonal-naive error); auto = mse for one series, mae with --id-column; with --quantiles: "
+                       "pinball", ("auto", "mse", "mae", "owa"))
     minutes: float = option(0.0, "a time budget for the whole model: --auto's candidates train in its first third, "
                             "the --ensemble members in the rest, group after group, each until early stopping or the "
                             "budget ends it (not --epochs); members that do not fit are left out and the run says how "
@@ -169,6 +171,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         for cell in self.member_cells:
             if cell not in CELL_NAMES:
                 raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
+        if self.loss == "owa" and self.quantiles:
+            raise ConfigError("--loss owa weighs a point forecast's errors; --quantiles trains the pinball loss: "
+                              "drop one")
         self.quantile_levels, self.interval_levels  # noqa: B018 - parses, so a bad list stops here
 
     def _check_panel(self) -> None:
