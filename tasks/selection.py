@@ -61,16 +61,17 @@ class Selection:
     trained: Trained | None = None  # the chosen network, the model's first member (None: trained on another split)
     widened: str = ""  # how the validation part was widened, if it was
     measure: str = "MASE"  # what the candidates were scored by: MASE, or OWA for a global model (MEASURES)
+    losses: dict[str, str] = field(default_factory=dict)  # candidate -> the loss it trained with (--loss auto: its own)
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
-                + (f"{s:.4g}" if np.isfinite(s) else f"skipped: {self.reasons[name]}") + " |"
-                for name, s in self.scores.items()]
+                + (f"{s:.4g}" if np.isfinite(s) else f"skipped: {self.reasons[name]}")
+                + f" | {self.losses.get(name, '')} |" for name, s in self.scores.items()]
         lines = [f"--auto chose **{self.choice}**: the lowest validation {self.measure} of the candidates"
                  f"{MEASURES[self.measure][0]}."]
         if self.widened:
             lines.append(self.widened)
-        return "\n".join([*lines, "", f"| candidate | validation {self.measure} |", "|---|---:|", *rows])
+        return "\n".join([*lines, "", f"| candidate | validation {self.measure} | loss |", "|---|---:|---|", *rows])
 
 
 def candidates_for(cfg: TimeSeriesConfig) -> dict[str, tuple[str, str, str, str]]:
@@ -112,8 +113,10 @@ def selection_split(split: Split | PanelSplit, cfg: TimeSeriesConfig) -> Split |
 
 def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     """The config with the candidate's settings, as if given with --no-auto: what the run logs,
-    so that rebuilding the config from the run's params gives this model's settings back."""
-    return replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, candidates_for(cfg)[candidate], strict=True)))
+    so that rebuilding the config from the run's params gives this model's settings back (--loss auto
+    resolved for the candidate's transform: ``TimeSeriesConfig.resolved_loss``)."""
+    trial = replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, candidates_for(cfg)[candidate], strict=True)))
+    return replace(trial, loss=trial.resolved_loss())
 
 
 @dataclass
@@ -127,7 +130,15 @@ class AutoRound:
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
     diverged: dict[str, NonFiniteLossError] = field(default_factory=dict)  # candidate -> how its training diverged
-    measure: str = "MASE"  # what the candidates are scored by (MEASURES)
+
+    @property
+    def losses(self) -> dict[str, str]:
+        return {name: "pinball" if trial.quantile_levels else trial.loss for name, trial in self.trials.items()}
+
+    @property
+    def measure(self) -> str:
+        """What the candidates are scored by (MEASURES): the trials' own, one model's settings alike."""
+        return measure_for(next(iter(self.trials.values()))) if self.trials else "MASE"
 
     def score(self, trained: dict[str, Trained]) -> dict[str, float]:
         """Each candidate's validation ``measure`` in the trials' order (nan: it could not run)."""
@@ -171,16 +182,16 @@ def auto_round(data: Data, trials: dict[str, TimeSeriesConfig], checkpoints: Pat
         # candidates whose networks and windows have one shape train together (tasks.training)
         candidates[candidate] = forecaster_ensemble(own_data, windows, Settings(trial, deadline=deadline),
                                                     folder(checkpoints, candidate), label(name, candidate))
-    return AutoRound(trials, candidates, prepared, reasons, widened,
-                     measure=measure_for(next(iter(trials.values()))) if trials else "MASE")
+    return AutoRound(trials, candidates, prepared, reasons, widened)
 
 
 def choose_settings(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None = None) -> Settings:
     """The config settled for the data (the automatic settings of a global model, once the
     season is known) and, with --auto, given the transform settings of the candidate with the
     best validation score (MASE, or OWA for a global model), then calendar features if they score
-    better still (where --calendar and --no-calendar leave it to --auto). ``checkpoints``: a folder for each candidate's
-    training checkpoints. The data the model then trains on is ``with_calendar(data, cfg)``."""
+    better still (where --calendar and --no-calendar leave it to --auto). ``checkpoints``: a folder
+    for each candidate's training checkpoints. The data the model then trains on is
+    ``with_calendar(data, cfg)``."""
     return choose_all({"": (data, cfg, checkpoints)})[""]
 
 
@@ -249,7 +260,7 @@ def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float]
         raise next(iter(rnd.diverged.values()))
     choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data", rnd.measure)
     return Settings(rnd.trials[choice], Selection(choice, scores, rnd.reasons, None if rnd.widened else trained[choice],
-                                                  rnd.widened, rnd.measure))
+                                                  rnd.widened, rnd.measure, rnd.losses))
 
 
 def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trained],
@@ -258,7 +269,8 @@ def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trai
     (name, score_), sel = next(iter(scores.items())), first.selection
     better = bool(np.isfinite(score_) and score_ < sel.scores[sel.choice])
     run_logger().info("--auto: calendar features %s", "kept" if better else "left out")
-    selection = replace(sel, scores={**sel.scores, **scores}, reasons={**sel.reasons, **rnd.reasons})
+    selection = replace(sel, scores={**sel.scores, **scores}, reasons={**sel.reasons, **rnd.reasons},
+                        losses={**sel.losses, **rnd.losses})
     if not better:
         return Settings(replace(first.cfg, calendar=False), selection)
     return Settings(rnd.trials[name], replace(selection, choice=name, trained=None if rnd.widened else trained[name]))

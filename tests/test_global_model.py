@@ -26,6 +26,7 @@ from tasks.config.series import PANEL_BATCHES, PANEL_SERIES
 from tasks.data import DataError, generate_series
 from tasks.features import scale_and_window, split_series
 from tasks.panel import load_panel
+from tasks.selection import apply
 from tasks.training import Settings, batches, train_forecaster
 from tests.serving import invoke, served
 
@@ -113,7 +114,9 @@ def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store
     assert "auto_choice" in run.data.params  # --auto ran on the panel, scoring by OWA, the log candidate too
     auto = mlflow.artifacts.load_text(f"runs:/{result['run_id']}/auto.md")
     assert "the lowest validation OWA of the candidates (M4's ranking" in auto, auto
-    assert "| candidate | validation OWA |" in auto and "| log + window-norm mean" in auto, auto
+    assert "| candidate | validation OWA | loss |" in auto and "| log + window-norm mean" in auto, auto
+    rows = [row for row in auto.splitlines() if row.startswith(("| log", "| window-norm"))]
+    assert len(rows) == 4 and all(row.endswith("| pinball |") for row in rows), auto  # each says its loss
     assert 0 < run.data.metrics["auto_val_owa_log_window_norm_mean"] < 2
     model = mlflow.pyfunc.load_model("models:/meters-q@champion")
     df = pd.read_csv(panel_file)
@@ -239,11 +242,25 @@ def test_a_patched_forecaster_reads_its_window_in_segments():
 def test_many_series_default_to_a_week_read_a_day_per_step():
     cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id")
     assert (cfg.lookback, cfg.patch) == (0, 0)
-    assert (cfg.settled(24, 12).lookback, cfg.settled(24, 12).patch, cfg.settled(24, 12).loss) == (168, 24, "mae")
+    assert (cfg.settled(24, 12).lookback, cfg.settled(24, 12).patch) == (168, 24)
     assert (cfg.settled(1, 12).lookback, cfg.settled(1, 12).patch) == (24, 1)
     one = TimeSeriesConfig()
-    assert (one.lookback, one.patch, one.loss, one.batch_size) == (24, 1, "mse", 32)  # one series: as before
+    assert (one.lookback, one.patch, one.loss, one.batch_size, one.lr) == (24, 1, "mse", 32, 3e-3)  # as before
+    assert (cfg.lr, TimeSeriesConfig(source="file", data="x.csv", id_column="id", lr=1e-3).lr) == (6e-3, 1e-3)
     assert cfg.settled(24, 12).batch_size == 256
+
+
+def test_a_global_models_loss_is_owa_in_log_space_and_mae_elsewhere():
+    """--loss auto with --id-column: each --auto candidate resolves its own, as --no-auto does."""
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12)
+    assert cfg.loss == "auto"  # left to each candidate
+    assert apply(cfg, "log + window-norm mean").loss == "owa"
+    assert apply(cfg, "window-norm mean").loss == apply(cfg, "window-norm level").loss == "mae"
+    assert apply(replace(cfg, loss="mse"), "log + window-norm mean").loss == "mse"  # given: kept
+    assert apply(replace(cfg, quantiles="0.1,0.9"), "log + window-norm mean").loss == "mae"  # pinball, as before
+    fixed = dict(source="file", data="x.csv", id_column="id", auto=False, window_norm="mean")
+    assert TimeSeriesConfig(**fixed, transform="log").settled(24, 12).loss == "owa"
+    assert TimeSeriesConfig(**fixed).settled(24, 12).loss == "mae"
 
 
 def test_an_epoch_of_many_series_is_at_most_batches_per_epoch_drawn_afresh_each_time(panel_file):

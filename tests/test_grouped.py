@@ -250,8 +250,12 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     cfg = cfg.settled(panel.season_length, len(panel))
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         selection = choose_settings(panel, cfg).selection
-    assert ("log + window-norm mean, window-norm mean, window-norm level, window-norm last + seasonal baseline: "
-            "training lstm together") in caplog.text
+    # --loss auto: each candidate its own, owa in log space only (auto.md says which); a group shares its objective
+    assert "window-norm mean, window-norm level, window-norm last + seasonal baseline: training lstm together" \
+        in caplog.text and "log + window-norm mean: training lstm on cpu" in caplog.text
+    assert selection.losses == {"log + window-norm mean": "owa", "window-norm mean": "mae", "window-norm level": "mae",
+                                "window-norm last + seasonal baseline": "mae"}
+    assert "| log + window-norm mean" in selection.markdown() and "| owa |" in selection.markdown()
     chosen = replace(apply(cfg, selection.choice), ensemble=1)
     alone = train_forecaster(panel, scale_and_window(panel, split_series(panel, chosen), chosen), Settings(chosen))
     for (key, pa), pb in zip(alone.forecaster.members[0].state_dict().items(),

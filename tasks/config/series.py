@@ -24,6 +24,7 @@ TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 # (each part still holds as many forecast origins): the network trains on the most recent data, as M4 scores it
 PANEL_SERIES = 100
 PANEL_BATCHES = 160  # batches per epoch of a global model: early stopping looks often (docs/BENCHMARKS.md, M4)
+LR = (3e-3, 6e-3)  # --lr 0: one series' learning rate, and a global model's (batches 8 times larger; BENCHMARKS, M4)
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
@@ -121,13 +122,15 @@ class ForecasterTraining(TrainingOptions):
     """The forecaster's own training options: the moving average and the learning-rate plateau."""
     batch_size: int = override(TrainingOptions, "batch_size", 0,
                                "windows per gradient step; 0 = 32 for one series, 256 with --id-column")
+    lr: float = override(TrainingOptions, "lr", 0.0, f"AdamW learning rate; 0 = {LR[0]:g} for one series, {LR[1]:g} "
+                         "with --id-column (its batches are 8 times larger)")
     ema: float = option(0.98, "per-step decay of an exponential moving average of the weights; the average is "
                         "what is validated and registered (0 = off)")
     loss: str = option("auto", "training loss in network units: mse, or mae (learns the median, which sMAPE and "
                        "MASE reward), or owa: mae with each step weighted as M4's OWA counts its error (half as a "
                        "share of the actual value over seasonal naive's in-sample sMAPE, half over the window's "
-                       "seasonal-naive error); auto = mse for one series, mae with --id-column; with --quantiles: "
-                       "pinball", ("auto", "mse", "mae", "owa"))
+                       "seasonal-naive error); auto = mse for one series; with --id-column owa in log space "
+                       "(--transform log), else mae; with --quantiles: pinball", ("auto", "mse", "mae", "owa"))
     minutes: float = option(0.0, "a time budget for the whole model: --auto's candidates train in its first third, "
                             "the --ensemble members in the rest, group after group, each until early stopping or the "
                             "budget ends it (not --epochs); members that do not fit are left out and the run says how "
@@ -146,6 +149,7 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     """The time-series flow's config: its bases' fields in reverse order (data, windows, model, training, ...)."""
 
     def __post_init__(self):
+        self.lr = self.lr or LR[self.panel]
         if not self.panel:  # one series: the automatic settings need no data
             self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
             self.loss = "mse" if self.loss == "auto" else self.loss
@@ -215,10 +219,19 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         val_size, test_size = self.parts(few=series < PANEL_SERIES)
         lookback = self.lookback or (7 * m if m else 24)
         patch = self.patch or (m if m and lookback % m == 0 else 1)
-        return replace(self, lookback=lookback, patch=patch, loss="mae" if self.loss == "auto" else self.loss,
+        return replace(self, lookback=lookback, patch=patch, loss=self.loss if self.auto else self.resolved_loss(),
                        val_size=val_size, test_size=test_size,
                        batch_size=self.batch_size or 256, batches_per_epoch=self.batches_per_epoch or PANEL_BATCHES,
                        calendar=self.calendar if self.auto else bool(self.calendar))
+
+    def resolved_loss(self) -> str:
+        """--loss auto for a global model's settings (--auto's candidates each resolve their own): owa where it
+        forecasts in log space, the step weights bounded there (each is the share of the level one network unit
+        decodes to), unless --quantiles trains the pinball loss; mae otherwise, where an actual value near zero
+        would weigh without bound."""
+        if self.loss != "auto":
+            return self.loss
+        return "owa" if self.transform == "log" and not self.quantiles else "mae"
 
     def parts(self, few: bool) -> tuple[float, float]:
         """--val-size and --test-size, a 0 resolved: PART_SIZES for one series or a few, else 0 (one horizon each)."""
