@@ -100,8 +100,9 @@ def rnnflow(path: str, ids: list[str], seed: int, options: dict) -> tuple[np.nda
     bounds = {a: (lo[order], hi[order]) for a, (lo, hi) in pipeline.bounds(windows, raw).items()}
     tried = ", ".join(f"{k} {v:.4f}" for k, v in selection.scores.items()) if selection else ""
     epochs = ", ".join(f"{f.best_epoch} / {f.history[-1].epoch}" for f in out.trained.fits)
+    members = f"; the members take in turn {', '.join(selection.members)}" if selection and selection.members else ""
     ran = (f"--auto: {selection.choice} (validation {selection.measure}: {tried})" if selection else "--auto: off") + \
-        f"; each member's best / last epoch: {epochs}"
+        f"{members}; each member's best / last epoch: {epochs}"
     return pipeline.point(raw)[order], seconds, ran, bounds, [pipeline.point(f)[order] for f in each]
 
 
@@ -141,7 +142,7 @@ def main() -> None:
     print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
           f"horizon {H}, season {M}; load average {os.getloadavg()[0]:.2f}; torch threads "
           f"{__import__('torch').get_num_threads()}; options {options or 'defaults'}")
-    rows, intervals, saved = [], [], []
+    rows, intervals, saved, members = [], [], [], []
     snaive = np.tile(np.stack([v[-M:] for v in train]), H // M)
     rows.append(("seasonal naive", *competition_scores(train, test, snaive), ""))
     rows.append(("naive", *competition_scores(train, test, np.repeat(np.stack([v[-1:] for v in train]), H, 1)), ""))
@@ -155,8 +156,10 @@ def main() -> None:
             intervals += [(seed, a, interval_scores(np.stack(test), lo, hi, a, *m4_scales(train)))
                           for a, (lo, hi) in bounds.items()]
             saved.append(forecast)
-    if args.save:
+            members.append(np.stack(each))
+    if args.save:  # and each member's forecasts (seeds, members, 414, 48) beside it, for mixes of members
         np.save(args.save, np.stack(saved))
+        np.save(args.save.removesuffix(".npy") + ".members.npy", np.stack(members))
     if args.mean_of:
         forecast = np.concatenate([np.load(f) for f in args.mean_of.split(",")]).mean(0)  # every seed of each
         rows.append((f"mean of {args.mean_of}", *competition_scores(train, test, forecast),

@@ -1,14 +1,16 @@
 """A trained forecaster with its transforms: raw windows in original units in, forecasts out.
 
 The flow's backtest and the registered MLflow model both predict through this one class, so
-what is evaluated is what is served. One or more member networks (an ensemble) share one
-:class:`~rnn_models.transforms.Chain`; their forecasts are averaged in original units. It saves
+what is evaluated is what is served. One or more member networks (an ensemble), each with its
+:class:`~rnn_models.transforms.Chain` (one shared by all, or each member's own: members trained on
+differently transformed windows); their forecasts are averaged in original units. It saves
 to plain files: weights as safetensors, configuration and transform numbers as JSON; nothing
 is pickled.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,15 @@ class ForecastPipeline:
     of them (``meta["future_covariate_columns"]``) known for the horizon too: a window then holds
     the H steps ahead after its L steps of history, (N, L + H, F), the target of those H unread."""
 
-    def __init__(self, members: list[Forecaster], chain: Chain, meta: dict | None = None):
+    def __init__(self, members: list[Forecaster], chain: Chain | list[Chain], meta: dict | None = None):
+        """``chain``: the members' transforms, or each member's own (a list as long as ``members``)."""
         if not members:
             raise ValueError("a forecast pipeline needs at least one member network")
+        chains = chain if isinstance(chain, list) else [chain] * len(members)
+        if len(chains) != len(members):
+            raise ValueError(f"{len(chains)} transform chains for {len(members)} member networks")
         self.members = nn.ModuleList(members).eval()
-        self.chain, self.meta = chain, dict(meta or {})
+        self.chains, self.meta = chains, dict(meta or {})
         self.calibration = Calibration.from_dict(self.meta["intervals"]) if "intervals" in self.meta else None
         # the covariates known ahead are scaled on their own (fitted on the training rows), not per window
         self.future_scale = Chain.from_list([self.meta["future_scale"]]) if "future_scale" in self.meta else None
@@ -78,11 +84,15 @@ class ForecastPipeline:
         (sorted along Q), in original units: the members' average. With ``members=True``
         returns (average, [each member's forecast])."""
         past, future = self.split(windows)
-        x, _, ctx = self.chain.encode(past)
-        inputs = [x.astype(np.float32)]
-        if future is not None:
-            inputs.append(self.future_scale.encode(future)[0].astype(np.float32))
-        each = [self.chain.decode(self._run(m, inputs, batch_size), ctx) for m in self.members]
+        ahead = [] if future is None else [self.future_scale.encode(future)[0].astype(np.float32)]
+        encoded = {}  # chain -> (network inputs, decoding context): each distinct chain encodes once
+        each = []
+        for chain, m in zip(self.chains, self.members, strict=True):
+            if chain not in encoded:
+                x, _, ctx = chain.encode(past)
+                encoded[chain] = [x.astype(np.float32), *ahead], ctx
+            inputs, ctx = encoded[chain]
+            each.append(chain.decode(self._run(m, inputs, batch_size), ctx))
         mean = np.mean(each, axis=0)
         if self.quantiles:  # rearrangement: sorted quantiles never cross, and score no worse
             mean, each = np.sort(mean, axis=-1), [np.sort(f, axis=-1) for f in each]
@@ -137,10 +147,17 @@ class ForecastPipeline:
         shape = (0, self.horizon) + ((len(self.quantiles),) if self.quantiles else ())
         return np.concatenate(out) if out else np.zeros(shape, dtype=np.float32)
 
+    def describe(self) -> str:
+        """The transforms, as the run's params show them: each distinct chain's, in members' order."""
+        return " | ".join(dict.fromkeys(c.describe() for c in self.chains))
+
     def save(self, directory: str | Path) -> dict[str, str]:
-        """Write weights and config into ``directory``; returns {artifact name: path}."""
-        config = {"members": [m.config_dict() for m in self.members], "transforms": self.chain.to_list(),
+        """Write weights and config into ``directory``; returns {artifact name: path}. One shared chain is
+        saved as ``transforms``; members with chains of their own add ``member_transforms``."""
+        config = {"members": [m.config_dict() for m in self.members], "transforms": self.chains[0].to_list(),
                   **self.meta}
+        if any(c is not self.chains[0] for c in self.chains):
+            config["member_transforms"] = [c.to_list() for c in self.chains]
         return checkpoint.save(self.members, directory, config)
 
     @classmethod
@@ -154,6 +171,9 @@ class ForecastPipeline:
             members = nn.ModuleList([Forecaster(ForecasterConfig(**c)) for c in cfg.pop("members")])
             checkpoint.load_weights(members, weights)
             chain = Chain.from_list(cfg.pop("transforms"))
+            if "member_transforms" in cfg:  # members alike share one chain again
+                made: dict[str, Chain] = {}
+                chain = [made.setdefault(json.dumps(c), Chain.from_list(c)) for c in cfg.pop("member_transforms")]
         return cls(list(members.to(device)), chain, cfg)
 
 

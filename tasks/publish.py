@@ -101,7 +101,7 @@ def _register_forecaster(settings: Settings, data: Data, windows: Windows, train
         tags = {"kind": "forecaster", "test_mase": f"{mase:.6g}", "data_sha256": data.sha256, "source": data.source,
                 "cell": ",".join(sorted(set(cfg.member_cells))), **data_tags(data), "lookback": str(cfg.lookback),
                 "horizon": str(cfg.horizon), "ensemble": str(cfg.ensemble),
-                "quantiles": ",".join(map(str, pipeline.quantiles)), "transforms": pipeline.chain.describe(),
+                "quantiles": ",".join(map(str, pipeline.quantiles)), "transforms": pipeline.describe(),
                 "intervals": ",".join(f"{a:g}" for a in cfg.interval_levels)}
         metric = "mean test MASE over series" if isinstance(data, PanelData) else "test MASE"
         return finish_registration(name, created["version"], mase, champion, metric, tags,
@@ -199,7 +199,7 @@ def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict
     test_mase for the model, test_member2_mase for its members, naive_mase for the baselines."""
     fit, pipeline = trained.first_fit, trained.pipeline()
     mlflow.log_params(cfg.to_params())
-    mlflow.log_params({"resolved_device": trained.device, "transforms": pipeline.chain.describe(),
+    mlflow.log_params({"resolved_device": trained.device, "transforms": pipeline.describe(),
                        "member_cells": ",".join(cfg.member_cells), "members_fitted": len(trained.fits),
                        "quantile_levels": ",".join(map(str, pipeline.quantiles)), **data_params})
     log_history(fit.history)
@@ -214,6 +214,8 @@ def log_selection(selection: Selection | None) -> None:
     """--auto's choice and each candidate's validation score (MASE, or OWA) on the active run."""
     if selection is not None:
         mlflow.log_param("auto_choice", selection.choice)
+        if selection.members:  # --ensemble-candidates: the settings the members take in turn
+            mlflow.log_param("auto_members", ", ".join(selection.members))
         prefix = f"auto_val_{selection.measure.lower()}_"  # auto_val_owa_log_window_norm_mean
         mlflow.log_metrics({prefix + k.replace(" + ", "_").replace(" ", "_").replace("-", "_"): v
                             for k, v in selection.scores.items() if math.isfinite(v)})

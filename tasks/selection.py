@@ -42,14 +42,18 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 # a global model over many series (--id-column) has no global scaler: every candidate normalises
 # its windows one by one, and may learn the correction to seasonal naive; "level" weighs each
 # series' errors as a share of its level, not of its swings; in log space an error is a share of the
-# level and no forecast falls below zero (docs/BENCHMARKS.md, M4 Hourly)
+# level and no forecast falls below zero; the two log candidates differ in what a unit is (a share of the
+# window's swing, of its level), and a model whose members take both beats either (docs/BENCHMARKS.md, M4 Hourly)
 PANEL_CANDIDATES = {
     "log + window-norm mean": ("log", "none", "mean", "none"),
-    "window-norm mean": ("none", "none", "mean", "none"),
+    "log + window-norm level": ("log", "none", "level", "none"),
     "window-norm level": ("none", "none", "level", "none"),
     "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
 }
 
+# a runner-up's settings join the ensemble (--ensemble-candidates) only if it scored within 5 % of the best: a
+# member clearly worse on validation would pull the average its way
+NEAR_BEST = 1.05
 MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, where the series allows
 
 
@@ -62,6 +66,7 @@ class Selection:
     widened: str = ""  # how the validation part was widened, if it was
     measure: str = "MASE"  # what the candidates were scored by: MASE, or OWA for a global model (MEASURES)
     losses: dict[str, str] = field(default_factory=dict)  # candidate -> the loss it trained with (--loss auto: its own)
+    members: list[str] = field(default_factory=list)  # --ensemble-candidates: the candidates the members take in turn
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
@@ -69,6 +74,9 @@ class Selection:
                 + f" | {self.losses.get(name, '')} |" for name, s in self.scores.items()]
         lines = [f"--auto chose **{self.choice}**: the lowest validation {self.measure} of the candidates"
                  f"{MEASURES[self.measure][0]}."]
+        if len(self.members) > 1:
+            lines.append(f"The ensemble's members take in turn the settings of the {len(self.members)} best "
+                         f"(--ensemble-candidates): {', '.join(self.members)}.")
         if self.widened:
             lines.append(self.widened)
         return "\n".join([*lines, "", f"| candidate | validation {self.measure} | loss |", "|---|---:|---|", *rows])
@@ -115,7 +123,8 @@ def apply(cfg: TimeSeriesConfig, candidate: str) -> TimeSeriesConfig:
     """The config with the candidate's settings, as if given with --no-auto: what the run logs,
     so that rebuilding the config from the run's params gives this model's settings back (--loss auto
     resolved for the candidate's transform: ``TimeSeriesConfig.resolved_loss``)."""
-    trial = replace(cfg, auto=False, **dict(zip(TRANSFORM_FIELDS, candidates_for(cfg)[candidate], strict=True)))
+    trial = replace(cfg, auto=False, ensemble_candidates=0,
+                    **dict(zip(TRANSFORM_FIELDS, candidates_for(cfg)[candidate], strict=True)))
     return replace(trial, loss=trial.resolved_loss())
 
 
@@ -206,14 +215,15 @@ def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]
             for k, (_, cfg, _) in settled.items()}
     auto = {k: (data, {c: apply(cfg, c) for c in candidates_for(cfg)}, ckpt, ends[k][0])
             for k, (data, cfg, ckpt) in settled.items() if cfg.auto}
-    first = {k: choose(*tried, settled[k][0].source) for k, tried in train_rounds(auto).items()}
+    first = {k: choose(*tried, settled[k][0].source, settled[k][1].kept_candidates)
+             for k, tried in train_rounds(auto).items()}
     # a second round where --auto decides the calendar features: the first round's choice with them
     undecided = {k: (settled[k][0], {f"{s.selection.choice} + calendar": replace(s.cfg, calendar=True)}, settled[k][2],
                      ends[k][0]) for k, s in first.items() if s.cfg.calendar is None and has_dates(settled[k][0])}
     second = train_rounds(undecided)
     chosen = {k: first.get(k, Settings(cfg)) for k, (_, cfg, _) in settled.items()}
-    chosen = {k: with_calendar_round(s, *second[k]) if k in second else
-              replace(s, cfg=replace(s.cfg, calendar=bool(s.cfg.calendar))) for k, s in chosen.items()}
+    chosen = {k: with_calendar_round(s, *second[k]) if k in second else settle_calendar(s, bool(s.cfg.calendar))
+              for k, s in chosen.items()}
     return {k: replace(s, deadline=ends[k][1]) for k, s in chosen.items()}
 
 
@@ -253,14 +263,20 @@ def train_candidates(candidates: dict[Hashable, Ensemble]
     return trained, diverged
 
 
-def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str) -> Settings:
-    """The settings of the round's candidate with the best validation score (every candidate's training
-    diverged: how the first did, with what to change)."""
+def choose(rnd: AutoRound, trained: dict[str, Trained], scores: dict[str, float], source: str,
+           keep: int = 1) -> Settings:
+    """The settings of the round's candidate with the best validation score, and those of the next
+    ``keep`` - 1 within NEAR_BEST of it as runners-up the ensemble's members take in turn, each with
+    the network the round trained (every candidate's training diverged: how the first did, with what to change)."""
     if rnd.diverged and not any(np.isfinite(v) for v in scores.values()):
         raise next(iter(rnd.diverged.values()))
     choice = best(scores, rnd.reasons, f"{source}: no --auto candidate could run on this data", rnd.measure)
-    return Settings(rnd.trials[choice], Selection(choice, scores, rnd.reasons, None if rnd.widened else trained[choice],
-                                                  rnd.widened, rnd.measure, rnd.losses))
+    near = [c for c, v in scores.items() if np.isfinite(v) and v <= scores[choice] * NEAR_BEST]
+    ranked = sorted(near, key=scores.get)[:keep]  # stable: the choice first
+    network = {c: None if rnd.widened else trained[c] for c in ranked}
+    selection = Selection(choice, scores, rnd.reasons, network[choice], rnd.widened, rnd.measure, rnd.losses,
+                          ranked if keep > 1 else [])
+    return Settings(rnd.trials[choice], selection, runners_up=[(rnd.trials[c], network[c]) for c in ranked[1:]])
 
 
 def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trained],
@@ -272,8 +288,18 @@ def with_calendar_round(first: Settings, rnd: AutoRound, trained: dict[str, Trai
     selection = replace(sel, scores={**sel.scores, **scores}, reasons={**sel.reasons, **rnd.reasons},
                         losses={**sel.losses, **rnd.losses})
     if not better:
-        return Settings(replace(first.cfg, calendar=False), selection)
-    return Settings(rnd.trials[name], replace(selection, choice=name, trained=None if rnd.widened else trained[name]))
+        return replace(settle_calendar(first, False), selection=selection)
+    members = [name, *(f"{m} + calendar" for m in sel.members[1:])]
+    return replace(settle_calendar(first, True), cfg=rnd.trials[name], selection=replace(
+        selection, choice=name, trained=None if rnd.widened else trained[name], members=members))
+
+
+def settle_calendar(settings: Settings, on: bool) -> Settings:
+    """``settings`` with the calendar features on or off, for the runners-up too: a runner-up's
+    network is kept where its data stays as it trained on it, dropped (trained anew) where not."""
+    return replace(settings, cfg=replace(settings.cfg, calendar=on), runners_up=[
+        (replace(cfg, calendar=on), network if bool(cfg.calendar) == on else None)
+        for cfg, network in settings.runners_up])
 
 
 def folder(checkpoints: Path | None, candidate: str) -> Path | None:

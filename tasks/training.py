@@ -6,7 +6,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,10 +22,11 @@ from rnn_models.grouped import turned_off as grouped_turned_off
 from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import Forecaster, ForecasterConfig
 from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
+from rnn_models.transforms import Chain
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
 from tasks.data import Series
-from tasks.features import Data, Windows, owa_weights
+from tasks.features import Data, Windows, owa_weights, scale_and_window
 from tasks.panel import PanelData
 
 if TYPE_CHECKING:
@@ -66,6 +67,9 @@ class Settings:
     cfg: TimeSeriesConfig
     selection: Selection | None = None
     deadline: float | None = None  # with --minutes: when (time.time()) the model's training must end
+    # --ensemble-candidates: the runners-up's settings the members take in turn after ``cfg``'s, each with the
+    # network --auto trained with them on the model's data (None: trained anew)
+    runners_up: list[tuple[TimeSeriesConfig, Trained | None]] = field(default_factory=list)
 
 
 @functools.cache
@@ -183,26 +187,45 @@ def train_ensembles(models: dict[Hashable, Ensemble]) -> dict[Hashable, Trained]
     return {key: e.finish([next(results) for _ in e.networks]) for key, e in models.items()}
 
 
-def ensemble(cfg: TimeSeriesConfig, batches: Batches, first: Trained | None, checkpoints: Path | None, name: str,
-             make: Callable[[list[Forecaster], list[FitResult]], Trained], deadline: float | None = None) -> Ensemble:
-    """The config's ``--ensemble`` members (seed + i, cells in turn) on ``batches``, ``first``
-    (member 1, trained by --auto) kept; ``make`` builds the model from the members and results.
-    ``deadline``: the --minutes budget's end, after which members beyond the first are left out."""
-    K = cfg.ensemble
-    kept = []
-    if first is not None:
-        who = label(name, f"member 1/{K}" if K > 1 else "")
-        run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cfg.member_cells[0])
-        kept = [(first.forecaster.members[0], first.first_fit)]
-    networks = [Network(label(name, f"member {i + 1}/{K}" if K > 1 else ""), cfg.member_cells[i], cfg, cfg.seed + i,
-                        batches, checkpoints and checkpoints / f"member-{i + 1}", deadline, optional=i > 0)
-                for i in range(len(kept), K)]
+@dataclass
+class MemberSettings:
+    """Settings an ensemble's members take in turn: the config, its windows as the loop reads them,
+    their transforms, and the network --auto trained with them, kept as their first member (or None)."""
+
+    cfg: TimeSeriesConfig
+    batches: Batches
+    chain: Chain | None = None
+    first: Trained | None = None
+
+
+def ensemble(plans: list[MemberSettings], checkpoints: Path | None, name: str,
+             make: Callable[[list[Forecaster], list[FitResult], list[MemberSettings]], Trained],
+             deadline: float | None = None) -> Ensemble:
+    """The first plan's config's ``--ensemble`` members, which take the plans' settings in turn
+    (member i: plan i mod n, seed + i div n, the config's cells in turn); a plan's ``first``
+    network (trained by --auto) is kept as its first member where its cell is that member's.
+    ``make`` builds the model from the members, their results and their plans. ``deadline``: the
+    --minutes budget's end, after which members not yet trained, beyond the first, are left out."""
+    cfg, n = plans[0].cfg, len(plans)
+    K, cells = cfg.ensemble, cfg.member_cells
+    slots: list[tuple[Forecaster, FitResult] | Network] = []
+    for i in range(K):
+        plan, who = plans[i % n], label(name, f"member {i + 1}/{K}" if K > 1 else "")
+        if i < n and plan.first is not None and cells[i] == cells[0]:
+            run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cells[i])
+            slots.append((plan.first.forecaster.members[0], plan.first.first_fit))
+        else:
+            slots.append(Network(who, cells[i], plan.cfg, plan.cfg.seed + i // n, plan.batches,
+                                 checkpoints and checkpoints / f"member-{i + 1}", deadline, optional=i > 0))
 
     def finish(results: list[tuple[Forecaster, FitResult] | None]) -> Trained:
-        done = kept + [r for r in results if r is not None]  # members left out by --minutes dropped
-        return make([model.cpu() for model, _ in done], [result for _, result in done])
+        trained = iter(results)
+        done = [(slot, plans[i % n]) if not isinstance(slot, Network) else (next(trained), plans[i % n])
+                for i, slot in enumerate(slots)]
+        done = [(r, plan) for r, plan in done if r is not None]  # members left out by --minutes dropped
+        return make([r[0].cpu() for r, _ in done], [r[1] for r, _ in done], [plan for _, plan in done])
 
-    return Ensemble(networks, finish)
+    return Ensemble([s for s in slots if isinstance(s, Network)], finish)
 
 
 def label(*parts: str) -> str:
@@ -215,11 +238,12 @@ def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkp
     """The networks of the config's model on ``windows`` (``train_forecaster``), named ``name`` in
     the log (an --auto candidate, a sweep's trial)."""
     cfg, device = settings.cfg, resolve_device(settings.cfg.device)
-    first = settings.selection and settings.selection.trained
     meta = model_meta(data, cfg, windows)
-    return ensemble(cfg, batches(data, windows, cfg, device), first, checkpoints, name,
-                    lambda members, fits: Trained(ForecastPipeline(members, windows.chain, meta), fits, device),
-                    settings.deadline)
+    own = [(cfg, windows, settings.selection and settings.selection.trained)]
+    own += [(c, scale_and_window(data, windows.split, c), first) for c, first in settings.runners_up]
+    plans = [MemberSettings(c, batches(data, w, c, device), w.chain, first) for c, w, first in own]
+    return ensemble(plans, checkpoints, name, lambda members, fits, of: Trained(
+        ForecastPipeline(members, [plan.chain for plan in of], meta), fits, device), settings.deadline)
 
 
 def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:

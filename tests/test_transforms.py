@@ -143,7 +143,8 @@ def test_pinball_objective_is_the_quantile_loss():
 @pytest.mark.parametrize("bad, pattern", [
     (dict(quantiles="0.1,1.5"), r"--quantiles must lie strictly between 0 and 1, got \[1\.5\]"),
     (dict(quantiles="0.1,x"), r"--quantiles must be comma-separated numbers, got '0\.1,x'"),
-    (dict(ensemble=0), r"--ensemble must be at least 1, got 0"),
+    (dict(ensemble=-1), r"--ensemble must be at least 1, got -1"),
+    (dict(ensemble_candidates=2, auto=False, window_norm="last"), r"--ensemble-candidates 2 keeps --auto.s best candidates: drop --no-auto"),
     (dict(ensemble=2, ensemble_cells="lstm,tcn"), r"--ensemble-cells: 'tcn' is not one of"),
     (dict(window_norm="median"), r"--window-norm: 'median' is not one of none, last, mean"),
 ])

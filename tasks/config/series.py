@@ -25,6 +25,8 @@ TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 PANEL_SERIES = 100
 PANEL_BATCHES = 160  # batches per epoch of a global model: early stopping looks often (docs/BENCHMARKS.md, M4)
 LR = (3e-3, 6e-3)  # --lr 0: one series' learning rate, and a global model's (batches 8 times larger; BENCHMARKS, M4)
+ENSEMBLE = (3, 4)  # --ensemble 0: one series' members, and a global model's (two candidates' settings, two each)
+KEPT = (1, 2)  # --ensemble-candidates 0: one series' (the best), a global model's (docs/BENCHMARKS.md, M4)
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
@@ -113,8 +115,13 @@ class ForecasterOptions(ModelOptions):
     intervals: str = option("", "comma-separated levels, e.g. 0.8,0.95: conformal prediction intervals around the "
                             "forecast, calibrated per horizon step on validation errors; columns lo<level>, "
                             "hi<level>")
-    ensemble: int = option(3, "train K members (seeds seed..seed+K-1) and register one model averaging them")
+    ensemble: int = option(0, "train K members (seeds seed, seed+1, ...) and register one model averaging them; "
+                           f"0 = {ENSEMBLE[0]} for one series, {ENSEMBLE[1]} with --id-column")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
+    ensemble_candidates: int = option(0, "with --auto: the members take in turn the settings of the N candidates "
+                                      "with the lowest validation scores, those within 5 %% of the best (their "
+                                      "networks trained by --auto kept as members); 0 = "
+                                      f"{KEPT[0]} for one series, {KEPT[1]} with --id-column")
 
 
 @dataclass
@@ -149,14 +156,14 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     """The time-series flow's config: its bases' fields in reverse order (data, windows, model, training, ...)."""
 
     def __post_init__(self):
-        self.lr = self.lr or LR[self.panel]
+        self.lr, self.ensemble = self.lr or LR[self.panel], self.ensemble or ENSEMBLE[self.panel]
         if not self.panel:  # one series: the automatic settings need no data
             self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
             self.loss = "mse" if self.loss == "auto" else self.loss
             self.val_size, self.test_size = self.parts(few=True)
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
-                     non_negative=("lookback", "patch", "batch_size", "batches_per_epoch", "max_gap", "season_length",
-                                   "lr_patience", "minutes"),
+                     non_negative=("lookback", "patch", "batch_size", "ensemble_candidates", "batches_per_epoch",
+                                   "max_gap", "season_length", "lr_patience", "minutes"),
                      part_sizes=("val_size", "test_size"), probabilities=("ema",))
         if self.source == "file" and not self.data:
             raise ConfigError("--source file needs --data PATH_OR_URL")
@@ -172,6 +179,9 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         if self.auto and chosen:
             raise ConfigError(f"{flag(chosen[0])} {getattr(self, chosen[0])} is chosen by --auto (the default); "
                               f"add --no-auto to set it yourself")
+        if self.ensemble_candidates > 1 and not self.auto:
+            raise ConfigError(f"--ensemble-candidates {self.ensemble_candidates} keeps --auto's best candidates: "
+                              "drop --no-auto or --ensemble-candidates")
         for cell in self.member_cells:
             if cell not in CELL_NAMES:
                 raise ConfigError(f"--ensemble-cells: {cell!r} is not one of {', '.join(CELL_NAMES)}")
@@ -241,6 +251,11 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     def panel(self) -> bool:
         """One global network over the many series of a long-format file."""
         return bool(self.id_column)
+
+    @property
+    def kept_candidates(self) -> int:
+        """How many of --auto's best candidates' settings the members take in turn (1 without --auto)."""
+        return (self.ensemble_candidates or KEPT[self.panel]) if self.auto else 1
 
     @property
     def member_cells(self) -> list[str]:
