@@ -233,4 +233,8 @@ class Chain:
         return cls([_from_dict(d) for d in items])
 
     def describe(self) -> str:
-        return " -> ".join(t.kind + (f"({t.lag})" if hasattr(t, "lag") else "") for t in self.steps) or "identity"
+        def one(t: Transform) -> str:  # "baseline(24)", "window-norm(mean)", "log"
+            detail = getattr(t, "lag", None) or getattr(t, "center", None)
+            return f"{t.kind}({detail})" if detail else t.kind
+
+        return " -> ".join(map(one, self.steps)) or "identity"

@@ -47,6 +47,7 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 PANEL_CANDIDATES = {
     "log + window-norm mean": ("log", "none", "mean", "none"),
     "log + window-norm level": ("log", "none", "level", "none"),
+    "window-norm mean": ("none", "none", "mean", "none"),
     "window-norm level": ("none", "none", "level", "none"),
     "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
 }
@@ -142,7 +143,7 @@ class AutoRound:
 
     @property
     def losses(self) -> dict[str, str]:
-        return {name: "pinball" if trial.quantile_levels else trial.loss for name, trial in self.trials.items()}
+        return {name: trial.trained_loss for name, trial in self.trials.items()}
 
     @property
     def measure(self) -> str:

@@ -212,16 +212,16 @@ def ensemble(plans: list[MemberSettings], checkpoints: Path | None, name: str,
     for i in range(K):
         plan, who = plans[i % n], label(name, f"member {i + 1}/{K}" if K > 1 else "")
         if i < n and plan.first is not None and cells[i] == cells[0]:
-            run_logger().info("%s%s trained by --auto, kept", f"{who}: " if who else "", cells[i])
+            run_logger().info("%s%s trained by --auto%s, kept", f"{who}: " if who else "", cells[i],
+                              f" ({plan.chain.describe()})" if n > 1 and plan.chain else "")
             slots.append((plan.first.forecaster.members[0], plan.first.first_fit))
         else:
             slots.append(Network(who, cells[i], plan.cfg, plan.cfg.seed + i // n, plan.batches,
                                  checkpoints and checkpoints / f"member-{i + 1}", deadline, optional=i > 0))
 
     def finish(results: list[tuple[Forecaster, FitResult] | None]) -> Trained:
-        trained = iter(results)
-        done = [(slot, plans[i % n]) if not isinstance(slot, Network) else (next(trained), plans[i % n])
-                for i, slot in enumerate(slots)]
+        trained = iter(results)  # the networks' results, in the slots' order
+        done = [(next(trained) if isinstance(slot, Network) else slot, plans[i % n]) for i, slot in enumerate(slots)]
         done = [(r, plan) for r, plan in done if r is not None]  # members left out by --minutes dropped
         return make([r[0].cpu() for r, _ in done], [r[1] for r, _ in done], [plan for _, plan in done])
 
@@ -409,8 +409,8 @@ def member_config(cell: str, cfg: TimeSeriesConfig, input_size: int, future_size
 
 
 def forecast_objective(cfg: TimeSeriesConfig) -> ForecastObjective:
-    return (PinballObjective(cfg.quantile_levels) if cfg.quantile_levels
-            else getattr(forecasting, f"{cfg.loss}_objective"))  # mse, mae, owa
+    return (PinballObjective(cfg.quantile_levels) if cfg.trained_loss == "pinball"
+            else getattr(forecasting, f"{cfg.trained_loss}_objective"))  # mse, mae, owa
 
 
 def train_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, batches: Batches,

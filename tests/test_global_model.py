@@ -26,7 +26,7 @@ from tasks.config.series import PANEL_BATCHES, PANEL_SERIES
 from tasks.data import DataError, generate_series
 from tasks.features import scale_and_window, split_series
 from tasks.panel import load_panel
-from tasks.selection import apply
+from tasks.selection import PANEL_CANDIDATES, AutoRound, apply, choose, settle_calendar
 from tasks.training import Settings, batches, train_forecaster
 from tests.serving import invoke, served
 
@@ -116,7 +116,7 @@ def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store
     assert "the lowest validation OWA of the candidates (M4's ranking" in auto, auto
     assert "| candidate | validation OWA | loss |" in auto and "| log + window-norm mean" in auto, auto
     rows = [row for row in auto.splitlines() if row.startswith(("| log", "| window-norm"))]
-    assert len(rows) == 4 and all(row.endswith("| pinball |") for row in rows), auto  # each says its loss
+    assert len(rows) == 5 and all(row.endswith("| pinball |") for row in rows), auto  # each says its loss
     assert 0 < run.data.metrics["auto_val_owa_log_window_norm_mean"] < 2
     model = mlflow.pyfunc.load_model("models:/meters-q@champion")
     df = pd.read_csv(panel_file)
@@ -250,12 +250,40 @@ def test_many_series_default_to_a_week_read_a_day_per_step():
     assert cfg.settled(24, 12).batch_size == 256
 
 
+def test_the_members_take_the_settings_of_the_best_candidates_within_five_percent():
+    """--ensemble-candidates N (2 by default with --id-column, 1 for one series): the settings of
+    the N best candidates within 5 % of the best, each with the network --auto trained, in order."""
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12)
+    assert (cfg.kept_candidates, TimeSeriesConfig().kept_candidates) == (2, 1)
+    trials = {c: apply(cfg, c) for c in PANEL_CANDIDATES}
+    nets = {c: f"network of {c}" for c in trials}  # stand-ins for the trained networks
+    scores = dict(zip(trials, [0.62, 0.60, 0.64, 0.7, float("nan")], strict=True))
+    rnd = AutoRound(trials, {}, {}, {"window-norm last + seasonal baseline": "it could not run"}, "")
+    two = choose(rnd, nets, scores, "x.csv", keep=2)
+    assert two.cfg == trials["log + window-norm level"] and two.selection.trained == nets["log + window-norm level"]
+    assert two.runners_up == [(trials["log + window-norm mean"], nets["log + window-norm mean"])]
+    assert two.selection.members == ["log + window-norm level", "log + window-norm mean"]
+    assert "members take in turn the settings of the 2 best" in two.selection.markdown()
+    assert len(choose(rnd, nets, scores, "x.csv", keep=4).runners_up) == 1  # 0.64 is over 5 % above 0.60
+    one = choose(rnd, nets, scores, "x.csv")
+    assert one.runners_up == [] and one.selection.members == [] and "members take" not in one.selection.markdown()
+    widened = choose(replace(rnd, widened="scored on a longer window"), nets, scores, "x.csv", keep=2)
+    assert widened.runners_up == [(trials["log + window-norm mean"], None)]  # trained on another split: anew
+    calendar = settle_calendar(two, True)  # its data gains features: a runner-up's network is trained anew
+    assert calendar.runners_up == [(replace(trials["log + window-norm mean"], calendar=True), None)]
+    assert settle_calendar(two, False).runners_up[0][1] == nets["log + window-norm mean"]
+    with pytest.raises(ConfigError, match="--ensemble-candidates 2 keeps --auto's best candidates"):
+        TimeSeriesConfig(source="file", data="x.csv", id_column="id", auto=False, window_norm="mean",
+                         ensemble_candidates=2)
+
+
 def test_a_global_models_loss_is_owa_in_log_space_and_mae_elsewhere():
     """--loss auto with --id-column: each --auto candidate resolves its own, as --no-auto does."""
     cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12)
     assert cfg.loss == "auto"  # left to each candidate
     assert apply(cfg, "log + window-norm mean").loss == "owa"
-    assert apply(cfg, "window-norm mean").loss == apply(cfg, "window-norm level").loss == "mae"
+    assert apply(cfg, "log + window-norm level").loss == "owa"
+    assert apply(cfg, "window-norm level").loss == apply(cfg, "window-norm last + seasonal baseline").loss == "mae"
     assert apply(replace(cfg, loss="mse"), "log + window-norm mean").loss == "mse"  # given: kept
     assert apply(replace(cfg, quantiles="0.1,0.9"), "log + window-norm mean").loss == "mae"  # pinball, as before
     fixed = dict(source="file", data="x.csv", id_column="id", auto=False, window_norm="mean")

@@ -119,6 +119,29 @@ def test_an_ensemble_of_identical_seeds_equals_its_member():
     assert not np.allclose(each[0], each[1])
 
 
+def test_members_with_their_own_transforms_average_in_original_units_and_save_their_chains(tmp_path):
+    """An ensemble whose members trained on differently transformed windows (--ensemble-candidates):
+    each member decodes through its own chain, and the saved model keeps each one's."""
+    x = np.cumsum(np.random.default_rng(4).normal(size=(5, 10, 1)), axis=1) + 50
+    shared, other = _pipeline(2, False), Chain([Log(), WindowNorm("log-level")])
+    mixed = ForecastPipeline(list(shared.members), [shared.chains[0], other], shared.meta)
+    mean, each = mixed.predict(x, members=True)
+    alone = ForecastPipeline([shared.members[1]], other, shared.meta).predict(x)
+    np.testing.assert_allclose(each[1], alone)
+    np.testing.assert_allclose(each[0], shared.predict(x, members=True)[1][0])
+    np.testing.assert_allclose(mean, (each[0] + each[1]) / 2)
+    assert mixed.describe() == "scale -> window-norm(last) | log -> window-norm(log-level)"
+    files = mixed.save(tmp_path / "mixed")
+    loaded = ForecastPipeline.load(files["weights"], files["config"])
+    np.testing.assert_allclose(loaded.predict(x), mean, rtol=1e-6)
+    assert loaded.describe() == mixed.describe()
+    one = shared.save(tmp_path / "shared")  # one chain for every member: saved once, as before
+    assert "member_transforms" not in open(one["config"]).read()
+    assert len(ForecastPipeline.load(one["weights"], one["config"]).chains) == 2
+    with pytest.raises(ValueError, match="1 transform chains for 2 member networks"):
+        ForecastPipeline(list(shared.members), [other], shared.meta)
+
+
 def test_quantile_forecasts_are_ordered_with_the_median_as_point():
     x = np.random.default_rng(3).normal(size=(50, 10, 1)) * 10
     p = _pipeline(2, False, quantiles=(0.1, 0.5, 0.9))  # untrained: raw outputs cross at random

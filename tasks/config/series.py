@@ -25,7 +25,6 @@ TRANSFORM_FIELDS = ("transform", "difference", "window_norm", "baseline")
 PANEL_SERIES = 100
 PANEL_BATCHES = 160  # batches per epoch of a global model: early stopping looks often (docs/BENCHMARKS.md, M4)
 LR = (3e-3, 6e-3)  # --lr 0: one series' learning rate, and a global model's (batches 8 times larger; BENCHMARKS, M4)
-ENSEMBLE = (3, 4)  # --ensemble 0: one series' members, and a global model's (two candidates' settings, two each)
 KEPT = (1, 2)  # --ensemble-candidates 0: one series' (the best), a global model's (docs/BENCHMARKS.md, M4)
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
@@ -115,8 +114,7 @@ class ForecasterOptions(ModelOptions):
     intervals: str = option("", "comma-separated levels, e.g. 0.8,0.95: conformal prediction intervals around the "
                             "forecast, calibrated per horizon step on validation errors; columns lo<level>, "
                             "hi<level>")
-    ensemble: int = option(0, "train K members (seeds seed, seed+1, ...) and register one model averaging them; "
-                           f"0 = {ENSEMBLE[0]} for one series, {ENSEMBLE[1]} with --id-column")
+    ensemble: int = option(3, "train K members (seeds seed, seed+1, ...) and register one model averaging them")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
     ensemble_candidates: int = option(0, "with --auto: the members take in turn the settings of the N candidates "
                                       "with the lowest validation scores, those within 5 %% of the best (their "
@@ -156,10 +154,10 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     """The time-series flow's config: its bases' fields in reverse order (data, windows, model, training, ...)."""
 
     def __post_init__(self):
-        self.lr, self.ensemble = self.lr or LR[self.panel], self.ensemble or ENSEMBLE[self.panel]
+        self.lr = self.lr or LR[self.panel]
         if not self.panel:  # one series: the automatic settings need no data
             self.lookback, self.patch, self.batch_size = self.lookback or 24, self.patch or 1, self.batch_size or 32
-            self.loss = "mse" if self.loss == "auto" else self.loss
+            self.loss = self.resolved_loss()
             self.val_size, self.test_size = self.parts(few=True)
         check_common(self, positive=("horizon", "stride", "length", "ensemble"),
                      non_negative=("lookback", "patch", "batch_size", "ensemble_candidates", "batches_per_epoch",
@@ -235,13 +233,20 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
                        calendar=self.calendar if self.auto else bool(self.calendar))
 
     def resolved_loss(self) -> str:
-        """--loss auto for a global model's settings (--auto's candidates each resolve their own): owa where it
-        forecasts in log space, the step weights bounded there (each is the share of the level one network unit
-        decodes to), unless --quantiles trains the pinball loss; mae otherwise, where an actual value near zero
-        would weigh without bound."""
+        """--loss auto: mse for one series; for a global model's settings (--auto's candidates each resolve their
+        own) owa where it forecasts in log space, the step weights bounded there (each is the share of the level
+        one network unit decodes to), unless --quantiles trains the pinball loss; mae otherwise, where an actual
+        value near zero would weigh without bound."""
         if self.loss != "auto":
             return self.loss
+        if not self.panel:
+            return "mse"
         return "owa" if self.transform == "log" and not self.quantiles else "mae"
+
+    @property
+    def trained_loss(self) -> str:
+        """What training minimises: the pinball loss with --quantiles, else --loss."""
+        return "pinball" if self.quantile_levels else self.loss
 
     def parts(self, few: bool) -> tuple[float, float]:
         """--val-size and --test-size, a 0 resolved: PART_SIZES for one series or a few, else 0 (one horizon each)."""
