@@ -118,6 +118,12 @@ def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store
     rows = [row for row in auto.splitlines() if row.startswith(("| log", "| window-norm"))]
     assert len(rows) == 5 and all(row.endswith("| pinball |") for row in rows), auto  # each says its loss
     assert 0 < run.data.metrics["auto_val_owa_log_window_norm_mean"] < 2
+    # --ensemble-candidates 2 (the default here): member 2 took the runner-up's settings, its own transforms
+    scores = {row.split(" | ")[0].lstrip("| ").removesuffix(" (chosen)"): float(row.split(" | ")[1]) for row in rows}
+    best, second = sorted(scores, key=scores.get)[:2]
+    assert scores[second] <= 1.05 * scores[best], scores  # within 5 %: kept (this panel, these seeds)
+    assert f"members take in turn the settings of the 2 best (--ensemble-candidates): {best}, {second}." in auto
+    assert run.data.params["auto_members"] == f"{best}, {second}" and " | " in run.data.params["transforms"]
     model = mlflow.pyfunc.load_model("models:/meters-q@champion")
     df = pd.read_csv(panel_file)
     out = model.predict(df[df["id"].isin(["s0", "s1"])])
