@@ -67,7 +67,8 @@ class Selection:
     widened: str = ""  # how the validation part was widened, if it was
     measure: str = "MASE"  # what the candidates were scored by: MASE, or OWA for a global model (MEASURES)
     losses: dict[str, str] = field(default_factory=dict)  # candidate -> the loss it trained with (--loss auto: its own)
-    members: list[str] = field(default_factory=list)  # --ensemble-candidates: the candidates the members take in turn
+    # --ensemble-candidates over 1: the candidates whose settings the members take in turn (the choice alone: none near)
+    members: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
@@ -78,6 +79,9 @@ class Selection:
         if len(self.members) > 1:
             lines.append(f"The ensemble's members take in turn the settings of the {len(self.members)} best "
                          f"(--ensemble-candidates): {', '.join(self.members)}.")
+        elif self.members:
+            lines.append(f"No other candidate scored within {NEAR_BEST - 1:.0%} of it, so every ensemble member "
+                         "takes its settings (--ensemble-candidates).")
         if self.widened:
             lines.append(self.widened)
         return "\n".join([*lines, "", f"| candidate | validation {self.measure} | loss |", "|---|---:|---|", *rows])

@@ -271,6 +271,8 @@ def test_the_members_take_the_settings_of_the_best_candidates_within_five_percen
     assert two.selection.members == ["log + window-norm level", "log + window-norm mean"]
     assert "members take in turn the settings of the 2 best" in two.selection.markdown()
     assert len(choose(rnd, nets, scores, "x.csv", keep=4).runners_up) == 1  # 0.64 is over 5 % above 0.60
+    alone = choose(rnd, nets, {**scores, "log + window-norm mean": 0.65}, "x.csv", keep=2)
+    assert alone.runners_up == [] and "No other candidate scored within 5% of it" in alone.selection.markdown()
     one = choose(rnd, nets, scores, "x.csv")
     assert one.runners_up == [] and one.selection.members == [] and "members take" not in one.selection.markdown()
     widened = choose(replace(rnd, widened="scored on a longer window"), nets, scores, "x.csv", keep=2)
