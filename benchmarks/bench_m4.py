@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--no-stats", action="store_true", help="skip statsforecast's AutoETS and MSTL")
     p.add_argument("--save", default="", help="write rnnflow's forecasts (seeds, 414, 48), series in the files' "
-                   "order, to this .npy file; --mean-of adds a row averaging such files")
+                   "order, to this .npy file, and each member's (seeds, members, 414, 48) to F.members.npy; "
+                   "--mean-of adds a row averaging such files")
     p.add_argument("--mean-of", default="", help="comma-separated .npy files of --save: score the mean of every "
                    "forecast they hold")
     args, rest = p.parse_known_args()
@@ -157,7 +158,7 @@ def main() -> None:
                           for a, (lo, hi) in bounds.items()]
             saved.append(forecast)
             members.append(np.stack(each))
-    if args.save:  # and each member's forecasts (seeds, members, 414, 48) beside it, for mixes of members
+    if args.save:
         np.save(args.save, np.stack(saved))
         np.save(args.save.removesuffix(".npy") + ".members.npy", np.stack(members))
     if args.mean_of:

@@ -75,6 +75,14 @@ def test_bad_input_is_one_error_line_before_prefect_starts(shared_data, tmp_path
     assert not (tmp_path / "mlflow.db").exists()  # nothing registered, no store even created
 
 
+def test_ensemble_candidates_without_auto_is_one_line(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    out = _run("flows.timeseries", "--no-auto", "--window-norm", "last", "--ensemble-candidates", "2", env=env)
+    assert out.returncode == 2 and out.stderr.strip() == ("error: --ensemble-candidates 2 keeps --auto's best "
+                                                          "candidates: drop --no-auto or --ensemble-candidates")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_a_user_error_inside_a_flow_run_is_logged_without_a_traceback(caplog, mlflow_store):
     """A dead URL: the download is retried (Prefect logs each failure), then the run fails."""
     from flows.timeseries import timeseries_flow
