@@ -138,8 +138,7 @@ def main() -> None:
                    "forecast they hold")
     args, rest = p.parse_known_args()
     options = parse_options(rest)
-    ids, train = read_wide(M4 / "Hourly-train.csv")
-    _, test = read_wide(M4 / "Hourly-test.csv")
+    (ids, train), (_, test) = read_wide(M4 / "Hourly-train.csv"), read_wide(M4 / "Hourly-test.csv")
     print(f"M4 Hourly: {len(ids)} series, {min(map(len, train))}-{max(map(len, train))} training values, "
           f"horizon {H}, season {M}; load average {os.getloadavg()[0]:.2f}; torch threads "
           f"{__import__('torch').get_num_threads()}; options {options or 'defaults'}")
@@ -158,13 +157,7 @@ def main() -> None:
                           for a, (lo, hi) in bounds.items()]
             saved.append(forecast)
             members.append(np.stack(each))
-    if args.save:
-        np.save(args.save, np.stack(saved))
-        np.save(args.save.removesuffix(".npy") + ".members.npy", np.stack(members))
-    if args.mean_of:
-        forecast = np.concatenate([np.load(f) for f in args.mean_of.split(",")]).mean(0)  # every seed of each
-        rows.append((f"mean of {args.mean_of}", *competition_scores(train, test, forecast),
-                     halves_and_wins(train, test, forecast, snaive)))
+    rows += saved_and_mixed(args, saved, members, train, test, snaive)
     if not args.no_stats:
         start = time.perf_counter()
         for name, f in statsforecast_models(ids, train).items():
@@ -172,6 +165,19 @@ def main() -> None:
         rows[-1] = (*rows[-1][:3], f"both: {time.perf_counter() - start:.0f} s")
     rows += [(name, s, m, "") for name, (s, m) in PUBLISHED.items()]
     print_tables(rows, intervals)
+
+
+def saved_and_mixed(args, saved: list[np.ndarray], members: list[np.ndarray], train: list[np.ndarray],
+                    test: list[np.ndarray], snaive: np.ndarray) -> list[tuple]:
+    """--save's files written; --mean-of's row, if asked for."""
+    if args.save:
+        np.save(args.save, np.stack(saved))
+        np.save(args.save.removesuffix(".npy") + ".members.npy", np.stack(members))
+    if not args.mean_of:
+        return []
+    forecast = np.concatenate([np.load(f) for f in args.mean_of.split(",")]).mean(0)  # every seed of each
+    return [(f"mean of {args.mean_of}", *competition_scores(train, test, forecast),
+             halves_and_wins(train, test, forecast, snaive))]
 
 
 def print_tables(rows: list[tuple], intervals: list[tuple]) -> None:

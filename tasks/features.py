@@ -3,13 +3,16 @@ chain (fitted on the training part only), and the windows the network trains on.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
 
 from rnn_models.metrics import smape
-from rnn_models.panel import OwaWeights
+from rnn_models.panel import OwaWeights, Panel, PanelWindows, encoded_batches
+from rnn_models.training import tensor_batches
 from rnn_models.transforms import Baseline, Chain, Difference, Log, Scale, Transform, WindowNorm
 from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
@@ -148,3 +151,41 @@ def origins(split: Split | PanelSplit, part: str, cfg: TimeSeriesConfig) -> Orig
     if isinstance(split, PanelSplit):
         return split.origins(part, cfg.lookback, cfg.horizon)
     return window_origins(*split.part(part), cfg.lookback, cfg.horizon)
+
+
+@dataclass
+class Batches:
+    """A forecaster's training data as the loop reads it: shuffled training batches (by a
+    generator), validation batches, and how many windows each part holds."""
+
+    train: Callable[[torch.Generator], Iterable]
+    val: Callable[[], Iterable]
+    input_size: int
+    sizes: tuple[int, int]  # (training windows, validation windows)
+    length: int  # time steps of a window as the network reads it (a difference shortens it)
+    future_size: int = 0  # covariates known ahead each window holds for every horizon step
+
+
+def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
+    """The windows as the training loop reads them, living on the device: one series' arrays,
+    sliced by index; many series end to end, each batch of windows gathered there by index and
+    normalised window by window (``rnn_models.panel``), never materialised all at once. An epoch is the
+    first ``--batches-per-epoch`` batches of a pass in a fresh random order, if that is fewer."""
+    per_epoch = cfg.batches_per_epoch or None
+    if isinstance(data, Series):  # (x[, covariates known ahead], y[, loss weights]) of each window
+        train, val = ([torch.from_numpy(a).to(device) for a in arrays if a is not None]
+                      for arrays in ((windows.x_train, windows.f_train, windows.y_train, windows.w_train),
+                                     (windows.x_val, windows.f_val, windows.y_val, windows.w_val)))
+        return Batches(lambda gen: islice(tensor_batches(*train, batch_size=cfg.batch_size, generator=gen), per_epoch),
+                       lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
+                       train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
+    panel, split, chain, L, H = Panel.from_series(data.features(), data.ids, device=device), windows.split, \
+        windows.chain, cfg.lookback, cfg.horizon
+    train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
+    val = PanelWindows(panel, L, H, *split.part("val"))
+    ahead = windows.future_scale and windows.future_scale.steps[0]  # covariates known ahead, scaled
+    weigh = owa_weights(data, split, cfg)
+    first = next(encoded_batches(train, chain, 1, ahead=ahead), None)  # a window as the network reads it
+    return Batches(lambda gen: islice(encoded_batches(train, chain, cfg.batch_size, gen, ahead, weigh), per_epoch),
+                   lambda: encoded_batches(val, chain, 4096, ahead=ahead, weigh=weigh), panel.values.shape[1],
+                   (len(train), len(val)), L if first is None else first[0].shape[1], len(data.future_columns))

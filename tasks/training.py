@@ -5,9 +5,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import astuple, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,14 +18,12 @@ from rnn_models.forecasting import ForecastObjective, ForecastPipeline, PinballO
 from rnn_models.grouped import available as grouped_available
 from rnn_models.grouped import fit_grouped, groupable_shape
 from rnn_models.grouped import turned_off as grouped_turned_off
-from rnn_models.panel import Panel, PanelWindows, encoded_batches
 from rnn_models.recurrent import Forecaster, ForecasterConfig
-from rnn_models.training import FitResult, TrainConfig, fit, resolve_device, tensor_batches
+from rnn_models.training import FitResult, TrainConfig, fit, resolve_device
 from rnn_models.transforms import Chain
 from tasks import run_logger
 from tasks.config import CharLMFlowConfig, TimeSeriesConfig, project
-from tasks.data import Series
-from tasks.features import Data, Windows, owa_weights, scale_and_window
+from tasks.features import Batches, Data, Windows, batches, scale_and_window
 from tasks.panel import PanelData
 
 if TYPE_CHECKING:
@@ -103,19 +100,6 @@ def open_checkpoint(directory: Path | None, cfg: TimeSeriesConfig | CharLMFlowCo
 
 
 EPOCHS_UNBOUNDED = 1_000_000  # with --minutes the budget, not the epoch count, ends training
-
-
-@dataclass
-class Batches:
-    """A forecaster's training data as the loop reads it: shuffled training batches (by a
-    generator), validation batches, and how many windows each part holds."""
-
-    train: Callable[[torch.Generator], Iterable]
-    val: Callable[[], Iterable]
-    input_size: int
-    sizes: tuple[int, int]  # (training windows, validation windows)
-    length: int  # time steps of a window as the network reads it (a difference shortens it)
-    future_size: int = 0  # covariates known ahead each window holds for every horizon step
 
 
 def train_forecaster(data: Data, windows: Windows, settings: Settings, checkpoints: Path | None = None) -> Trained:
@@ -244,31 +228,6 @@ def forecaster_ensemble(data: Data, windows: Windows, settings: Settings, checkp
     plans = [MemberSettings(c, batches(data, w, c, device), w.chain, first) for c, w, first in own]
     return ensemble(plans, checkpoints, name, lambda members, fits, of: Trained(
         ForecastPipeline(members, [plan.chain for plan in of], meta), fits, device), settings.deadline)
-
-
-def batches(data: Data, windows: Windows, cfg: TimeSeriesConfig, device: str) -> Batches:
-    """The windows as the training loop reads them, living on the device: one series' arrays,
-    sliced by index; many series end to end, each batch of windows gathered there by index and
-    normalised window by window (``rnn_models.panel``), never materialised all at once. An epoch is the
-    first ``--batches-per-epoch`` batches of a pass in a fresh random order, if that is fewer."""
-    per_epoch = cfg.batches_per_epoch or None
-    if isinstance(data, Series):  # (x[, covariates known ahead], y[, loss weights]) of each window
-        train, val = ([torch.from_numpy(a).to(device) for a in arrays if a is not None]
-                      for arrays in ((windows.x_train, windows.f_train, windows.y_train, windows.w_train),
-                                     (windows.x_val, windows.f_val, windows.y_val, windows.w_val)))
-        return Batches(lambda gen: islice(tensor_batches(*train, batch_size=cfg.batch_size, generator=gen), per_epoch),
-                       lambda: tensor_batches(*val, batch_size=4096), train[0].shape[2], (len(train[0]), len(val[0])),
-                       train[0].shape[1], 0 if windows.f_train is None else windows.f_train.shape[2])
-    panel, split, chain, L, H = Panel.from_series(data.features(), data.ids, device=device), windows.split, \
-        windows.chain, cfg.lookback, cfg.horizon
-    train = PanelWindows(panel, L, H, *split.part("train"), stride=cfg.stride)
-    val = PanelWindows(panel, L, H, *split.part("val"))
-    ahead = windows.future_scale and windows.future_scale.steps[0]  # covariates known ahead, scaled
-    weigh = owa_weights(data, split, cfg)
-    first = next(encoded_batches(train, chain, 1, ahead=ahead), None)  # a window as the network reads it
-    return Batches(lambda gen: islice(encoded_batches(train, chain, cfg.batch_size, gen, ahead, weigh), per_epoch),
-                   lambda: encoded_batches(val, chain, 4096, ahead=ahead, weigh=weigh), panel.values.shape[1],
-                   (len(train), len(val)), L if first is None else first[0].shape[1], len(data.future_columns))
 
 
 def model_meta(data: Data, cfg: TimeSeriesConfig, windows: Windows) -> dict:

@@ -24,10 +24,10 @@ from rnn_models.windows import Split, make_windows, window_origins
 from tasks.config import ConfigError, TimeSeriesConfig
 from tasks.config.series import PANEL_BATCHES, PANEL_SERIES
 from tasks.data import DataError, generate_series
-from tasks.features import scale_and_window, split_series
+from tasks.features import batches, scale_and_window, split_series
 from tasks.panel import load_panel
 from tasks.selection import PANEL_CANDIDATES, AutoRound, apply, choose, settle_calendar
-from tasks.training import Settings, batches, train_forecaster
+from tasks.training import Settings, train_forecaster
 from tests.serving import invoke, served
 
 # 24 series of scales 1 to 10^4, seasons 24 and 12; s3 and s17 cut too short to train on
@@ -305,7 +305,6 @@ def test_an_epoch_of_many_series_is_at_most_batches_per_epoch_drawn_afresh_each_
     the start of a pass in a new random order each epoch; one series keeps its whole pass."""
     from tasks.features import scale_and_window, split_series
     from tasks.ingest import fetch_data
-    from tasks.training import batches
 
     cfg = TimeSeriesConfig(**TINY, data=str(panel_file), auto=False, window_norm="mean")
     assert (cfg.settled(24, 22).batches_per_epoch, TimeSeriesConfig().batches_per_epoch) == (PANEL_BATCHES, 0)

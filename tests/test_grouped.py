@@ -18,11 +18,10 @@ from rnn_models.windows import make_windows, window_origins
 from tasks import training
 from tasks.config import TimeSeriesConfig
 from tasks.data import generate_series
-from tasks.features import scale_and_window, split_series
+from tasks.features import Batches, scale_and_window, split_series
 from tasks.panel import load_panel
 from tasks.selection import apply, choose_settings, train_models
 from tasks.training import (
-    Batches,
     MemberSettings,
     Settings,
     ensemble,
