@@ -23,6 +23,7 @@ from rnn_models import NonFiniteLossError
 from rnn_models.windows import Split, window_origins
 from tasks import run_logger
 from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
+from tasks.config.series import NEAR_BEST
 from tasks.data import DataError, has_dates, with_calendar
 from tasks.evaluation import history_windows, score
 from tasks.features import Data, Windows, scale_and_window, split_series
@@ -52,9 +53,6 @@ PANEL_CANDIDATES = {
     "window-norm last + seasonal baseline": ("none", "none", "last", "seasonal-naive"),
 }
 
-# a runner-up's settings join the ensemble (--ensemble-candidates) only if it scored within 5 % of the best: a
-# member clearly worse on validation would pull the average its way
-NEAR_BEST = 1.05
 MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, where the series allows
 
 

@@ -26,6 +26,9 @@ PANEL_SERIES = 100
 PANEL_BATCHES = 160  # batches per epoch of a global model: early stopping looks often (docs/BENCHMARKS.md, M4)
 LR = (3e-3, 6e-3)  # --lr 0: one series' learning rate, and a global model's (batches 8 times larger; BENCHMARKS, M4)
 KEPT = (1, 2)  # --ensemble-candidates 0: one series' (the best), a global model's (docs/BENCHMARKS.md, M4)
+# a runner-up's settings join the ensemble only if it scored within 5 % of the best: a member clearly worse on
+# validation would pull the average its way
+NEAR_BEST = 1.05
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
 
 
@@ -117,9 +120,10 @@ class ForecasterOptions(ModelOptions):
     ensemble: int = option(3, "train K members (seeds seed, seed+1, ...) and register one model averaging them")
     ensemble_cells: str = option("", "comma-separated cells the ensemble members take in turn (default: --cell)")
     ensemble_candidates: int = option(0, "with --auto: the members take in turn the settings of the N candidates "
-                                      "with the lowest validation scores, those within 5 %% of the best (their "
-                                      "networks trained by --auto kept as members); 0 = "
-                                      f"{KEPT[0]} for one series, {KEPT[1]} with --id-column")
+                                      "with the lowest validation scores, those within "
+                                      f"{round((NEAR_BEST - 1) * 100)} %% of the best (their networks trained by "
+                                      f"--auto kept as members); 0 = {KEPT[0]} for one series, {KEPT[1]} with "
+                                      "--id-column")
 
 
 @dataclass
