@@ -51,10 +51,20 @@ class FitResult:
     best_val_loss: float = math.inf
     train_seconds: float = 0.0
     samples: int = 0  # training examples (windows, tokens) seen over all epochs
+    diverged: int = 0  # the epoch whose loss became NaN or infinite, ending training at the best before it; 0: none
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def divergence(self) -> str:
+        """How training ended where its loss became NaN or infinite; '' where it did not."""
+        if not self.diverged:
+            return ""
+        lr = self.history[-1].lr if self.history else math.nan
+        return (f"its loss became NaN or infinite at epoch {self.diverged} (lr {lr:.3g}): "
+                f"kept epoch {self.best_epoch}'s weights")
 
     @property
     def stopped_early(self) -> bool:
@@ -114,8 +124,13 @@ class TrainingRun:
 
     def end_epoch(self, stats: EpochStats, checkpoint: Checkpoint | None = None) -> None:
         """Record the epoch: best weights, plateau, whether training is finished; then write the
-        whole state to ``checkpoint``, if any."""
-        check_finite(stats, self.cfg)
+        whole state to ``checkpoint``, if any. A loss that becomes NaN or infinite after an epoch
+        was validated ends training there, at the best weights so far (``result.diverged`` says
+        when); before one was, there are none to keep: ``NonFiniteLossError`` with its cause."""
+        if not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss)):
+            if self.best_state is None:
+                raise divergence(stats, self.cfg)
+            self.result.diverged = stats.epoch
         self.result.history.append(stats)
         self.result.train_seconds += stats.seconds
         if stats.val_loss < self.result.best_val_loss:
@@ -127,7 +142,7 @@ class TrainingRun:
             self.plateau.step(stats.val_loss)
         self.epoch, self.step, self.partial = stats.epoch, 0, (0.0, 0)
         self.finished = (stats.epoch >= self.cfg.epochs or bool(self.cfg.patience and self.stale >= self.cfg.patience)
-                         or (self.budget is not None and self.budget.spent))
+                         or (self.budget is not None and self.budget.spent) or bool(self.result.diverged))
         if checkpoint is not None:
             checkpoint.write(*self.snapshot())
 
@@ -151,7 +166,7 @@ class TrainingRun:
                 "budget_elapsed": self.budget.elapsed() if self.budget is not None else 0.0,
                 "history": [vars(s) for s in result.history], "best_epoch": result.best_epoch,
                 "best_val_loss": result.best_val_loss, "train_seconds": result.train_seconds,
-                "samples": result.samples}
+                "samples": result.samples, "diverged": result.diverged}
         return tensors, meta
 
     def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -178,7 +193,7 @@ class TrainingRun:
         self.updates = meta.get("updates", 0)  # a checkpoint from before warm-ups were counted had none
         self.finished, self.stale = meta["finished"], meta["stale"]
         self.result = FitResult([EpochStats(**s) for s in meta["history"]], meta["best_epoch"], meta["best_val_loss"],
-                                meta["train_seconds"], meta["samples"])
+                                meta["train_seconds"], meta["samples"], meta.get("diverged", 0))
 
     def _restore_generators(self, tensors: dict[str, torch.Tensor]) -> None:
         self.gen.set_state(tensors["rng.gen"])
@@ -189,16 +204,14 @@ class TrainingRun:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def check_finite(stats: EpochStats, cfg: TrainConfig) -> None:
-    """A NaN or infinite loss stops training with its likely cause and the options to change."""
-    if math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss):
-        return
+def divergence(stats: EpochStats, cfg: TrainConfig) -> NonFiniteLossError:
+    """The error of an epoch whose loss became NaN or infinite: its likely cause and the options to change."""
     part, bad = ("training", stats.train_loss) if not math.isfinite(stats.train_loss) else \
         ("validation", stats.val_loss)
     cause = ("an overflow: values beyond float32's range (scale the data, e.g. --scaler standard) or "
              if math.isinf(bad) else "")
     cause += f"weights that diverged (lr={cfg.lr}, clip={cfg.clip}): try a lower --lr or a smaller --clip"
-    raise NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} in the {part} pass: {cause}")
+    return NonFiniteLossError(f"epoch {stats.epoch}: loss became {bad} in the {part} pass: {cause}")
 
 
 def _prefixed(prefix: str, tensors: dict) -> dict:

@@ -204,7 +204,8 @@ def log_training(cfg: TimeSeriesConfig, trained: Trained, scores: dict[str, dict
                        "quantile_levels": ",".join(map(str, pipeline.quantiles)), **data_params})
     log_history(fit.history)
     mlflow.log_metrics({"train_seconds": trained.train_seconds, "train_samples_per_second": fit.samples_per_second,
-                        "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss})
+                        "best_epoch": fit.best_epoch, "best_val_loss": trained.val_loss,
+                        "members_diverged": sum(bool(f.diverged) for f in trained.fits)})
     for model, by_metric in scores.items():
         prefix = model.replace(label, "test", 1).replace("-", "_")
         mlflow.log_metrics({f"{prefix}_{k}": v for k, v in by_metric.items() if math.isfinite(v)})

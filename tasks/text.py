@@ -118,6 +118,8 @@ def train_charlm(corpus: Corpus, cfg: CharLMFlowConfig, on_samples: SampleHook |
     take_samples(0, model)  # 0: the restored best weights, what gets registered
     logger.info("best epoch %d: %.4f bits/char, %.0f tokens/s", result.best_epoch,
                 result.best_val_loss / math.log(2), result.samples_per_second)
+    if result.diverged:
+        logger.warning("%s", result.divergence)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return TrainedLM(state, model.config_dict(), result, device, samples)
 

@@ -350,6 +350,8 @@ def fit_together(networks: list[Network]) -> list[tuple[Forecaster, FitResult]] 
 def log_member(who: str, result: FitResult) -> None:
     run_logger().info("%sbest epoch %d of %d, validation loss %.5f, %.1f s (%.0f windows/s)", who, result.best_epoch,
                       len(result.history), result.best_val_loss, result.train_seconds, result.samples_per_second)
+    if result.diverged:
+        run_logger().warning("%s%s", who, result.divergence)
 
 
 def new_member(cell: str, cfg: TimeSeriesConfig, seed: int, device: str, input_size: int,

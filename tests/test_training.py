@@ -248,6 +248,38 @@ def test_a_model_of_members_trains_each_member_as_fit_trains_it_alone():
             assert pb.grad is None  # the members' gradient buffer is let go after each pass
 
 
+def _poisoned_from(epoch, batches):
+    """``batches`` (a member's training data), NaN from its ``epoch``-th pass on."""
+    passes = []
+
+    def poisoned(g):
+        passes.append(None)
+        for x, y in batches(g):
+            yield (x * math.nan, y) if len(passes) >= epoch else (x, y)
+    return poisoned
+
+
+def test_a_member_whose_loss_becomes_nan_keeps_its_best_weights_and_the_others_train_on():
+    data = [_linear_data(seed) for seed in (1, 2)]
+    cfgs = [TrainConfig(epochs=5, lr=1e-2, patience=0, seed=s, progress=False) for s in (1, 2)]
+    alone = _linears((2,))[0]
+    expected = fit(alone, *data[1], mse_objective, cfgs[1])
+    kept = {}
+    members = _linears((1, 2))
+    results = fit_members(LinearMembers(members), [_poisoned_from(3, data[0][0]), data[1][0]],
+                          [d[1] for d in data], mse_objective, cfgs,
+                          on_epoch=lambda s, m: kept.setdefault(id(m), {})
+                          .__setitem__(s.epoch, {k: v.clone() for k, v in m.state_dict().items()}))
+    wild, calm = results
+    assert wild.diverged == 3 and [s.epoch for s in wild.history] == [1, 2, 3] and wild.best_epoch in (1, 2)
+    assert not math.isfinite(wild.history[-1].train_loss)
+    assert wild.divergence == f"its loss became NaN or infinite at epoch 3 (lr 0.01): kept epoch {wild.best_epoch}'s weights"
+    for k, v in members[0].state_dict().items():
+        assert torch.isfinite(v).all() and torch.equal(v, kept[id(members[0])][wild.best_epoch][k])
+    assert not calm.diverged and [s.epoch for s in calm.history] == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([s.val_loss for s in calm.history], [s.val_loss for s in expected.history], rtol=1e-5)
+
+
 def test_each_member_is_clipped_to_its_own_norm_as_clip_grad_norm_clips_it():
     members = _linears((1, 2, 3))
     cfgs = [TrainConfig(clip=clip) for clip in (0.01, 100.0, 0.0)]  # binds, does not bind, off
