@@ -95,7 +95,7 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
         return checkpoint_dir(cfg, "")
     data = with_calendar(read_series(cfg, hand_over=True), cfg)
     if cfg.panel:
-        check_transforms(data, cfg.settled(data.season_length, data.series_read))
+        check_transforms(data, cfg.settled(data.season_length, data.series_read, data.lengths))
     else:
         split_series(data, cfg)
     return checkpoint_dir(cfg, data.sha256)

@@ -157,7 +157,7 @@ def _series_of(table: pd.DataFrame, columns: tuple[str, str, str, list[str]], la
     season = cfg.season_length or _season_for(freq)
     panel = PanelData(ids, values, id_col, value_col, time_col, label, sha256, freq, season, times=times,
                       covariates=covariates, future_columns=list(ahead))
-    return keep_long_enough(panel, cfg.settled(season, panel.series_read))
+    return keep_long_enough(panel, cfg.settled(season, panel.series_read, panel.lengths))
 
 
 def with_statics(panel: PanelData, df: pd.DataFrame, columns: list[str]) -> PanelData:
@@ -179,7 +179,7 @@ def with_statics(panel: PanelData, df: pd.DataFrame, columns: list[str]) -> Pane
 def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
     """The series long enough for the split and a training window; the others named in a warning."""
     L, H = cfg.lookback, cfg.horizon
-    long_enough = [_train_windows(len(v), cfg) >= 1 for v in panel.values]
+    long_enough = [cfg.train_windows(len(v)) >= 1 for v in panel.values]
     keep = [i for i, ok in enumerate(long_enough) if ok]
     skipped = {sid: len(v) for sid, v, ok in zip(panel.ids, panel.values, long_enough, strict=True) if not ok}
     if not keep:
@@ -193,11 +193,6 @@ def keep_long_enough(panel: PanelData, cfg: TimeSeriesConfig) -> PanelData:
                              "validation and test parts: %s%s", panel.source, len(skipped), len(panel), L, H,
                              named, more)
     return replace(panel.subset(keep), skipped=skipped)
-
-
-def _train_windows(n: int, cfg: TimeSeriesConfig) -> int:
-    split = Split.by_fraction(n, cfg.val_size, cfg.test_size, cfg.horizon)
-    return len(window_origins(0, split.train_end, cfg.lookback, cfg.horizon, cfg.stride))
 
 
 # ---------------------------------------------------------------- splitting

@@ -23,7 +23,7 @@ def test_a_budget_fits_what_it_can_and_says_how_many_members(tmp_path, mlflow_st
     fitted = int(run.data.params["members_fitted"])
     assert 1 <= fitted < 8, fitted
     assert f"{fitted} of 8 ensemble members fitted in --minutes 0.25." in out.stdout
-    assert run.data.params["minutes"] == "0.25"
+    assert run.data.params["minutes"] == "0.25" and run.data.metrics["members_diverged"] == 0
     assert run.data.metrics["train_seconds"] < 0.25 * 60 * 1.5, run.data.metrics  # the budget, and its floors
     assert time.monotonic() - t0 < 300
 

@@ -116,7 +116,8 @@ def test_quantiles_and_an_ensemble_work_for_many_series(panel_file, mlflow_store
     assert "the lowest validation OWA of the candidates (M4's ranking" in auto, auto
     assert "| candidate | validation OWA | loss |" in auto and "| log + window-norm mean" in auto, auto
     rows = [row for row in auto.splitlines() if row.startswith(("| log", "| window-norm"))]
-    assert len(rows) == 5 and all(row.endswith("| pinball |") for row in rows), auto  # each says its loss
+    # each says its loss
+    assert len(rows) == len(PANEL_CANDIDATES) and all(row.endswith("| pinball |") for row in rows), auto
     assert 0 < run.data.metrics["auto_val_owa_log_window_norm_mean"] < 2
     # --ensemble-candidates 2 (the default here): member 2 took the runner-up's settings, its own transforms
     scores = {row.split(" | ")[0].lstrip("| ").removesuffix(" (chosen)"): float(row.split(" | ")[1]) for row in rows}
@@ -245,26 +246,34 @@ def test_a_patched_forecaster_reads_its_window_in_segments():
     torch.testing.assert_close(patched(x), plain(x[:, 2:].reshape(5, 4, 4)))
 
 
-def test_many_series_default_to_a_week_read_a_day_per_step():
-    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id")
+def test_many_series_default_to_ten_seasons_or_a_week_where_ten_would_leave_series_out_read_a_day_per_step():
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id", horizon=48)
     assert (cfg.lookback, cfg.patch) == (0, 0)
-    assert (cfg.settled(24, 12).lookback, cfg.settled(24, 12).patch) == (168, 24)
-    assert (cfg.settled(1, 12).lookback, cfg.settled(1, 12).patch) == (24, 1)
+    m4 = cfg.settled(24, 414, [700] * 400 + [960] * 14)  # M4 Hourly's lengths: ten days of context
+    assert (m4.lookback, m4.patch) == (240, 24)
+    # 12 series of 300 steps (a few: one series' fractions): ten days leave no training window, a week does
+    short = replace(cfg, horizon=12).settled(24, 12, [300] * 12)
+    assert (short.lookback, short.patch) == (168, 24) and short.train_windows(300, 240) == 0 < short.train_windows(300)
+    # a series too short for either is left out either way: it does not hold the others to a week
+    assert cfg.settled(24, 414, [700] * 413 + [100]).lookback == 240
+    assert cfg.settled(24, 414, [700] * 413 + [350]).lookback == 168  # 350 steps hold a week and a horizon, not ten days
+    assert (cfg.settled(1, 12, [700] * 12).lookback, cfg.settled(1, 12, [700] * 12).patch) == (24, 1)
+    assert replace(cfg, lookback=96).settled(24, 414, [700] * 414).lookback == 96  # given: kept
     one = TimeSeriesConfig()
     assert (one.lookback, one.patch, one.loss, one.batch_size, one.lr) == (24, 1, "mse", 32, 3e-3)  # as before
     assert (cfg.lr, TimeSeriesConfig(source="file", data="x.csv", id_column="id", lr=1e-3).lr) == (6e-3, 1e-3)
-    assert cfg.settled(24, 12).batch_size == 256
+    assert cfg.settled(24, 12, [700] * 12).batch_size == 256
 
 
 def test_the_members_take_the_settings_of_the_best_candidates_within_five_percent():
     """--ensemble-candidates N (2 by default with --id-column, 1 for one series): the settings of
     the N best candidates within 5 % of the best, each with the network --auto trained, in order."""
-    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12)
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12, [700] * 12)
     assert (cfg.kept_candidates, TimeSeriesConfig().kept_candidates) == (2, 1)
     trials = {c: apply(cfg, c) for c in PANEL_CANDIDATES}
     nets = {c: f"network of {c}" for c in trials}  # stand-ins for the trained networks
-    scores = dict(zip(trials, [0.62, 0.60, 0.64, 0.7, float("nan")], strict=True))
-    rnd = AutoRound(trials, {}, {}, {"window-norm last + seasonal baseline": "it could not run"}, "")
+    scores = dict(zip(trials, [0.62, 0.60, 0.64, float("nan")], strict=True))
+    rnd = AutoRound(trials, {}, {}, {"window-norm level": "it could not run"}, "")
     two = choose(rnd, nets, scores, "x.csv", keep=2)
     assert two.cfg == trials["log + window-norm level"] and two.selection.trained == nets["log + window-norm level"]
     assert two.runners_up == [(trials["log + window-norm mean"], nets["log + window-norm mean"])]
@@ -287,16 +296,16 @@ def test_the_members_take_the_settings_of_the_best_candidates_within_five_percen
 
 def test_a_global_models_loss_is_owa_in_log_space_and_mae_elsewhere():
     """--loss auto with --id-column: each --auto candidate resolves its own, as --no-auto does."""
-    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12)
+    cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id").settled(24, 12, [700] * 12)
     assert cfg.loss == "auto"  # left to each candidate
     assert apply(cfg, "log + window-norm mean").loss == "owa"
     assert apply(cfg, "log + window-norm level").loss == "owa"
-    assert apply(cfg, "window-norm level").loss == apply(cfg, "window-norm last + seasonal baseline").loss == "mae"
+    assert apply(cfg, "window-norm level").loss == apply(cfg, "window-norm mean").loss == "mae"
     assert apply(replace(cfg, loss="mse"), "log + window-norm mean").loss == "mse"  # given: kept
     assert apply(replace(cfg, quantiles="0.1,0.9"), "log + window-norm mean").loss == "mae"  # pinball, as before
     fixed = dict(source="file", data="x.csv", id_column="id", auto=False, window_norm="mean")
-    assert TimeSeriesConfig(**fixed, transform="log").settled(24, 12).loss == "owa"
-    assert TimeSeriesConfig(**fixed).settled(24, 12).loss == "mae"
+    assert TimeSeriesConfig(**fixed, transform="log").settled(24, 12, [700] * 12).loss == "owa"
+    assert TimeSeriesConfig(**fixed).settled(24, 12, [700] * 12).loss == "mae"
 
 
 def test_an_epoch_of_many_series_is_at_most_batches_per_epoch_drawn_afresh_each_time(panel_file):
@@ -307,8 +316,8 @@ def test_an_epoch_of_many_series_is_at_most_batches_per_epoch_drawn_afresh_each_
     from tasks.ingest import fetch_data
 
     cfg = TimeSeriesConfig(**TINY, data=str(panel_file), auto=False, window_norm="mean")
-    assert (cfg.settled(24, 22).batches_per_epoch, TimeSeriesConfig().batches_per_epoch) == (PANEL_BATCHES, 0)
-    cfg = replace(cfg.settled(24, 22), batches_per_epoch=3)
+    assert (cfg.settled(24, 22, [200] * 22).batches_per_epoch, TimeSeriesConfig().batches_per_epoch) == (PANEL_BATCHES, 0)
+    cfg = replace(cfg.settled(24, 22, [200] * 22), batches_per_epoch=3)
     data = load_panel(*fetch_data(str(panel_file)), cfg)
     windows = scale_and_window(data, split_series(data, cfg), cfg)
     epochs = batches(data, windows, cfg, "cpu")
@@ -325,10 +334,10 @@ def test_many_series_validate_and_test_on_their_last_horizons_and_a_few_on_fract
     model: from the end of its data); fewer series keep one series' fractions, for enough origins;
     given sizes are kept."""
     cfg = TimeSeriesConfig(source="file", data="x.csv", id_column="id", horizon=48)
-    many, few = cfg.settled(24, PANEL_SERIES), cfg.settled(24, PANEL_SERIES - 1)
+    many, few = cfg.settled(24, PANEL_SERIES, [960]), cfg.settled(24, PANEL_SERIES - 1, [960])
     assert (many.val_size, many.test_size, few.val_size, few.test_size) == (0.0, 0.0, 0.1, 0.2)
     assert Split.by_fraction(960, many.val_size, many.test_size, 48) == Split(960, 864, 912)
-    given = replace(cfg, val_size=0.05, test_size=0.1).settled(24, PANEL_SERIES)
+    given = replace(cfg, val_size=0.05, test_size=0.1).settled(24, PANEL_SERIES, [960])
     assert (given.val_size, given.test_size) == (0.05, 0.1)
     assert (TimeSeriesConfig().val_size, TimeSeriesConfig().test_size) == (0.1, 0.2)  # one series: as before
 

@@ -248,15 +248,13 @@ def test_panel_candidates_train_together_as_one_by_one(tmp_path, caplog):
     cfg = TimeSeriesConfig(source="file", data=str(path), id_column="id", season_length=24, lookback=24, horizon=6,
                            hidden_size=16, epochs=2, batch_size=64, ensemble=1, device="cpu")
     panel = load_panel(cfg.data, "", cfg)
-    cfg = cfg.settled(panel.season_length, len(panel))
+    cfg = cfg.settled(panel.season_length, len(panel), panel.lengths)
     with caplog.at_level(logging.INFO, logger="rnnflow"):
         selection = choose_settings(panel, cfg).selection
     # --loss auto: each candidate its own, owa in log space only (auto.md says which); a group shares its objective
-    assert "window-norm mean, window-norm level, window-norm last + seasonal baseline: training lstm together" \
-        in caplog.text and "log + window-norm mean, log + window-norm level: training lstm together" in caplog.text
+    assert "window-norm mean, window-norm level: training lstm together" in caplog.text and "log + window-norm mean, log + window-norm level: training lstm together" in caplog.text
     assert selection.losses == {"log + window-norm mean": "owa", "log + window-norm level": "owa",
-                                "window-norm mean": "mae", "window-norm level": "mae",
-                                "window-norm last + seasonal baseline": "mae"}
+                                "window-norm mean": "mae", "window-norm level": "mae"}
     assert "| log + window-norm mean" in selection.markdown() and "| owa |" in selection.markdown()
     chosen = replace(apply(cfg, selection.choice), ensemble=1)
     alone = train_forecaster(panel, scale_and_window(panel, split_series(panel, chosen), chosen), Settings(chosen))

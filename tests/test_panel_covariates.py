@@ -24,7 +24,7 @@ STORES = ROOT / "data" / "stores.csv"  # benchmarks/panel_data.py: promotions li
 PANEL = ["--source", "file", "--data", str(STORES), "--id-column", "store", "--value-column", "sales", "--horizon",
          "7", "--ensemble", "1", "--no-auto", "--window-norm", "last", "--epochs", "15"]
 KNOWN = ["--future-covariate-columns", "promo,price", "--static-columns", "store_type,size", "--holidays", "US"]
-L, H = 49, 7  # a week of days, seven times: the default lookback of daily data with --id-column
+L, H = 70, 7  # ten weeks of days: the default lookback of daily data with --id-column, where every store holds it
 
 
 @pytest.fixture(scope="module")

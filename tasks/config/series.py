@@ -3,10 +3,12 @@ and the checks a config must pass before any data is read."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rnn_models import CELL_NAMES
+from rnn_models.windows import Split, window_origins
 from tasks import file_name
 from tasks.config.base import (
     ConfigError,
@@ -30,6 +32,9 @@ KEPT = (1, 2)  # --ensemble-candidates 0: one series' (the best), a global model
 # validation would pull the average its way
 NEAR_BEST = 1.05
 PART_SIZES = (0.1, 0.2)  # the validation and test fractions of one series, and of panels of fewer series
+# --lookback 0 with --id-column, in seasons: the longer where it leaves out no series the shorter keeps (a longer
+# context forecasts M4 Hourly better, docs/BENCHMARKS.md), else the shorter (a week of hourly data)
+SEASONS = (7, 10)
 
 
 def names(text: str) -> list[str]:
@@ -64,8 +69,9 @@ class SeriesOptions:
 @dataclass
 class WindowOptions:
     title = "windows and transforms"  # how the series is split, transformed and cut into windows
-    lookback: int = option(0, "input window length L; 0 = 24 for one series, 7 seasons with --id-column (a week "
-                           "of hourly data)")
+    lookback: int = option(0, f"input window length L; 0 = 24 for one series; with --id-column {SEASONS[1]} "
+                           f"seasons, or {SEASONS[0]} (a week of hourly data) where {SEASONS[1]} would leave out "
+                           f"series too short for it that {SEASONS[0]} keeps")
     horizon: int = option(1, "steps forecast at once, H (direct multi-step)")
     stride: int = option(1, "step between training windows")
     val_size: float = option(0.0, "fraction of each series (after train) for validation, early stopping, --auto and "
@@ -223,18 +229,30 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
     def countries(self) -> list[str]:
         return [c.upper() for c in names(self.holidays)]
 
-    def settled(self, season_length: int, series: int) -> TimeSeriesConfig:
-        """The config with --id-column's automatic settings (their help says which), once the season and the
-        number of series in the file are known; the calendar features off unless asked for or left to --auto.
-        With PANEL_SERIES or more series a part of 0 stays 0: Split.by_fraction gives it one horizon."""
+    def settled(self, season_length: int, series: int, lengths: Sequence[int]) -> TimeSeriesConfig:
+        """The config with --id-column's automatic settings (their help says which), once the season, the
+        number of series in the file and the lengths of those trained on are known; the calendar features off
+        unless asked for or left to --auto. With PANEL_SERIES or more series a part of 0 stays 0:
+        Split.by_fraction gives it one horizon."""
         m = season_length if season_length > 1 else 0
         val_size, test_size = self.parts(few=series < PANEL_SERIES)
-        lookback = self.lookback or (7 * m if m else 24)
-        patch = self.patch or (m if m and lookback % m == 0 else 1)
-        return replace(self, lookback=lookback, patch=patch, loss=self.loss if self.auto else self.resolved_loss(),
-                       val_size=val_size, test_size=test_size,
-                       batch_size=self.batch_size or 256, batches_per_epoch=self.batches_per_epoch or PANEL_BATCHES,
-                       calendar=self.calendar if self.auto else bool(self.calendar))
+        cfg = replace(self, val_size=val_size, test_size=test_size,
+                      loss=self.loss if self.auto else self.resolved_loss(), batch_size=self.batch_size or 256,
+                      batches_per_epoch=self.batches_per_epoch or PANEL_BATCHES,
+                      calendar=self.calendar if self.auto else bool(self.calendar))
+        lookback = self.lookback or (cfg.seasons_lookback(m, lengths) if m else 24)
+        return replace(cfg, lookback=lookback, patch=self.patch or (m if m and lookback % m == 0 else 1))
+
+    def seasons_lookback(self, m: int, lengths: Sequence[int]) -> int:
+        """SEASONS[1] seasons of ``m`` steps, unless that leaves out series of ``lengths`` that SEASONS[0] keeps."""
+        short, long = (k * m for k in SEASONS)
+        kept = [sum(self.train_windows(n, lookback) >= 1 for n in lengths) for lookback in (short, long)]
+        return long if kept[1] == kept[0] else short
+
+    def train_windows(self, n: int, lookback: int | None = None) -> int:
+        """Training windows of a series of ``n`` steps, split by the config's parts."""
+        split = Split.by_fraction(n, self.val_size, self.test_size, self.horizon)
+        return len(window_origins(0, split.train_end, lookback or self.lookback, self.horizon, self.stride))
 
     def resolved_loss(self) -> str:
         """--loss auto: mse for one series; for a global model's settings (--auto's candidates each resolve their
