@@ -264,18 +264,20 @@ def test_a_member_whose_loss_becomes_nan_keeps_its_best_weights_and_the_others_t
     cfgs = [TrainConfig(epochs=5, lr=1e-2, patience=0, seed=s, progress=False) for s in (1, 2)]
     alone = _linears((2,))[0]
     expected = fit(alone, *data[1], mse_objective, cfgs[1])
-    kept = {}
+    weights = {}  # (member, epoch): its weights after the epoch
+
+    def on_epoch(stats, member):
+        weights[id(member), stats.epoch] = {k: v.clone() for k, v in member.state_dict().items()}
+
     members = _linears((1, 2))
-    results = fit_members(LinearMembers(members), [_poisoned_from(3, data[0][0]), data[1][0]],
-                          [d[1] for d in data], mse_objective, cfgs,
-                          on_epoch=lambda s, m: kept.setdefault(id(m), {})
-                          .__setitem__(s.epoch, {k: v.clone() for k, v in m.state_dict().items()}))
-    wild, calm = results
+    wild, calm = fit_members(LinearMembers(members), [_poisoned_from(3, data[0][0]), data[1][0]],
+                             [d[1] for d in data], mse_objective, cfgs, on_epoch=on_epoch)
     assert wild.diverged == 3 and [s.epoch for s in wild.history] == [1, 2, 3] and wild.best_epoch in (1, 2)
     assert not math.isfinite(wild.history[-1].train_loss)
-    assert wild.divergence == f"its loss became NaN or infinite at epoch 3 (lr 0.01): kept epoch {wild.best_epoch}'s weights"
+    assert wild.divergence == (f"its loss became NaN or infinite at epoch 3 (lr 0.01): "
+                               f"kept epoch {wild.best_epoch}'s weights")
     for k, v in members[0].state_dict().items():
-        assert torch.isfinite(v).all() and torch.equal(v, kept[id(members[0])][wild.best_epoch][k])
+        assert torch.isfinite(v).all() and torch.equal(v, weights[id(members[0]), wild.best_epoch][k])
     assert not calm.diverged and [s.epoch for s in calm.history] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([s.val_loss for s in calm.history], [s.val_loss for s in expected.history], rtol=1e-5)
 
