@@ -10,7 +10,7 @@ process, so its peak resident memory (``ru_maxrss``) is its own; on CUDA the pea
 ``torch.cuda.max_memory_allocated`` (beside it, the process's resident memory once torch is
 imported and the series generated, before training). One epoch is every training window of every series (the
 first 70 % of each series, the validation part at least a horizon; horizon 48, stride 1,
-window-norm last; by default the global model's settings for hourly data: a lookback of 168
+window-norm last; by default the global model's settings for hourly data when this was written: a lookback of 168
 read 24 steps per recurrent step), one step per
 batch, then the validation windows (the next 10 %): what ``python -m flows.timeseries
 --id-column`` does per epoch with these options, the moving average (--ema 0.98) included.

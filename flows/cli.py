@@ -214,12 +214,15 @@ def registration_note(name: str, reg) -> str:
 
 # how a run goes, where its model is registered and what is computed after training, not what it trains
 NOT_IN_KEY = ("resume", "checkpoint_minutes", "registry_retry_minutes", "model_name", "experiment", "intervals")
+# raised when a default that shapes training changes under an unchanged command (2: a global model's lookback of 10
+# seasons), so that a checkpoint of the command's earlier meaning is not resumed as this one's
+KEY_REVISION = 2
 
 
 def checkpoint_dir(cfg: TimeSeriesConfig | CharLMFlowConfig, data_sha256: str) -> Path:
     """A run's checkpoint folder under ./checkpoints (or $RNNFLOW_CHECKPOINTS), keyed by what decides
     what is trained (the config; the data's sha256, '' for generated data): the same command resumes."""
     params = {k: v for k, v in cfg.to_params().items() if k not in NOT_IN_KEY}
-    key = hashlib.sha256(json.dumps([params, data_sha256], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([params, data_sha256, KEY_REVISION], sort_keys=True).encode()).hexdigest()[:12]
     root = Path(os.environ.get("RNNFLOW_CHECKPOINTS") or "checkpoints").resolve()
     return root / f"{safe_name(cfg.registered_name)}-{key}"

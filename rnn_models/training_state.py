@@ -133,7 +133,7 @@ class TrainingRun:
             self.result.diverged = stats.epoch
         self.result.history.append(stats)
         self.result.train_seconds += stats.seconds
-        if stats.val_loss < self.result.best_val_loss:
+        if not self.result.diverged and stats.val_loss < self.result.best_val_loss:
             self.result.best_val_loss, self.result.best_epoch, self.stale = stats.val_loss, stats.epoch, 0
             self.best_state = copy.deepcopy(self.scored.state_dict())
         else:

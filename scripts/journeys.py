@@ -347,8 +347,8 @@ STEPS: list[Step] = [
     Step('import mlflow, numpy as np, pandas as pd\nmlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")\n'
          'model = mlflow.pyfunc.load_model("models:/stores-forecaster@champion")\n'
          'stores = pd.read_csv("data/stores.csv")\n'
-         'request = pd.concat([stores[stores["store"] == s].tail(56) for s in ("store00", "store03")])\n'
-         'request.loc[request.groupby("store").cumcount() >= 49, "sales"] = np.nan  # each store\'s last 7 days: '
+         'request = pd.concat([stores[stores["store"] == s].tail(77) for s in ("store00", "store03")])\n'
+         'request.loc[request.groupby("store").cumcount() >= 70, "sales"] = np.nan  # 70 days of history, then 7 '
          'ahead\nmodel.predict(request)  # columns store, step, forecast: 7 rows for store00, then 7 for store03',
          kind="python", checks=(has(r"CHECK OK"),),
          env={"CHECK": "list(_.columns) == ['store', 'step', 'forecast'] and len(_) == 14 "

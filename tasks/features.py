@@ -101,8 +101,7 @@ def split_series(data: Data, cfg: TimeSeriesConfig) -> Split | PanelSplit:
     series = data
     n, L, H = len(series.frame), cfg.lookback, cfg.horizon
     split = Split.by_fraction(n, cfg.val_size, cfg.test_size, H)
-    train_windows = len(window_origins(0, split.train_end, L, H, cfg.stride))
-    if train_windows < 1:
+    if cfg.train_windows(n) < 1:
         need = L + H + (split.val_end - split.train_end) + (n - split.val_end)
         raise DataError(
             f"{series.source}: the series has {n} rows, too short for --lookback {L} + --horizon {H} "

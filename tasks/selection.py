@@ -41,7 +41,7 @@ CANDIDATES = {  # (transform, difference, window_norm, baseline); chosen by benc
 
 
 # a global model over many series (--id-column) has no global scaler: every candidate normalises
-# its windows one by one, and may learn the correction to seasonal naive; "level" weighs each
+# its windows one by one; "level" weighs each
 # series' errors as a share of its level, not of its swings; in log space an error is a share of the
 # level and no forecast falls below zero; the two log candidates differ in what a unit is (a share of the
 # window's swing, of its level), and a model whose members take both beats either (docs/BENCHMARKS.md, M4 Hourly).
@@ -142,7 +142,8 @@ class AutoRound:
     prepared: dict[str, tuple[Data, Windows]]  # each candidate's data and windows, on its split (selection_split)
     reasons: dict[str, str]  # candidate -> why it could not run
     widened: str  # how the validation part was widened, if it was
-    diverged: dict[str, NonFiniteLossError] = field(default_factory=dict)  # candidate -> how its training diverged
+    # candidate -> how its training diverged in its first epoch (later, it keeps its best epoch, and the log says so)
+    diverged: dict[str, NonFiniteLossError] = field(default_factory=dict)
 
     @property
     def losses(self) -> dict[str, str]:
@@ -256,8 +257,8 @@ def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig],
 
 def train_candidates(candidates: dict[Hashable, Ensemble]
                      ) -> tuple[dict[Hashable, Trained], dict[Hashable, NonFiniteLossError]]:
-    """Every candidate trained (together, ``train_ensembles``), and those whose training diverged, with
-    how: when one does, each is trained again alone, so that the others are kept."""
+    """Every candidate trained (together, ``train_ensembles``), and those whose training diverged in its first
+    epoch, with how: when one does, each is trained again alone, so that the others are kept."""
     try:
         return train_ensembles(candidates), {}
     except NonFiniteLossError as e:

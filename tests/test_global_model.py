@@ -257,6 +257,7 @@ def test_many_series_default_to_ten_seasons_or_a_week_where_ten_would_leave_seri
     # a series too short for either is left out either way: it does not hold the others to a week
     assert cfg.settled(24, 414, [700] * 413 + [100]).lookback == 240
     assert cfg.settled(24, 414, [700] * 413 + [350]).lookback == 168  # 350 steps hold a week and a horizon, not ten days
+    assert cfg.settled(24, 414, [100] * 414).lookback == 168  # none holds either: the error names the shorter
     assert (cfg.settled(1, 12, [700] * 12).lookback, cfg.settled(1, 12, [700] * 12).patch) == (24, 1)
     assert replace(cfg, lookback=96).settled(24, 414, [700] * 414).lookback == 96  # given: kept
     one = TimeSeriesConfig()

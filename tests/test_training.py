@@ -9,6 +9,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from rnn_models import synthetic
+from rnn_models.checkpoint import Checkpoint
 from rnn_models.forecasting import mse_objective
 from rnn_models.gradients import MemberGradients
 from rnn_models.members import Members
@@ -259,9 +260,10 @@ def _poisoned_from(epoch, batches):
     return poisoned
 
 
-def test_a_member_whose_loss_becomes_nan_keeps_its_best_weights_and_the_others_train_on():
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_a_member_whose_loss_becomes_nan_keeps_its_best_weights_and_the_others_train_on(ema, tmp_path):
     data = [_linear_data(seed) for seed in (1, 2)]
-    cfgs = [TrainConfig(epochs=5, lr=1e-2, patience=0, seed=s, progress=False) for s in (1, 2)]
+    cfgs = [TrainConfig(epochs=5, lr=1e-2, patience=0, seed=s, ema=ema, progress=False) for s in (1, 2)]
     alone = _linears((2,))[0]
     expected = fit(alone, *data[1], mse_objective, cfgs[1])
     weights = {}  # (member, epoch): its weights after the epoch
@@ -269,17 +271,29 @@ def test_a_member_whose_loss_becomes_nan_keeps_its_best_weights_and_the_others_t
     def on_epoch(stats, member):
         weights[id(member), stats.epoch] = {k: v.clone() for k, v in member.state_dict().items()}
 
+    def train(members):
+        return fit_members(LinearMembers(members), [_poisoned_from(3, data[0][0]), data[1][0]],
+                           [d[1] for d in data], mse_objective, cfgs, on_epoch=on_epoch,
+                           checkpoints=[Checkpoint(tmp_path / str(k)) for k in range(2)])
+
     members = _linears((1, 2))
-    wild, calm = fit_members(LinearMembers(members), [_poisoned_from(3, data[0][0]), data[1][0]],
-                             [d[1] for d in data], mse_objective, cfgs, on_epoch=on_epoch)
+    wild, calm = train(members)
     assert wild.diverged == 3 and [s.epoch for s in wild.history] == [1, 2, 3] and wild.best_epoch in (1, 2)
     assert not math.isfinite(wild.history[-1].train_loss)
     assert wild.divergence == (f"its loss became NaN or infinite at epoch 3 (lr 0.01): "
                                f"kept epoch {wild.best_epoch}'s weights")
     for k, v in members[0].state_dict().items():
-        assert torch.isfinite(v).all() and torch.equal(v, weights[id(members[0]), wild.best_epoch][k])
+        assert torch.isfinite(v).all()
+        if not ema:  # (with a moving average the weights kept are the average's, not those on_epoch sees)
+            assert torch.equal(v, weights[id(members[0]), wild.best_epoch][k])
     assert not calm.diverged and [s.epoch for s in calm.history] == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([s.val_loss for s in calm.history], [s.val_loss for s in expected.history], rtol=1e-5)
+    again = _linears((7, 8))  # resumed from the checkpoints: both finished, where and as they ended
+    resumed = train(again)
+    assert [(r.diverged, r.best_epoch, len(r.history)) for r in resumed] == [(3, wild.best_epoch, 3), (0, 5, 5)]
+    for ours, theirs in zip(members, again, strict=True):
+        for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_each_member_is_clipped_to_its_own_norm_as_clip_grad_norm_clips_it():
@@ -304,7 +318,7 @@ def test_each_member_is_clipped_to_its_own_norm_as_clip_grad_norm_clips_it():
     assert all(p.grad is None for m in members for p in m.parameters())
 
 
-def test_a_diverging_auto_candidate_is_dropped_with_its_reason_and_the_others_kept():
+def test_an_auto_candidate_diverging_in_its_first_epoch_is_dropped_with_its_reason_and_the_others_kept():
     from tasks.config import TimeSeriesConfig
     from tasks.data import generate_series
     from tasks.features import scale_and_window, split_series

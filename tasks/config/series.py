@@ -244,10 +244,11 @@ class TimeSeriesConfig(RegistryOptions, ForecasterTraining, ForecasterOptions, W
         return replace(cfg, lookback=lookback, patch=self.patch or (m if m and lookback % m == 0 else 1))
 
     def seasons_lookback(self, m: int, lengths: Sequence[int]) -> int:
-        """SEASONS[1] seasons of ``m`` steps, unless that leaves out series of ``lengths`` that SEASONS[0] keeps."""
+        """SEASONS[1] seasons of ``m`` steps, unless that leaves out series of ``lengths`` that SEASONS[0] keeps
+        (or none holds either: the error then names the shorter)."""
         short, long = (k * m for k in SEASONS)
         kept = [sum(self.train_windows(n, lookback) >= 1 for n in lengths) for lookback in (short, long)]
-        return long if kept[1] == kept[0] else short
+        return long if kept[1] == kept[0] > 0 else short
 
     def train_windows(self, n: int, lookback: int | None = None) -> int:
         """Training windows of a series of ``n`` steps, split by the config's parts."""
