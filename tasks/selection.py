@@ -61,7 +61,7 @@ MIN_ORIGINS = 12  # forecast origins the candidates are scored on, at least, whe
 class Selection:
     choice: str
     scores: dict[str, float]  # candidate -> its validation ``measure`` (nan: the candidate could not run)
-    reasons: dict[str, str]  # candidate -> why it was skipped
+    reasons: dict[str, str]  # candidate -> why it was skipped, or (scored) how its training ended early
     trained: Trained | None = None  # the chosen network, the model's first member (None: trained on another split)
     widened: str = ""  # how the validation part was widened, if it was
     measure: str = "MASE"  # what the candidates were scored by: MASE, or OWA for a global model (MEASURES)
@@ -71,7 +71,8 @@ class Selection:
 
     def markdown(self) -> str:
         rows = [f"| {name}{' (chosen)' if name == self.choice else ''} | "
-                + (f"{s:.4g}" if np.isfinite(s) else f"skipped: {self.reasons[name]}")
+                + (f"{s:.4g}{f' ({self.reasons[name]})' if name in self.reasons else ''}" if np.isfinite(s)
+                   else f"skipped: {self.reasons[name]}")
                 + f" | {self.losses.get(name, '')} |" for name, s in self.scores.items()]
         lines = [f"--auto chose **{self.choice}**: the lowest validation {self.measure} of the candidates"
                  f"{MEASURES[self.measure][0]}."]
@@ -251,6 +252,9 @@ def train_rounds(rounds: dict[Hashable, tuple[Data, dict[str, TimeSeriesConfig],
             rnd.reasons[c] = f"training diverged ({diverged[k, c]})"
             del rnd.candidates[c], rnd.prepared[c]
         trained = {c: tried[k, c] for c in rnd.candidates}
+        for c, t in trained.items():  # a network that diverged after its first epoch: kept at its best, and said
+            if diverged_at := "; ".join(f.divergence for f in t.fits if f.diverged):
+                rnd.reasons[c] = diverged_at
         out[k] = rnd, trained, rnd.score(trained)
     return out
 

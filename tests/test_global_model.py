@@ -274,8 +274,12 @@ def test_the_members_take_the_settings_of_the_best_candidates_within_five_percen
     trials = {c: apply(cfg, c) for c in PANEL_CANDIDATES}
     nets = {c: f"network of {c}" for c in trials}  # stand-ins for the trained networks
     scores = dict(zip(trials, [0.62, 0.60, 0.64, float("nan")], strict=True))
-    rnd = AutoRound(trials, {}, {}, {"window-norm level": "it could not run"}, "")
+    late = "its loss became NaN or infinite at epoch 9 (lr 0.006): kept epoch 8's weights"
+    rnd = AutoRound(trials, {}, {}, {"window-norm level": "it could not run", "window-norm mean": late}, "")
     two = choose(rnd, nets, scores, "x.csv", keep=2)
+    # a candidate that could not run says why; one that diverged late is scored at its best epoch, and says so
+    assert "| window-norm level | skipped: it could not run |" in two.selection.markdown()
+    assert f"| window-norm mean | 0.64 ({late}) | mae |" in two.selection.markdown()
     assert two.cfg == trials["log + window-norm level"] and two.selection.trained == nets["log + window-norm level"]
     assert two.runners_up == [(trials["log + window-norm mean"], nets["log + window-norm mean"])]
     assert two.selection.members == ["log + window-norm level", "log + window-norm mean"]
