@@ -13,7 +13,7 @@ from flows import exit_process
 from flows.cli import checkpoint_dir, checkpointed, config_flow, registration_note, run_from_command_line
 from tasks.config import TimeSeriesConfig, safe_name
 from tasks.data import SERIES_SUFFIXES, with_calendar
-from tasks.features import check_transforms, split_series
+from tasks.features import check_transforms, settle, split_series
 from tasks.ingest import read_series
 from tasks.tracking import CHAMPION, check_tracking_server
 
@@ -95,7 +95,7 @@ def check_input(cfg: TimeSeriesConfig) -> Path:
         return checkpoint_dir(cfg, "")
     data = with_calendar(read_series(cfg, hand_over=True), cfg)
     if cfg.panel:
-        check_transforms(data, cfg.settled(data.season_length, data.series_read, data.lengths))
+        check_transforms(data, settle(data, cfg))
     else:
         split_series(data, cfg)
     return checkpoint_dir(cfg, data.sha256)

@@ -63,6 +63,13 @@ def build_chain(cfg: TimeSeriesConfig, season_length: int) -> Chain:
     return Chain(steps)
 
 
+def settle(data: Data, cfg: TimeSeriesConfig) -> TimeSeriesConfig:
+    """``cfg`` settled for ``data``: a global model's by the series in its file; one series' by its season."""
+    if cfg.panel:
+        return cfg.settled(data.season_length, data.series_read, data.lengths)
+    return cfg.settled(data.season_length, 1, [len(data.frame)])
+
+
 def check_transforms(data: Data, cfg: TimeSeriesConfig) -> None:
     """Refuse, before training, what the transforms cannot do with this series (or these series)."""
     if cfg.transform == "log":

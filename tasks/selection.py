@@ -26,7 +26,7 @@ from tasks.config import TRANSFORM_FIELDS, ConfigError, TimeSeriesConfig
 from tasks.config.series import NEAR_BEST
 from tasks.data import DataError, has_dates, with_calendar
 from tasks.evaluation import history_windows, score
-from tasks.features import Data, Windows, scale_and_window, split_series
+from tasks.features import Data, Windows, scale_and_window, settle, split_series
 from tasks.panel import PanelSplit
 from tasks.training import Ensemble, Settings, Trained, forecaster_ensemble, label, train_ensembles
 
@@ -208,13 +208,6 @@ def choose_settings(data: Data, cfg: TimeSeriesConfig, checkpoints: Path | None 
     for each candidate's training checkpoints. The data the model then trains on is
     ``with_calendar(data, cfg)``."""
     return choose_all({"": (data, cfg, checkpoints)})[""]
-
-
-def settle(data: Data, cfg: TimeSeriesConfig) -> TimeSeriesConfig:
-    """``cfg`` settled for ``data``: a global model's by the series in its file; one series' by its season."""
-    if cfg.panel:
-        return cfg.settled(data.season_length, data.series_read, data.lengths)
-    return cfg.settled(data.season_length, 1, [len(data.frame)])
 
 
 def choose_all(models: dict[Hashable, tuple[Data, TimeSeriesConfig, Path | None]]) -> dict[Hashable, Settings]:
